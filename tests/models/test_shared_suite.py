@@ -1,0 +1,202 @@
+"""The checks every registered architecture must pass (parametrised over ``zoo.REGISTRY``)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import zoo
+from zoo.models import default_lora_targets
+from tests.models.tiny_configs import TINY, tiny_config
+
+ARCHS = sorted(zoo.REGISTRY)
+VOCAB_LO = 3  # ids below are special tokens of the byte tokenizer
+
+
+def causal_lm(model_type, **overrides):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    return model.eval()
+
+
+def tokens(batch, length, vocab=259, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(VOCAB_LO, vocab, (batch, length), generator=g)
+
+
+def test_every_architecture_has_a_tiny_config():
+    assert ARCHS, "no architecture is registered"
+    assert set(ARCHS) == set(TINY), f"tiny configs missing for {set(ARCHS) - set(TINY)}"
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_forward_backward(model_type):
+    model = causal_lm(model_type).train()
+    ids = tokens(2, 17)
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (2, 17, model.config.vocab_size)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_load_round_trip(model_type, tied, tmp_path):
+    model = causal_lm(model_type, tie_word_embeddings=tied)
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files), files
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    ids = tokens(2, 9)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    emb, head = loaded.get_input_embeddings().weight, loaded.get_output_embeddings().weight
+    assert (emb.data_ptr() == head.data_ptr()) is tied
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_auto_classes(model_type, tmp_path):
+    config = tiny_config(model_type)
+    assert type(AutoConfig.for_model(model_type)) is type(config)
+    entry = zoo.REGISTRY[model_type]
+    causal_lm(model_type).save_pretrained(tmp_path)
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is entry.causal_lm
+    assert type(AutoModel.from_pretrained(tmp_path)) is entry.model
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
+    assert type(classifier) is entry.sequence_classification
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_sequence_classification(model_type):
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(model_type, num_labels=3))
+    ids = tokens(4, 12)
+    out = model(ids, labels=torch.tensor([0, 1, 2, 1]))
+    assert out.logits.shape == (4, 3)
+    out.loss.backward()
+    assert model.score.weight.grad is not None
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_generate_with_cache_equals_greedy_without(model_type):
+    model = causal_lm(model_type)
+    ids = tokens(2, 7)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(ids, use_cache=True, **kw)
+    without = model.generate(ids, use_cache=False, **kw)
+    torch.testing.assert_close(with_cache, without, rtol=0, atol=0)
+    # And both equal argmax over the full forward, token by token.
+    seq = ids
+    with torch.no_grad():
+        for _ in range(8):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    torch.testing.assert_close(with_cache, seq, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_prefix_then_token_by_token_equals_full_forward(model_type):
+    model = causal_lm(model_type)
+    ids = tokens(2, 12)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :5], use_cache=True)
+        steps = [out.logits]
+        cache = out.past_key_values
+        for t in range(5, 12):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_one_by_one(model_type, side):
+    model = causal_lm(model_type)
+    lengths = [9, 5, 7]
+    seqs = [tokens(1, n, seed=i)[0] for i, n in enumerate(lengths)]
+    T = max(lengths)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = s, 1
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask, use_cache=False).logits
+        for i, s in enumerate(seqs):
+            alone = model(s[None], use_cache=False).logits[0]
+            sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+            torch.testing.assert_close(batched[i, sl], alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_packed_documents_equal_separate(model_type):
+    model = causal_lm(model_type)
+    docs = [tokens(1, n, seed=10 + i)[0] for i, n in enumerate([6, 9, 4])]
+    ids = torch.cat(docs)[None]
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    with torch.no_grad():
+        packed = model(ids, position_ids=position_ids, use_cache=False).logits[0]
+        alone = torch.cat([model(d[None], use_cache=False).logits[0] for d in docs])
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_gradient_checkpointing_gives_same_gradients(model_type):
+    ids = tokens(2, 11)
+    grads = []
+    for checkpointing in (False, True):
+        model = causal_lm(model_type).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.is_gradient_checkpointing
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_lora_attaches_and_trains(model_type):
+    from peft import LoraConfig, get_peft_model
+
+    model = causal_lm(model_type).train()
+    targets = default_lora_targets(model)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    lora_names = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
+    assert lora_names, f"LoRA found none of {targets}"
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable == set(lora_names)
+    ids = tokens(4, 16)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_token_outside_vocab_is_an_error(model_type):
+    model = causal_lm(model_type)
+    bad = torch.tensor([[5, 6, model.config.vocab_size + 3]])
+    with pytest.raises(ValueError, match=str(model.config.vocab_size + 3)):
+        model(bad)
+    with pytest.raises(ValueError, match="-1"):
+        model(torch.tensor([[5, -1]]))
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_unknown_config_field_is_an_error(model_type):
+    with pytest.raises(ValueError, match="hiden_size"):
+        tiny_config(model_type, hiden_size=8)

@@ -1,0 +1,126 @@
+"""The baseline transformer against transformers' Llama (same weights, equal logits) and its position options."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from zoo.models.transformer import TransformerConfig, TransformerForCausalLM
+from zoo.models.transformer.convert_transformer import from_llama
+
+SIZES = dict(
+    vocab_size=259,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        None,
+        {"rope_type": "linear", "factor": 4.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 16},
+    ],
+    ids=["default", "linear", "dynamic", "yarn", "llama3"],
+)
+@pytest.mark.parametrize("tied", [False, True])
+def test_equal_logits_to_llama(rope, tied):
+    torch.manual_seed(0)
+    llama_config = LlamaConfig(**SIZES, tie_word_embeddings=tied, pad_token_id=0)
+    if rope is not None:
+        llama_config = LlamaConfig(**SIZES, tie_word_embeddings=tied, pad_token_id=0,
+                                   rope_parameters={"rope_theta": 10000.0, **rope})
+    llama = LlamaForCausalLM(llama_config).eval().double()
+    zoo_model = from_llama(llama).eval().double()
+    # Past max_position_embeddings, so that scaled and dynamic frequencies are exercised.
+    ids = torch.randint(3, 259, (2, 100))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    pos = torch.arange(100).expand(2, 100)
+    with torch.no_grad():
+        expected = llama(ids, attention_mask=mask, position_ids=pos).logits
+        got = zoo_model(ids, attention_mask=mask, position_ids=pos).logits
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got[1, 7:], expected[1, 7:], rtol=1e-9, atol=1e-9)
+
+
+def test_greedy_generation_equals_llama():
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**SIZES, pad_token_id=0)).eval()
+    zoo_model = from_llama(llama).eval()
+    ids = torch.randint(3, 259, (1, 10))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(zoo_model.generate(ids, **kw), llama.generate(ids, **kw), rtol=0, atol=0)
+
+
+def _reference_attention_logits(model, ids, allowed):
+    """Logits computed with an explicit boolean mask ``allowed[i, j]`` instead of the model's own masking."""
+    from zoo.modules import attention as attention_module
+
+    original = attention_module.build_attention_mask
+    try:
+        attention_module_mask = allowed[None, None].expand(ids.shape[0], 1, *allowed.shape)
+        import zoo.models.transformer.modeling_transformer as modeling
+
+        modeling.build_attention_mask = lambda **_: attention_module_mask
+        return model(ids, use_cache=False).logits
+    finally:
+        modeling.build_attention_mask = original
+
+
+def test_sliding_window_matches_explicit_band_mask():
+    torch.manual_seed(0)
+    config = TransformerConfig(**SIZES, sliding_window=5)
+    model = TransformerForCausalLM(config).eval()
+    ids = torch.randint(3, 259, (2, 20))
+    i, j = torch.arange(20)[:, None], torch.arange(20)[None]
+    band = (j <= i) & (i - j < 5)
+    with torch.no_grad():
+        got = model(ids, use_cache=False).logits
+        expected = _reference_attention_logits(model, ids, band)
+        full = _reference_attention_logits(model, ids, j <= i)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got[:, 10:], full[:, 10:])
+
+
+@pytest.mark.parametrize("position", ["alibi", "learned", "none"])
+def test_position_options_decode_like_full_forward(position):
+    torch.manual_seed(0)
+    model = TransformerForCausalLM(TransformerConfig(**SIZES, position_embedding_type=position)).eval()
+    ids = torch.randint(3, 259, (1, 12))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :4], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(4, 12):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_alibi_bias_matches_its_definition():
+    from zoo.modules import alibi_slopes
+
+    assert torch.allclose(alibi_slopes(8), torch.tensor([2 ** (-(i + 1)) for i in range(8)]))
+    slopes = alibi_slopes(6)
+    assert slopes.shape == (6,) and torch.all(slopes > 0) and torch.all(slopes < 1)
+
+
+def test_learned_positions_have_a_hard_limit():
+    model = TransformerForCausalLM(TransformerConfig(**SIZES, position_embedding_type="learned")).eval()
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        model(torch.randint(3, 259, (1, 65)))
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        TransformerConfig(**{**SIZES, "num_key_value_heads": 3})
+    with pytest.raises(ValueError, match="rope_type"):
+        TransformerForCausalLM(TransformerConfig(**SIZES, rope_parameters={"rope_type": "nope", "rope_theta": 1e4}))

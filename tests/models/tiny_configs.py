@@ -1,0 +1,24 @@
+"""Tiny configurations of every registered architecture, for the shared model suite.
+
+Every ``model_type`` in ``zoo.REGISTRY`` must appear here; ``test_every_architecture_has_a_tiny_config`` fails
+otherwise, so a new architecture cannot skip the shared checks.
+"""
+
+TINY = {
+    "zoo_transformer": dict(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    ),
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    kwargs = {**TINY[model_type], **overrides}
+    return AutoConfig.for_model(model_type, **kwargs)

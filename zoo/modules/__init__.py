@@ -1,0 +1,23 @@
+"""Building blocks shared by every zoo model: norms, MLPs, rotary positions, attention, caches."""
+
+from zoo.modules.attention import Attention, alibi_slopes, build_attention_mask, document_ids
+from zoo.modules.cache import RecurrentCache
+from zoo.modules.mlp import MLP, GatedMLP, build_mlp
+from zoo.modules.norms import RMSNorm, build_norm
+from zoo.modules.rotary import RotaryEmbedding, apply_rotary, rotate_half
+
+__all__ = [
+    "MLP",
+    "Attention",
+    "GatedMLP",
+    "RMSNorm",
+    "RecurrentCache",
+    "RotaryEmbedding",
+    "alibi_slopes",
+    "apply_rotary",
+    "build_attention_mask",
+    "build_mlp",
+    "build_norm",
+    "document_ids",
+    "rotate_half",
+]

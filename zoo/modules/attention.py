@@ -1,0 +1,174 @@
+"""Multi-head attention on PyTorch SDPA, shared by every zoo model that attends.
+
+Causal or bidirectional, optional sliding window, grouped-query heads (Ainslie et al., 2023, "GQA"), rotary or
+ALiBi (Press et al., 2022, "Train Short, Test Long") positions, a key/value cache, and packed documents: a restart
+of ``position_ids`` to 0 starts a new document that attends to nothing before it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.modules.rotary import apply_rotary
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """Per-head ALiBi slopes: a geometric sequence from 2^(-8/n); non-powers of two interleave the next power."""
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return torch.tensor(power_of_two(num_heads))
+    closest = 2 ** math.floor(math.log2(num_heads))
+    extra = power_of_two(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(power_of_two(closest) + extra)
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` document index per token: it increases wherever ``position_ids`` restarts at 0."""
+    starts = position_ids == 0
+    starts[:, 0] = True
+    return starts.long().cumsum(-1)
+
+
+def build_attention_mask(
+    *,
+    batch_size: int,
+    q_len: int,
+    past_len: int,
+    device: torch.device,
+    causal: bool = True,
+    padding_mask: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor | None:
+    """Boolean mask ``(B, 1, q_len, past_len + q_len)``, True where a query may attend a key.
+
+    Returns ``None`` when plain causal (or full) attention is exact, so SDPA can take its fastest path.
+    ``padding_mask`` is the usual 2D ``attention_mask`` over past and current tokens (1 = real token).
+    ``doc_ids`` ``(B, q_len)`` separates packed documents (only used without a past).
+    Rows with no allowed key (padding queries) are opened fully so that no NaN is produced; their outputs are
+    never used.
+    """
+    kv_len = past_len + q_len
+    needs_mask = padding_mask is not None and not bool(padding_mask.all())
+    needs_mask |= doc_ids is not None and bool((doc_ids != doc_ids[:, :1]).any())
+    needs_mask |= sliding_window is not None and kv_len > sliding_window
+    needs_mask |= causal and past_len > 0 and q_len > 1
+    if not needs_mask:
+        return None
+    q_pos = torch.arange(past_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    if causal:
+        mask &= k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= (q_pos - k_pos) < sliding_window
+        if not causal:
+            mask &= (k_pos - q_pos) < sliding_window
+    mask = mask[None, None].expand(batch_size, 1, q_len, kv_len)
+    if padding_mask is not None:
+        mask = mask & padding_mask[:, None, None, -kv_len:].bool()
+    if doc_ids is not None and past_len == 0:
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    return mask | ~mask.any(-1, keepdim=True)
+
+
+class Attention(nn.Module):
+    """``o_proj(softmax(q kᵀ / sqrt(d) + bias) v)`` with ``q_proj``/``k_proj``/``v_proj``/``o_proj`` projections."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        layer_idx: int = 0,
+        causal: bool = True,
+        sliding_window: int | None = None,
+        bias: bool = False,
+        out_bias: bool | None = None,
+        dropout: float = 0.0,
+        alibi: bool = False,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.layer_idx = layer_idx
+        self.causal = causal
+        self.sliding_window = sliding_window
+        self.dropout = dropout
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias if out_bias is None else out_bias)
+        if alibi:
+            self.register_buffer("alibi_slopes", alibi_slopes(num_heads), persistent=False)
+        else:
+            self.alibi_slopes = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+    ) -> torch.Tensor:
+        """``hidden_states`` (B, T, C); ``attention_mask`` from :func:`build_attention_mask` (or None)."""
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        if position_embeddings is not None:
+            cos, sin = position_embeddings
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        past_len = 0
+        if past_key_values is not None:
+            past_len = past_key_values.get_seq_length(self.layer_idx)
+            k, v = past_key_values.update(k, v, self.layer_idx)
+
+        mask = attention_mask
+        if self.alibi_slopes is not None:
+            kv_len = k.shape[2]
+            q_pos = torch.arange(past_len, past_len + T, device=q.device)[:, None]
+            k_pos = torch.arange(kv_len, device=q.device)[None, :]
+            dist = (q_pos - k_pos).abs() if not self.causal else (q_pos - k_pos)
+            bias = -self.alibi_slopes.to(q.device)[:, None, None] * dist.to(torch.float32)  # (H, T, kv)
+            allowed = mask if mask is not None else build_attention_mask(
+                batch_size=B, q_len=T, past_len=past_len, device=q.device, causal=self.causal,
+                sliding_window=self.sliding_window,
+            )
+            if allowed is None:
+                allowed = torch.ones(1, 1, T, kv_len, dtype=torch.bool, device=q.device)
+                if self.causal:
+                    allowed = allowed & (k_pos <= q_pos)
+            mask = bias[None].to(q.dtype).masked_fill(~allowed, torch.finfo(q.dtype).min)
+
+        is_causal = mask is None and self.causal and T > 1 and past_len == 0
+        if mask is None and self.sliding_window is not None and past_len + T > self.sliding_window:
+            mask = build_attention_mask(
+                batch_size=B, q_len=T, past_len=past_len, device=q.device, causal=self.causal,
+                sliding_window=self.sliding_window,
+            )
+            is_causal = False
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(out)

@@ -1,0 +1,69 @@
+"""Caches for decoding.
+
+Attention layers use transformers' own ``DynamicCache`` (one key/value layer per attention layer). Recurrent layers
+(retention, selective scans, RWKV, ...) keep a fixed-size state per layer in :class:`RecurrentCache`, whose size
+does not grow with the context: that is what makes their per-token decoding cost O(1). Hybrid models keep both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class RecurrentCache:
+    """Per-layer recurrent states for ``generate()``.
+
+    Each layer stores a dict of tensors whose first dimension is the batch (for example ``{"state": S, "conv": c}``).
+    ``seen_tokens`` counts the tokens already absorbed, which ``generate()`` reads through ``get_seq_length``.
+    Attention layers of hybrid models may keep keys and values here too, with ``update_kv``.
+    """
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int | None = None):
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.seen_tokens = 0
+        self.num_layers = num_layers
+
+    def __len__(self) -> int:
+        return len(self.states) + len(self.kv)
+
+    def get(self, layer_idx: int) -> dict[str, torch.Tensor] | None:
+        return self.states.get(layer_idx)
+
+    def set(self, layer_idx: int, **tensors: torch.Tensor) -> None:
+        self.states[layer_idx] = dict(tensors)
+
+    def update_kv(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append keys/values ``(B, T, H, D)`` and return everything seen so far."""
+        if layer_idx in self.kv:
+            pk, pv = self.kv[layer_idx]
+            k, v = torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)
+        self.kv[layer_idx] = (k, v)
+        return k, v
+
+    def advance(self, num_tokens: int) -> None:
+        """Called once per model forward, after every layer has updated its state."""
+        self.seen_tokens += num_tokens
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, *args: Any, **kwargs: Any):
+        return self.seen_tokens, 0
+
+    def _map(self, fn) -> None:
+        self.states = {i: {n: fn(t) for n, t in s.items()} for i, s in self.states.items()}
+        self.kv = {i: (fn(k), fn(v)) for i, (k, v) in self.kv.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])

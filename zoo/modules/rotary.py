@@ -1,0 +1,87 @@
+"""Rotary position embeddings (Su et al., 2021, "RoFormer", arXiv:2104.09864) on transformers' RoPE utilities.
+
+The frequencies come from ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS``, so every scaling type that
+transformers knows (``linear`` position interpolation, ``dynamic`` NTK, ``yarn``, ``longrope``, ``llama3``) works
+from ``config.rope_parameters`` exactly as it does for Llama. ``zoo.positional`` builds on this module.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+
+def default_inv_freq(config, device=None, **_) -> tuple[torch.Tensor, float]:
+    """Unscaled RoPE: ``theta ** (-2i / dim)`` for ``i < dim / 2``."""
+    base = config.rope_parameters["rope_theta"]
+    dim = int(config.head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+    return inv_freq, 1.0
+
+
+def rope_init_fn(rope_type: str):
+    if rope_type == "default":
+        return default_inv_freq
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        known = ("default", *ROPE_INIT_FUNCTIONS)
+        raise ValueError(f"rope_parameters['rope_type']={rope_type!r} is not one of {known}")
+    return ROPE_INIT_FUNCTIONS[rope_type]
+
+
+class RotaryEmbedding(nn.Module):
+    """Produces ``(cos, sin)`` of shape ``(B, T, dim)`` for the given position ids.
+
+    ``config`` must carry ``rope_parameters`` (with ``rope_type`` and ``rope_theta``) and
+    ``max_position_embeddings``; ``head_dim`` overrides the rotated width (models whose key width is not
+    ``hidden_size // num_attention_heads``).
+    """
+
+    # transformers' ``PreTrainedModel._init_weights`` recomputes the (non-persistent) frequency buffers after
+    # loading through this hook and ``ROPE_INIT_FUNCTIONS``.
+    compute_default_rope_parameters = staticmethod(default_inv_freq)
+
+    def __init__(self, config, head_dim: int | None = None):
+        super().__init__()
+        config = copy.copy(config)
+        config.head_dim = head_dim or getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.rope_parameters.get(
+            "original_max_position_embeddings", config.max_position_embeddings
+        )
+        inv_freq, self.attention_scaling = rope_init_fn(self.rope_type)(config, None)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` of shape ``(B, T, H, D)`` by ``cos``/``sin`` of shape ``(B, T, d)``, ``d <= D``.
+
+    Only the first ``d`` channels rotate (partial rotary); the rest pass through.
+    """
+    d = cos.shape[-1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    if d == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :d], x[..., d:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)

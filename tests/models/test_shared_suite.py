@@ -9,8 +9,8 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import zoo
-from zoo.models import default_lora_targets
 from tests.models.tiny_configs import TINY, tiny_config
+from zoo.models import default_lora_targets
 
 ARCHS = sorted(zoo.REGISTRY)
 VOCAB_LO = 3  # ids below are special tokens of the byte tokenizer

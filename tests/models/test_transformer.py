@@ -25,8 +25,13 @@ SIZES = dict(
         {"rope_type": "linear", "factor": 4.0},
         {"rope_type": "dynamic", "factor": 2.0},
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 16},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
     ],
     ids=["default", "linear", "dynamic", "yarn", "llama3"],
 )
@@ -35,8 +40,9 @@ def test_equal_logits_to_llama(rope, tied):
     torch.manual_seed(0)
     llama_config = LlamaConfig(**SIZES, tie_word_embeddings=tied, pad_token_id=0)
     if rope is not None:
-        llama_config = LlamaConfig(**SIZES, tie_word_embeddings=tied, pad_token_id=0,
-                                   rope_parameters={"rope_theta": 10000.0, **rope})
+        llama_config = LlamaConfig(
+            **SIZES, tie_word_embeddings=tied, pad_token_id=0, rope_parameters={"rope_theta": 10000.0, **rope}
+        )
     llama = LlamaForCausalLM(llama_config).eval().double()
     zoo_model = from_llama(llama).eval().double()
     # Past max_position_embeddings, so that scaled and dynamic frequencies are exercised.
@@ -123,4 +129,6 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="num_key_value_heads"):
         TransformerConfig(**{**SIZES, "num_key_value_heads": 3})
     with pytest.raises(ValueError, match="rope_type"):
-        TransformerForCausalLM(TransformerConfig(**SIZES, rope_parameters={"rope_type": "nope", "rope_theta": 1e4}))
+        TransformerForCausalLM(
+            TransformerConfig(**SIZES, rope_parameters={"rope_type": "nope", "rope_theta": 1e4})
+        )

@@ -38,7 +38,9 @@ def register(
     """Register ``config`` and its model classes; ``lora_targets`` are the default peft LoRA module names."""
     model_type = config.model_type
     if model_type in CONFIG_MAPPING_NAMES:
-        raise ValueError(f"model_type {model_type!r} belongs to transformers; zoo model types start with 'zoo_'")
+        raise ValueError(
+            f"model_type {model_type!r} belongs to transformers; zoo model types start with 'zoo_'"
+        )
     if model_type in REGISTRY:
         return
     AutoConfig.register(model_type, config)
@@ -58,5 +60,7 @@ def default_lora_targets(model_or_type) -> list[str]:
     """The module names a LoRA adapter should wrap by default for a zoo model (or its ``model_type``)."""
     model_type = model_or_type if isinstance(model_or_type, str) else model_or_type.config.model_type
     if model_type not in REGISTRY or not REGISTRY[model_type].lora_targets:
-        raise ValueError(f"no default LoRA targets for model_type {model_type!r}; pass target_modules explicitly")
+        raise ValueError(
+            f"no default LoRA targets for model_type {model_type!r}; pass target_modules explicitly"
+        )
     return list(REGISTRY[model_type].lora_targets)

@@ -102,7 +102,9 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         if num_heads % self.num_kv_heads:
-            raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+            raise ValueError(
+                f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
+            )
         self.head_dim = head_dim or hidden_size // num_heads
         self.layer_idx = layer_idx
         self.causal = causal
@@ -111,7 +113,9 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias if out_bias is None else out_bias)
+        self.o_proj = nn.Linear(
+            num_heads * self.head_dim, hidden_size, bias=bias if out_bias is None else out_bias
+        )
         if alibi:
             self.register_buffer("alibi_slopes", alibi_slopes(num_heads), persistent=False)
         else:
@@ -146,9 +150,17 @@ class Attention(nn.Module):
             k_pos = torch.arange(kv_len, device=q.device)[None, :]
             dist = (q_pos - k_pos).abs() if not self.causal else (q_pos - k_pos)
             bias = -self.alibi_slopes.to(q.device)[:, None, None] * dist.to(torch.float32)  # (H, T, kv)
-            allowed = mask if mask is not None else build_attention_mask(
-                batch_size=B, q_len=T, past_len=past_len, device=q.device, causal=self.causal,
-                sliding_window=self.sliding_window,
+            allowed = (
+                mask
+                if mask is not None
+                else build_attention_mask(
+                    batch_size=B,
+                    q_len=T,
+                    past_len=past_len,
+                    device=q.device,
+                    causal=self.causal,
+                    sliding_window=self.sliding_window,
+                )
             )
             if allowed is None:
                 allowed = torch.ones(1, 1, T, kv_len, dtype=torch.bool, device=q.device)
@@ -159,12 +171,18 @@ class Attention(nn.Module):
         is_causal = mask is None and self.causal and T > 1 and past_len == 0
         if mask is None and self.sliding_window is not None and past_len + T > self.sliding_window:
             mask = build_attention_mask(
-                batch_size=B, q_len=T, past_len=past_len, device=q.device, causal=self.causal,
+                batch_size=B,
+                q_len=T,
+                past_len=past_len,
+                device=q.device,
+                causal=self.causal,
                 sliding_window=self.sliding_window,
             )
             is_causal = False
         out = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,

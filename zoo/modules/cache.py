@@ -37,7 +37,9 @@ class RecurrentCache:
     def set(self, layer_idx: int, **tensors: torch.Tensor) -> None:
         self.states[layer_idx] = dict(tensors)
 
-    def update_kv(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update_kv(
+        self, k: torch.Tensor, v: torch.Tensor, layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append keys/values ``(B, T, H, D)`` and return everything seen so far."""
         if layer_idx in self.kv:
             pk, pv = self.kv[layer_idx]

@@ -18,7 +18,9 @@ def default_inv_freq(config, device=None, **_) -> tuple[torch.Tensor, float]:
     """Unscaled RoPE: ``theta ** (-2i / dim)`` for ``i < dim / 2``."""
     base = config.rope_parameters["rope_theta"]
     dim = int(config.head_dim * getattr(config, "partial_rotary_factor", 1.0))
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim)
+    )
     return inv_freq, 1.0
 
 
@@ -46,8 +48,10 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config, head_dim: int | None = None):
         super().__init__()
         config = copy.copy(config)
-        config.head_dim = head_dim or getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads
+        config.head_dim = (
+            head_dim
+            or getattr(config, "head_dim", None)
+            or (config.hidden_size // config.num_attention_heads)
         )
         self.config = config
         self.rope_type = config.rope_parameters.get("rope_type", "default")

@@ -1,5 +1,6 @@
 """Baseline Llama-style transformer."""
 
+from zoo.models.registry import register
 from zoo.models.transformer.configuration_transformer import TransformerConfig
 from zoo.models.transformer.modeling_transformer import (
     TransformerForCausalLM,
@@ -7,7 +8,6 @@ from zoo.models.transformer.modeling_transformer import (
     TransformerModel,
     TransformerPreTrainedModel,
 )
-from zoo.models.registry import register
 
 register(
     TransformerConfig,

@@ -69,19 +69,29 @@ class TransformerConfig(ZooConfig):
             self.num_key_value_heads = self.num_attention_heads
 
     def validate_fields(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ):
             self._require(getattr(self, name) > 0, name, "must be positive")
         self._require(
             self.hidden_size % self.num_attention_heads == 0 or self.head_dim is not None,
-            "num_attention_heads", f"must divide hidden_size={self.hidden_size} (or set head_dim)",
+            "num_attention_heads",
+            f"must divide hidden_size={self.hidden_size} (or set head_dim)",
         )
         self._require(
             self.num_attention_heads % self.num_key_value_heads == 0,
-            "num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}",
+            "num_key_value_heads",
+            f"must divide num_attention_heads={self.num_attention_heads}",
         )
         self._require(self.head_dim % 2 == 0, "head_dim", "must be even for rotary positions")
-        self._require(self.sliding_window is None or self.sliding_window > 0, "sliding_window", "must be positive")
+        self._require(
+            self.sliding_window is None or self.sliding_window > 0, "sliding_window", "must be positive"
+        )
         self._require(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
 
 

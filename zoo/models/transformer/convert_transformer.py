@@ -59,7 +59,9 @@ def from_llama(llama_model) -> TransformerForCausalLM:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("llama_dir")
     parser.add_argument("out_dir")
     args = parser.parse_args(argv)

@@ -118,7 +118,9 @@ class TransformerModel(TransformerPreTrainedModel):
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
-                position_ids = torch.arange(past_len, past_len + T, device=inputs_embeds.device)[None].expand(B, T)
+                position_ids = torch.arange(past_len, past_len + T, device=inputs_embeds.device)[None].expand(
+                    B, T
+                )
 
         if self.config.position_embedding_type == "learned":
             limit = self.config.max_position_embeddings
@@ -128,7 +130,9 @@ class TransformerModel(TransformerPreTrainedModel):
                     "position table; extend it with zoo.positional.interpolate_position_embeddings"
                 )
             inputs_embeds = inputs_embeds + self.embed_positions(position_ids)
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
+        position_embeddings = (
+            self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
+        )
 
         mask = build_attention_mask(
             batch_size=B,
@@ -204,7 +208,9 @@ class TransformerForCausalLM(TransformerPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -250,8 +256,12 @@ class TransformerForSequenceClassification(TransformerPreTrainedModel):
         hidden_states = outputs.last_hidden_state
         B, T, _ = hidden_states.shape
         idx = last_token_index(
-            B, T, attention_mask=attention_mask, input_ids=input_ids,
-            pad_token_id=self.config.pad_token_id, device=hidden_states.device,
+            B,
+            T,
+            attention_mask=attention_mask,
+            input_ids=input_ids,
+            pad_token_id=self.config.pad_token_id,
+            device=hidden_states.device,
         )
         logits = self.score(hidden_states[torch.arange(B, device=hidden_states.device), idx])
         loss = classification_loss(logits, labels, self.config) if labels is not None else None

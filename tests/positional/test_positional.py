@@ -1,0 +1,159 @@
+"""Context-extension tools: RoPE scaling against transformers' frequencies, learned tables, random positions."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from zoo.models.transformer import TransformerConfig, TransformerForCausalLM
+from zoo.positional import (
+    chunked_forward,
+    extend_context,
+    interpolate_position_embeddings,
+    randomize_packed_positions,
+    randomized_position_ids,
+    rope_parameters_for,
+)
+
+SIZES = dict(
+    vocab_size=259,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=64,
+)
+WINDOW = 64
+
+
+def _angles(config, params, length, batch_positions=None):
+    """Rotation angles (B, T, dim/2) and the cos/sin scaling for positions 0..length-1 under ``params``."""
+    cfg = TransformerConfig(**{**SIZES, "rope_parameters": params})
+    model = TransformerForCausalLM(cfg)
+    rotary = model.model.rotary_emb
+    pos = torch.arange(length)[None] if batch_positions is None else batch_positions
+    cos, sin = rotary(torch.zeros(1), pos)
+    half = cos.shape[-1] // 2
+    return torch.atan2(sin[..., :half], cos[..., :half]), rotary.attention_scaling
+
+
+@pytest.mark.parametrize("method", ["linear", "ntk", "dynamic", "yarn", "longrope", "llama3"])
+def test_frequencies_match_transformers(method):
+    config = TransformerConfig(**SIZES)
+    params = rope_parameters_for(config, method, 4.0)
+    length = 4 * WINDOW
+    ours = TransformerForCausalLM(TransformerConfig(**{**SIZES, "rope_parameters": params})).model.rotary_emb
+    theirs = LlamaRotaryEmbedding(LlamaConfig(**SIZES, rope_parameters=dict(params)))
+    x = torch.zeros(1, dtype=torch.float64)
+    for length in (WINDOW // 2, 4 * WINDOW):
+        pos = torch.arange(length)[None]
+        for a, b in zip(ours(x, pos), theirs(x, pos)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_positions_inside_the_window_where_promised():
+    # A Llama-like window (4096) so that YaRN's "fast" band (>= 32 turns inside the window) is populated.
+    config = TransformerConfig(**{**SIZES, "max_position_embeddings": 4096})
+
+    def inv_freq(params):
+        return TransformerForCausalLM(
+            TransformerConfig(**{**SIZES, "max_position_embeddings": 4096, "rope_parameters": params})
+        ).model.rotary_emb.inv_freq
+
+    original = inv_freq(config.rope_parameters)
+
+    def freq_change(method):
+        """Mean |1 - scaled/original frequency| over the fastest quarter of the dimensions, and over all."""
+        ratio = inv_freq(rope_parameters_for(config, method, 4.0)) / original
+        quarter = ratio.numel() // 4
+        return (1 - ratio[:quarter]).abs().mean().item(), (1 - ratio).abs().mean().item()
+
+    pi_high, pi_all = freq_change("linear")
+    assert pi_high == pytest.approx(0.75), "position interpolation slows every frequency, in-window ones too"
+    for method in ("ntk", "yarn"):
+        high, overall = freq_change(method)
+        assert high < 0.2 * pi_high, (method, high, pi_high)
+        assert overall < pi_all, (method, overall, pi_all)
+    assert freq_change("yarn")[0] < 1e-6, "YaRN keeps the fastest frequencies exactly"
+    # Dynamic NTK computes the original angles for every position inside the original window.
+    small = TransformerConfig(**SIZES)
+    base, _ = _angles(small, small.rope_parameters, WINDOW)
+    angles, scale = _angles(small, rope_parameters_for(small, "dynamic", 4.0), WINDOW)
+    torch.testing.assert_close(angles, base)
+    assert scale == 1.0
+
+
+@pytest.mark.parametrize("method", ["linear", "ntk", "yarn", "dynamic", "longrope", "llama3"])
+def test_extend_context_equals_config_route(method, tmp_path):
+    torch.manual_seed(0)
+    model = TransformerForCausalLM(TransformerConfig(**SIZES)).eval()
+    model.save_pretrained(tmp_path)
+    params = rope_parameters_for(model.config, method, 4.0)
+    extended = extend_context(model, method, 4.0)
+    expected_max = WINDOW if method == "dynamic" else 4 * WINDOW
+    assert extended.config.max_position_embeddings == expected_max
+    reloaded = TransformerForCausalLM.from_pretrained(tmp_path, rope_parameters=params).eval()
+    ids = torch.randint(3, 259, (1, 3 * WINDOW))
+    with torch.no_grad():
+        torch.testing.assert_close(extended(ids).logits, reloaded(ids).logits)
+    # The scaling travels with a saved model.
+    extended.save_pretrained(tmp_path / "ext")
+    again = TransformerForCausalLM.from_pretrained(tmp_path / "ext").eval()
+    assert again.config.rope_parameters["rope_type"] == params["rope_type"]
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, extended(ids).logits)
+
+
+def test_bad_scaling_requests_name_the_problem():
+    model = TransformerForCausalLM(TransformerConfig(**SIZES))
+    with pytest.raises(ValueError, match="'bogus'"):
+        extend_context(model, "bogus", 2.0)
+    with pytest.raises(ValueError, match="factor=0.5"):
+        extend_context(model, "yarn", 0.5)
+    alibi = TransformerForCausalLM(TransformerConfig(**SIZES, position_embedding_type="alibi"))
+    with pytest.raises(ValueError, match="alibi"):
+        extend_context(alibi, "yarn", 2.0)
+
+
+def test_learned_table_interpolation():
+    torch.manual_seed(0)
+    model = TransformerForCausalLM(TransformerConfig(**SIZES, position_embedding_type="learned")).eval()
+    old = model.model.embed_positions.weight.detach().clone()
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.randint(3, 259, (1, 100)))
+    interpolate_position_embeddings(model, 128)
+    new = model.model.embed_positions.weight
+    assert new.shape == (128, old.shape[1]) and model.config.max_position_embeddings == 128
+    torch.testing.assert_close(new[0], old[0])
+    torch.testing.assert_close(new[-1], old[-1])
+    # Every new row lies between the two nearest old rows (linear resampling).
+    assert model(torch.randint(3, 259, (1, 100))).logits.shape == (1, 100, 259)
+    copy = TransformerForCausalLM(TransformerConfig(**SIZES, position_embedding_type="learned"))
+    interpolate_position_embeddings(copy, 128, mode="copy")
+    torch.testing.assert_close(copy.model.embed_positions.weight[64:], copy.model.embed_positions.weight[:64])
+
+
+def test_randomized_positions():
+    g = torch.Generator().manual_seed(0)
+    pos = randomized_position_ids(3, 16, 256, generator=g)
+    assert pos.shape == (3, 16)
+    assert (pos[:, 0] == 0).all() and (pos.diff(dim=-1) > 0).all() and (pos < 256).all()
+    assert pos.max() > 16, "positions reach past the training length"
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
+    out = randomize_packed_positions(packed, 64, generator=g)
+    assert (
+        out[0, 0] == 0 and out[0, 4] == 0 and (out[0, :4].diff() > 0).all() and (out[0, 4:].diff() > 0).all()
+    )
+    with pytest.raises(ValueError, match="max_position=8"):
+        randomized_position_ids(1, 16, 8)
+
+
+def test_chunked_forward_equals_full_forward():
+    torch.manual_seed(0)
+    model = TransformerForCausalLM(TransformerConfig(**SIZES)).eval()
+    ids = torch.randint(3, 259, (2, 50))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    logits, cache = chunked_forward(model, ids, chunk_size=16)
+    torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length() == 50

@@ -14,6 +14,14 @@ TINY = {
         num_key_value_heads=2,
         max_position_embeddings=128,
     ),
+    "zoo_retnet": dict(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        chunk_size=8,
+    ),
 }
 
 

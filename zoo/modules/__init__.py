@@ -4,7 +4,13 @@ from zoo.modules.attention import Attention, alibi_slopes, build_attention_mask,
 from zoo.modules.cache import RecurrentCache
 from zoo.modules.mlp import MLP, GatedMLP, build_mlp
 from zoo.modules.norms import RMSNorm, build_norm
-from zoo.modules.rotary import RotaryEmbedding, apply_rotary, rotate_half
+from zoo.modules.rotary import (
+    RotaryEmbedding,
+    apply_rotary,
+    apply_rotary_interleaved,
+    rotate_every_two,
+    rotate_half,
+)
 
 __all__ = [
     "MLP",
@@ -15,9 +21,11 @@ __all__ = [
     "RotaryEmbedding",
     "alibi_slopes",
     "apply_rotary",
+    "apply_rotary_interleaved",
     "build_attention_mask",
     "build_mlp",
     "build_norm",
     "document_ids",
+    "rotate_every_two",
     "rotate_half",
 ]

@@ -7,7 +7,7 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm: ``x / rms(x) * weight``, computed in float32 and cast back to the input dtype."""
+    """Root-mean-square norm: ``x / rms(x) * weight``, computed in at least float32, cast back to the input dtype."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, elementwise_affine: bool = True):
         super().__init__()
@@ -16,7 +16,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
             return self.weight * x.to(dtype)

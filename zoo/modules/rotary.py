@@ -89,3 +89,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         return x * cos + rotate_half(x) * sin
     rot, rest = x[..., :d], x[..., d:]
     return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs ``(x0, x1) -> (-x1, x0)`` (the interleaved convention of torchscale/GPT-J)."""
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``(B, T, H, D)`` with adjacent pairs; ``cos``/``sin`` ``(B, T, D)`` repeat each angle twice."""
+    return x * cos.unsqueeze(2) + rotate_every_two(x) * sin.unsqueeze(2)

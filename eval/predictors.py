@@ -1,0 +1,210 @@
+"""The predictor interface the suite scores through, its Hugging Face implementation, and model loading.
+
+A predictor answers two questions, batched:
+
+- ``generate(prompts, max_new_tokens) -> list[str]``: greedy continuations (new text only);
+- ``loglikelihood(contexts, continuations) -> list[(logprob, num_tokens)]``: the summed log-probability of each
+  continuation after its context, and how many tokens it has.
+
+Tests use doubles (an oracle that reads the answers, a random guesser); ``HFPredictor`` wraps any causal LM of
+``transformers`` or zoo. Prompts are encoded without special tokens (the lengths of the suite count those tokens),
+with the tokenizer's BOS token in front when it has one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Protocol
+
+import torch
+
+from eval.tasks.base import encode
+
+logger = logging.getLogger(__name__)
+
+# ``--rope-scaling METHOD:FACTOR`` when zoo.positional is absent: METHOD -> transformers' rope_type.
+ROPE_TYPES = {"linear": "linear", "pi": "linear", "dynamic": "dynamic", "yarn": "yarn"}
+
+
+class Predictor(Protocol):
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]: ...
+
+    def loglikelihood(self, contexts: list[str], continuations: list[str]) -> list[tuple[float, int]]: ...
+
+
+class HFPredictor:
+    """Batched greedy generation and log-likelihoods with a ``transformers`` causal LM.
+
+    Generation pads on the left (as ``generate`` expects); log-likelihoods pad on the right, which leaves a causal
+    model's logits at the real positions untouched, and ask only for the logits they score when the model accepts
+    ``logits_to_keep``.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 4, device: str | torch.device = "cpu"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.device = torch.device(device)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad if pad is not None else 0
+        add_bos = getattr(tokenizer, "add_bos_token", True)
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and add_bos else []
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def _context_ids(self, text: str) -> list[int]:
+        return self.bos + encode(self.tokenizer, text)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        encoded = [self._context_ids(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+        outputs: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = max(len(encoded[i]) for i in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]) :] = 1
+            generated = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+            )
+            for row, i in enumerate(batch):
+                new = generated[row, width:].tolist()
+                outputs[i] = self.tokenizer.decode(new, skip_special_tokens=True)
+        return outputs
+
+    @torch.inference_mode()
+    def loglikelihood(self, contexts: list[str], continuations: list[str]) -> list[tuple[float, int]]:
+        requests = []
+        for context, continuation in zip(contexts, continuations, strict=True):
+            ctx, cont = self._context_ids(context), encode(self.tokenizer, continuation)
+            if not ctx:  # nothing to condition the first token on: use the pad token as a stand-in
+                ctx = [self.pad_id]
+            requests.append((ctx, cont))
+        results: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+        for start in range(0, len(order), self.batch_size):
+            batch = [i for i in order[start : start + self.batch_size] if requests[i][1]]
+            if not batch:
+                continue
+            # inputs are context + continuation minus its last token; position t predicts token t + 1
+            inputs = [requests[i][0] + requests[i][1][:-1] for i in batch]
+            width = max(len(x) for x in inputs)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, x in enumerate(inputs):
+                ids[row, : len(x)] = torch.tensor(x)
+                mask[row, : len(x)] = 1
+            first = min(len(requests[i][0]) - 1 for i in batch)
+            kwargs = {}
+            if self._keeps_logits:
+                kwargs["logits_to_keep"] = torch.arange(first, width, device=self.device)
+            else:
+                first = 0
+            logits = self.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs
+            ).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, kept positions, V)
+            for row, i in enumerate(batch):
+                ctx, cont = requests[i]
+                positions = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont)) - first
+                targets = torch.tensor(cont)
+                total = logprobs[row, positions.to(self.device), targets.to(self.device)].sum().item()
+                results[i] = (total, len(cont))
+        return results
+
+
+def parse_rope_scaling(spec: str) -> tuple[str, float]:
+    """``"yarn:4"`` -> ("yarn", 4.0)."""
+    method, sep, factor = spec.partition(":")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = float("nan")
+    if not sep or not method or not value > 0:
+        raise ValueError(f"--rope-scaling={spec!r} must look like METHOD:FACTOR with FACTOR > 0, e.g. yarn:4")
+    return method.lower(), value
+
+
+def rope_parameters_for(config, method: str, factor: float) -> dict:
+    """transformers-5 ``rope_parameters`` scaling ``config``'s RoPE by ``factor`` with ``method``."""
+    if method not in ROPE_TYPES:
+        raise ValueError(
+            f"rope scaling method={method!r} needs zoo.positional; without it use one of {sorted(ROPE_TYPES)}"
+        )
+    current = dict(getattr(config, "rope_parameters", None) or {})
+    theta = current.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params = {"rope_type": ROPE_TYPES[method], "factor": factor, "rope_theta": theta}
+    if ROPE_TYPES[method] in ("yarn", "dynamic"):
+        params["original_max_position_embeddings"] = config.max_position_embeddings
+    return params
+
+
+def _import_zoo() -> None:
+    try:
+        import zoo  # noqa: F401  (registers zoo's architectures with the Auto classes)
+    except Exception as err:  # a plain transformers model must still load without zoo
+        logger.warning("import zoo failed (%s); only transformers' own architectures will load", err)
+
+
+def load_tokenizer(path: str):
+    """The model's tokenizer; for a checkpoint saved without one, zoo's default byte-level tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        logger.warning("No tokenizer at %s (%s); using zoo's default byte-level tokenizer", path, err)
+    try:
+        from zoo.data.tokenizer import default_tokenizer
+
+        return default_tokenizer()
+    except ImportError:
+        from transformers import ByT5Tokenizer
+
+        return ByT5Tokenizer(extra_ids=0)
+
+
+def _zoo_positional():
+    """zoo's ``(extend_context, rope_parameters_for)``, or None where zoo.positional is absent."""
+    try:
+        from zoo.positional import extend_context
+        from zoo.positional import rope_parameters_for as zoo_rope_parameters_for
+    except ImportError:
+        return None
+    return extend_context, zoo_rope_parameters_for
+
+
+def load_model(path: str, device: str = "cpu", rope_scaling: str | None = None):
+    """``(model, tokenizer)`` for any zoo or transformers causal LM, RoPE rescaled if ``rope_scaling`` is given.
+
+    The scaling goes through ``zoo.positional.extend_context`` when it exists and the model has zoo's rotary
+    modules; otherwise (a transformers model, or no zoo.positional) the model is loaded with the equivalent
+    ``rope_parameters``, computed by zoo when it can and by :func:`rope_parameters_for` here otherwise.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _import_zoo()
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    if rope_scaling:
+        method, factor = parse_rope_scaling(rope_scaling)
+        zoo_positional = _zoo_positional()
+        try:
+            if zoo_positional is None:
+                raise ValueError("zoo.positional is not installed")
+            model = zoo_positional[0](model, method, factor) or model
+        except ValueError as err:
+            logger.info("extend_context does not apply (%s); loading with rope_parameters instead", err)
+            config = AutoConfig.from_pretrained(path)
+            make = zoo_positional[1] if zoo_positional is not None else rope_parameters_for
+            params = make(config, method, factor)
+            model = AutoModelForCausalLM.from_pretrained(path, rope_parameters=params)
+    return model.to(device).eval(), tokenizer

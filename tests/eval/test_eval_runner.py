@@ -1,0 +1,145 @@
+"""End to end: `python -m eval` on a tiny random Llama writes results, report, plots and model-index; a second run
+recomputes nothing; runs merge into one report; the runner with an oracle predictor scores every cell 100 %."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+import eval.runner
+from eval.__main__ import main, parse_length, parse_lengths
+from eval.report import main as report_main
+from eval.runner import Suite, run_suite
+from eval.tasks import TASKS
+
+TASK_SUBSET = "passkey,niah_multikey_essay,mqar,babi_qa1,listops,perplexity"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=259,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=4096,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    ByT5Tokenizer(extra_ids=0).save_pretrained(path)
+    return str(path)
+
+
+def test_parse_lengths():
+    assert parse_lengths("1k,2k,4K,1500") == (1024, 2048, 4096, 1500)
+    assert parse_length("1m") == 1024**2
+    with pytest.raises(Exception, match="positive token count"):
+        parse_length("zero")
+
+
+def test_cli_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    argv = [
+        "--model",
+        model_dir,
+        "--suite",
+        "quick",
+        "--lengths",
+        "512",
+        "--out",
+        str(out),
+        "--tasks",
+        TASK_SUBSET,
+    ]
+    argv += ["--num-samples", "2", "--depths", "0,1", "--no-progress"]
+    assert main(argv) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"] == model_dir and results["settings"]["seed"] == 0
+    assert set(results["results"]["passkey"]["512"]) == {"0.00", "1.00"}
+    for task in TASK_SUBSET.split(","):
+        for score in results["results"][task]["512"].values():
+            assert score is not None
+    assert results["results"]["perplexity"]["512"]["last128"] > 1.0
+    for name in ("report.md", "model_index.yaml", "predictions.jsonl", "accuracy_vs_length.png",
+                 "perplexity_vs_length.png", "heatmap_passkey.png", "heatmap_niah_multikey_essay.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+    index = yaml.safe_load((out / "model_index.yaml").read_text())
+    assert index["model-index"][0]["results"][0]["metrics"][0]["type"] == "accuracy"
+    assert "```yaml" in (out / "report.md").read_text()
+
+    # resume: every cell is already there, so nothing is scored again
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(eval.runner, "score_cell", refuse)
+    assert main(argv) == 0
+    assert json.loads((out / "results.json").read_text())["results"] == results["results"]
+
+    with pytest.raises(ValueError, match="seed"):
+        main([*argv, "--seed", "1"])
+
+
+def test_report_merges_runs_with_rope_scaling(model_dir, tmp_path):
+    common = [
+        "--model",
+        model_dir,
+        "--lengths",
+        "512",
+        "--tasks",
+        "perplexity",
+        "--num-samples",
+        "1",
+        "--no-progress",
+    ]
+    main([*common, "--out", str(tmp_path / "base")])
+    main([*common, "--out", str(tmp_path / "yarn"), "--rope-scaling", "yarn:4"])
+    assert (
+        report_main([str(tmp_path / "base"), str(tmp_path / "yarn"), "--out", str(tmp_path / "merged")]) == 0
+    )
+    report = (tmp_path / "merged" / "report.md").read_text()
+    assert "tiny_llama" in report and "(yarn:4)" in report
+    assert len(yaml.safe_load((tmp_path / "merged" / "model_index.yaml").read_text())["model-index"]) == 2
+    assert (tmp_path / "merged" / "perplexity_vs_length.png").exists()
+
+
+class MetadataOracle:
+    """Answers from the samples themselves: generation returns the references, the right choice scores 0."""
+
+    def __init__(self, samples):
+        self.by_prompt = {s.prompt: s for s in samples}
+
+    def generate(self, prompts, max_new_tokens):
+        return [" ".join(self.by_prompt[p].answers) for p in prompts]
+
+    def loglikelihood(self, contexts, continuations):
+        return [
+            (0.0 if c == self.by_prompt[x].answers[0] else -1.0, 1) for x, c in zip(contexts, continuations)
+        ]
+
+
+def test_run_suite_with_oracle_scores_every_cell_100(tmp_path, monkeypatch):
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    suite = Suite(
+        tasks=tuple(t for t in TASKS if t != "perplexity"), lengths=(512,), depths=(0.5,), num_samples=1
+    )
+    seen = []
+    original = eval.runner.score_cell
+
+    def score_with_oracle(task, samples, predictor, tok):
+        seen.append(task.name)
+        return original(task, samples, MetadataOracle(samples), tok)
+
+    monkeypatch.setattr(eval.runner, "score_cell", score_with_oracle)
+    results = run_suite(None, tokenizer, suite, tmp_path, {"model": "oracle", "seed": 0}, progress=False)
+    scores = [
+        v for by_length in results["results"].values() for cells in by_length.values() for v in cells.values()
+    ]
+    assert scores and all(v == 1.0 for v in scores)
+    assert set(seen) == set(suite.tasks)

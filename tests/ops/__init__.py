@@ -1,0 +1,1 @@
+"""Tests of zoo.ops: every op form against its naive oracle (see harness.py)."""

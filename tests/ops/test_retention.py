@@ -1,0 +1,248 @@
+"""Retention (zoo.ops.retention): the torch and triton backends against the naive oracle, via harness.py.
+
+torch runs in float64 (tolerance 1e-5); triton runs in float32 under the CPU interpreter (tolerance 1e-3).
+Both decay kinds: a fixed per-head log gamma [H] (RetNet) and per-token log-gates [B, T, H] (gated).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo.ops.retention import retention, retention_step
+from zoo.ops.retention.naive import naive_parallel_retention, naive_recurrent_retention
+
+from .harness import (
+    TOLERANCE,
+    check_forward_backward,
+    check_state_chaining,
+    check_step,
+    check_varlen,
+    rel_err,
+)
+
+# Odd head dims on purpose: the Triton kernels pad them to power-of-2 blocks and must mask.
+H, DK, DV = 2, 12, 10
+BACKEND_DTYPE = {"naive": torch.float64, "torch": torch.float64, "triton": torch.float32}
+DECAYS = ["fixed", "gated"]
+
+
+def make_inputs(
+    T: int, decay_kind: str, *, B: int = 2, initial_state: bool = True, gate_scale: float = 1.0
+) -> dict[str, torch.Tensor | None]:
+    """float64 inputs for ``retention``; the harness casts them per backend."""
+    q = torch.randn(B, T, H, DK, dtype=torch.float64)
+    k = torch.randn(B, T, H, DK, dtype=torch.float64)
+    v = torch.randn(B, T, H, DV, dtype=torch.float64)
+    if decay_kind == "fixed":
+        # RetNet's per-head gammas, 1 - 2^(-5 - h)
+        decay = torch.log(1 - 2.0 ** (-5.0 - torch.arange(H, dtype=torch.float64)))  # (H,)
+    else:
+        # mostly mild forgetting with some near-resets, as a learned sigmoid gate would produce
+        decay = gate_scale * F.logsigmoid(2 * torch.randn(B, T, H, dtype=torch.float64) + 2)  # (B, T, H)
+    h0 = torch.randn(B, H, DK, DV, dtype=torch.float64) if initial_state else None
+    return {"q": q, "k": k, "v": v, "decay": decay, "initial_state": h0}
+
+
+def seq_dims(decay_kind: str) -> dict[str, int]:
+    return {"q": 1, "k": 1, "v": 1, **({"decay": 1} if decay_kind == "gated" else {})}
+
+
+def op(backend: str, chunk_size: int = 64, output_final_state: bool = True):
+    return functools.partial(
+        retention, backend=backend, chunk_size=chunk_size, output_final_state=output_final_state
+    )
+
+
+def naive_op(output_final_state: bool = True):
+    return op("naive", output_final_state=output_final_state)
+
+
+@pytest.mark.parametrize("decay_kind", DECAYS)
+@pytest.mark.parametrize("T", [1, 63, 200])
+def test_naive_parallel_equals_recurrent(T, decay_kind):
+    inputs = make_inputs(T, decay_kind)
+
+    def parallel(q, k, v, decay, initial_state):
+        g = decay.expand(q.shape[:3]) if decay.dim() == 1 else decay
+        return naive_parallel_retention(q, k, v, g, DK**-0.5, initial_state, True)
+
+    def recurrent(q, k, v, decay, initial_state):
+        g = decay.expand(q.shape[:3]) if decay.dim() == 1 else decay
+        return naive_recurrent_retention(q, k, v, g, DK**-0.5, initial_state, True)
+
+    check_forward_backward(parallel, recurrent, inputs, what=f"parallel T={T}")
+
+
+@pytest.mark.parametrize("decay_kind", DECAYS)
+@pytest.mark.parametrize("chunk_size", [16, 64])
+@pytest.mark.parametrize("T", [1, 63, 64, 200])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_forward_backward(backend, T, chunk_size, decay_kind):
+    inputs = make_inputs(T, decay_kind)
+    check_forward_backward(
+        op(backend, chunk_size), naive_op(), inputs, dtype=BACKEND_DTYPE[backend], what=f"{backend} T={T}"
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_chunk_size_not_dividing(backend):
+    """T = 100 in chunks of 32 for triton, and of 37 (not a power of 2) for torch."""
+    chunk_size = 37 if backend == "torch" else 32
+    inputs = make_inputs(100, "gated", B=1)
+    check_forward_backward(op(backend, chunk_size), naive_op(), inputs, dtype=BACKEND_DTYPE[backend])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_without_states(backend):
+    """No initial state in, no final state out: the op returns None and the gradients still match."""
+    inputs = make_inputs(70, "gated", initial_state=False)
+    inputs.pop("initial_state")
+    out, final_state = retention(**inputs, backend=backend)
+    assert final_state is None and out.shape == (2, 70, H, DV)
+    check_forward_backward(
+        op(backend, 16, output_final_state=False),
+        naive_op(output_final_state=False),
+        inputs,
+        dtype=BACKEND_DTYPE[backend],
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strongly_decaying_gates_stay_finite(backend):
+    """Log-gates down to -60 per token: decays far below float range must not become nan or inf."""
+    inputs = make_inputs(80, "gated", gate_scale=30.0)
+    inputs["decay"][:, ::7] = -60.0
+    errors = check_forward_backward(op(backend, 64), naive_op(), inputs, dtype=BACKEND_DTYPE[backend])
+    assert all(e == e for e in errors.values())
+
+
+@pytest.mark.parametrize("decay_kind", DECAYS)
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
+def test_state_chaining(backend, decay_kind):
+    dtype = BACKEND_DTYPE[backend]
+    inputs = {n: x.to(dtype) for n, x in make_inputs(200, decay_kind).items()}
+    check_state_chaining(
+        op(backend, 16), inputs, split=70, seq_dims=seq_dims(decay_kind), tol=TOLERANCE[dtype], what=backend
+    )
+
+
+@pytest.mark.parametrize("decay_kind", DECAYS)
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
+def test_varlen(backend, decay_kind):
+    """Four packed sequences (lengths 17, 1, 64, 50; chunk 16) equal four separate calls."""
+    dtype = BACKEND_DTYPE[backend]
+    shared = make_inputs(1, decay_kind, B=1)["decay"]
+    sequences = []
+    for T in (17, 1, 64, 50):
+        seq = {n: x.to(dtype) for n, x in make_inputs(T, decay_kind, B=1).items()}
+        if decay_kind == "fixed":
+            seq["decay"] = shared.to(dtype)
+        sequences.append(seq)
+    check_varlen(
+        op(backend, 16), sequences, seq_dims=seq_dims(decay_kind), tol=TOLERANCE[dtype], what=backend
+    )
+
+
+@pytest.mark.parametrize("layout", ["BHD", "B1HD"])
+@pytest.mark.parametrize("decay_kind", DECAYS)
+def test_step_equals_forward(decay_kind, layout):
+    inputs = make_inputs(40, decay_kind)
+
+    def step(token, state):
+        q, k, v, decay = token["q"], token["k"], token["v"], token["decay"]
+        if layout == "BHD":
+            q, k, v = q[:, 0], k[:, 0], v[:, 0]
+            decay = decay[:, 0] if decay.dim() == 3 else decay
+        out, state = retention_step(q, k, v, decay, state)
+        return (out[:, None] if layout == "BHD" else out), state
+
+    check_step(op("torch", 16), step, inputs, seq_dims=seq_dims(decay_kind), tol=TOLERANCE[torch.float64])
+
+
+def test_step_continues_a_prefix():
+    """A model's decoding: prefill with the triton kernels, then step; equals the oracle on the whole."""
+    inputs = make_inputs(30, "gated")
+    full, _ = retention(**inputs, backend="naive")
+    f32 = {n: x.float() for n, x in inputs.items()}
+    prefill = {**{n: f32[n][:, :20] for n in ("q", "k", "v", "decay")}, "initial_state": f32["initial_state"]}
+    prefix, state = retention(**prefill, output_final_state=True, backend="triton", chunk_size=16)
+    assert state.dtype == torch.float32
+    outs = [prefix]
+    for t in range(20, 30):
+        o, state = retention_step(f32["q"][:, t], f32["k"][:, t], f32["v"][:, t], f32["decay"][:, t], state)
+        outs.append(o[:, None])
+    got = torch.cat(outs, dim=1)
+    assert rel_err(got, full) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_low_precision_inputs(backend):
+    """bfloat16 in, bfloat16 out, float32 state; close to the float32 result at bfloat16's resolution."""
+    inputs = make_inputs(33, "gated")
+    bf16 = {n: x.bfloat16() if n != "initial_state" else x.float() for n, x in inputs.items()}
+    out, state = retention(**bf16, output_final_state=True, backend=backend, chunk_size=16)
+    ref, ref_state = retention(
+        **{n: x.float() for n, x in bf16.items()}, output_final_state=True, backend="naive"
+    )
+    assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
+    assert rel_err(out, ref) < 2e-2 and rel_err(state, ref_state) < 2e-2
+
+
+def test_default_scale_and_explicit_scale():
+    inputs = make_inputs(9, "fixed")
+    out_default, _ = retention(**inputs, backend="naive")
+    out_explicit, _ = retention(**inputs, scale=DK**-0.5, backend="naive")
+    out_double, _ = retention(**inputs, scale=2 * DK**-0.5, backend="torch")
+    torch.testing.assert_close(out_default, out_explicit)
+    torch.testing.assert_close(out_double, 2 * out_default)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"q": torch.zeros(2, 5, H, dtype=torch.float64)}, "q has shape"),
+        ({"k": torch.zeros(2, 6, H, DK + 1, dtype=torch.float64)}, "k has shape"),
+        ({"v": torch.zeros(2, 6, H + 1, DV, dtype=torch.float64)}, "v has shape"),
+        ({"v": torch.zeros(2, 6, H, DV)}, "v has dtype"),
+        ({"decay": torch.zeros(H + 1, dtype=torch.float64)}, "decay has shape"),
+        ({"decay": torch.zeros(2, 6, dtype=torch.float64)}, "decay has shape"),
+        ({"decay": torch.zeros(H, dtype=torch.int64)}, "decay has dtype"),
+        ({"initial_state": torch.zeros(2, H, DV, DK, dtype=torch.float64)}, "initial_state has shape"),
+        ({"cu_seqlens": torch.tensor([0, 3, 6])}, "B == 1"),
+        ({"q": torch.zeros(2, 6, H, DK, dtype=torch.int64)}, "q has dtype"),
+    ],
+)
+def test_invalid_arguments(change, message):
+    inputs = {**make_inputs(6, "fixed"), **change}
+    with pytest.raises(ValueError, match=message):
+        retention(**inputs, backend="torch")
+
+
+def test_invalid_varlen_and_chunk_size():
+    inputs = make_inputs(6, "fixed", B=1, initial_state=False)
+    with pytest.raises(ValueError, match="cu_seqlens runs from 0 to 5"):
+        retention(**inputs, cu_seqlens=torch.tensor([0, 2, 5]), backend="torch")
+    with pytest.raises(
+        ValueError, match=r"initial_state has shape \(1, 2, 12, 10\), expected \[N, H, Dk, Dv\]=\[2"
+    ):
+        retention(
+            **{**inputs, "initial_state": torch.zeros(1, H, DK, DV)}, cu_seqlens=torch.tensor([0, 2, 6])
+        )
+    with pytest.raises(ValueError, match="chunk_size=24, expected a power of 2"):
+        retention(**inputs, chunk_size=24, backend="triton")
+
+
+def test_step_invalid_arguments():
+    q = torch.zeros(2, H, DK)
+    v = torch.zeros(2, H, DV)
+    state = torch.zeros(2, H, DK, DV)
+    with pytest.raises(ValueError, match="state has shape"):
+        retention_step(q, q, v, torch.zeros(H), state[:, :, :, :3])
+    with pytest.raises(ValueError, match="decay has shape"):
+        retention_step(q, q, v, torch.zeros(3), state)
+    with pytest.raises(ValueError, match="q has shape"):
+        retention_step(torch.zeros(2, 4, H, DK), q, v, torch.zeros(H), state)

@@ -1,0 +1,117 @@
+"""Exact resume: a run killed with SIGKILL and resumed ends bitwise equal to an uninterrupted one (CPU)."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_STEPS = 40
+
+# The killed run goes through the same loop with a pause after every step, so that SIGKILL lands mid-run.
+SLOW_RUN = """
+import sys, time
+from zoo.training import load_recipe
+from zoo.training.loop import Hooks, train
+train(load_recipe(sys.argv[1], flags={"output_dir": sys.argv[2]}), Hooks(on_step_end=lambda step: time.sleep(0.1)))
+"""
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _recipe(tmp_path: Path) -> Path:
+    raw = {
+        "model": {
+            "type": "zoo_transformer",
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 64,
+            "attention_dropout": 0.1,
+        },
+        "data": {"train": "synthetic:copy", "synthetic": {"n": 100}, "cache_dir": str(tmp_path / "cache")},
+        "optim": {"lr": 3e-3},
+        "schedule": {"name": "cosine", "warmup_steps": 5},
+        "training": {"max_steps": MAX_STEPS, "batch_size": 2, "grad_accum": 2, "block_size": 64},
+        "logging": {"every": 5, "progress_bar": False, "tensorboard": False, "sample_tokens": 4},
+        "checkpointing": {"every": 3, "keep_last": 2},
+        "eval": {"every": 10, "max_batches": 2},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _complete_checkpoints(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return [
+        p for p in root.iterdir() if p.name.startswith("checkpoint-") and (p / "zoo_checkpoint.json").exists()
+    ]
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    recipe = _recipe(tmp_path)
+    # The uninterrupted reference run and the run to be killed go side by side.
+    full_cmd = [sys.executable, "train.py", "--config", str(recipe), "--output_dir", str(tmp_path / "full")]
+    full = subprocess.Popen(
+        full_cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    killed_dir = tmp_path / "killed"
+    victim = subprocess.Popen(
+        [sys.executable, "-c", SLOW_RUN, str(recipe), str(killed_dir)],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 180
+    while not _complete_checkpoints(killed_dir) and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # Kill at an arbitrary moment after the first checkpoint: between steps, mid-step or mid-save.
+    time.sleep(random.Random().uniform(0.0, 0.6))
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed_dir / "model.safetensors").exists()
+    done_before = sorted(p.name for p in _complete_checkpoints(killed_dir))
+    assert done_before and f"checkpoint-{MAX_STEPS:08d}" not in done_before
+
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            str(recipe),
+            "--output_dir",
+            str(killed_dir),
+            "--resume",
+            "auto",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {killed_dir / 'checkpoints' / done_before[-1]}" in resumed.stdout
+    full_out, _ = full.communicate(timeout=300)
+    assert full.returncode == 0, full_out
+
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(killed_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    assert not list((killed_dir / "checkpoints").glob(".tmp-*")), "interrupted saves are cleaned up"

@@ -1,0 +1,229 @@
+"""Synthetic tasks: small, exactly known training data for tiny models and for probing an architecture.
+
+Every generator takes ``(n, seed, **options)`` and returns ``n`` ASCII documents (one example each): the same
+for the same arguments on every machine (``random.Random(seed)``), different for different seeds. The formats,
+with ``->`` between a question and its answer:
+
+======================  ====================================  ==================================
+task                    example                               what it takes
+======================  ====================================  ==================================
+``copy``                ``copy qmzta -> qmzta``               exact recall of a span
+``reverse``             ``reverse qmzta -> atzmq``            recall in reverse order
+``sort``                ``sort qmzta -> amqtz``               reordering by content
+``associative_recall``  ``kq:81 zd:07 mo:33 ? zd -> 07``      key-value lookup (induction heads)
+``counting``            ``count a in abacad -> 3``            counting over the context
+``arithmetic``          ``37+508=545``                        carrying digits
+``markov``              text of an order-2 char Markov chain  reaching a known entropy rate
+======================  ====================================  ==================================
+
+The Markov chain is fixed by ``chain_seed``, not ``seed``, so training and evaluation sets drawn with
+different seeds come from the same chain; :func:`markov_chain` gives it with its entropy rate, the best
+loss reachable.
+
+    >>> from zoo.data import synthetic_dataset
+    >>> ds = synthetic_dataset("associative_recall", n=1000, seed=0, num_pairs=8)   # Dataset with "text"
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+
+LOWERCASE = string.ascii_lowercase
+
+
+def _random_string(rng: random.Random, min_len: int, max_len: int, alphabet: str) -> str:
+    _check_lengths(min_len, max_len)
+    return "".join(rng.choices(alphabet, k=rng.randint(min_len, max_len)))
+
+
+def _check_lengths(min_len: int, max_len: int) -> None:
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
+
+
+def copy(
+    n: int, seed: int = 0, *, min_len: int = 4, max_len: int = 32, alphabet: str = LOWERCASE
+) -> list[str]:
+    """``copy <s> -> <s>`` for random strings ``s`` of ``min_len..max_len`` characters."""
+    rng = random.Random(seed)
+    return [f"copy {s} -> {s}" for s in (_random_string(rng, min_len, max_len, alphabet) for _ in range(n))]
+
+
+def reverse(
+    n: int, seed: int = 0, *, min_len: int = 4, max_len: int = 32, alphabet: str = LOWERCASE
+) -> list[str]:
+    """``reverse <s> -> <s reversed>``."""
+    rng = random.Random(seed)
+    return [
+        f"reverse {s} -> {s[::-1]}"
+        for s in (_random_string(rng, min_len, max_len, alphabet) for _ in range(n))
+    ]
+
+
+def sort(
+    n: int, seed: int = 0, *, min_len: int = 4, max_len: int = 32, alphabet: str = LOWERCASE
+) -> list[str]:
+    """``sort <s> -> <characters of s in ascending order>``."""
+    rng = random.Random(seed)
+    strings = (_random_string(rng, min_len, max_len, alphabet) for _ in range(n))
+    return [f"sort {s} -> {''.join(sorted(s))}" for s in strings]
+
+
+def associative_recall(
+    n: int, seed: int = 0, *, num_pairs: int = 8, key_len: int = 2, value_len: int = 2
+) -> list[str]:
+    """``k1:v1 k2:v2 ... ? ki -> vi``: ``num_pairs`` distinct lowercase keys, digit values, then a query."""
+    if num_pairs > len(LOWERCASE) ** key_len // 2:
+        raise ValueError(
+            f"num_pairs={num_pairs} is too many distinct keys for key_len={key_len}; raise key_len"
+        )
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        keys: dict[str, str] = {}
+        while len(keys) < num_pairs:
+            key = "".join(rng.choices(LOWERCASE, k=key_len))
+            keys.setdefault(key, "".join(rng.choices(string.digits, k=value_len)))
+        query = rng.choice(list(keys))
+        pairs = " ".join(f"{k}:{v}" for k, v in keys.items())
+        docs.append(f"{pairs} ? {query} -> {keys[query]}")
+    return docs
+
+
+def counting(
+    n: int, seed: int = 0, *, min_len: int = 4, max_len: int = 32, alphabet: str = "abcd"
+) -> list[str]:
+    """``count <c> in <s> -> <occurrences of c in s>``, over a small alphabet so that counts are not all 0."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        s = _random_string(rng, min_len, max_len, alphabet)
+        c = rng.choice(alphabet)
+        docs.append(f"count {c} in {s} -> {s.count(c)}")
+    return docs
+
+
+def arithmetic(n: int, seed: int = 0, *, max_digits: int = 3) -> list[str]:
+    """``a+b=c`` for non-negative integers of 1..``max_digits`` digits each."""
+    if max_digits < 1:
+        raise ValueError(f"max_digits must be >= 1, got {max_digits}")
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        a, b = (rng.randrange(10 ** rng.randint(1, max_digits)) for _ in range(2))
+        docs.append(f"{a}+{b}={a + b}")
+    return docs
+
+
+@dataclass(frozen=True)
+class MarkovChain:
+    """An order-2 character Markov chain: the next character depends on the two before it.
+
+    Attributes:
+        alphabet: the characters it emits.
+        transitions: for each two-character context, the probabilities of each character of ``alphabet`` next.
+        stationary: the stationary probability of each two-character context.
+    """
+
+    alphabet: str
+    transitions: dict[str, tuple[float, ...]]
+    stationary: dict[str, float]
+
+    @property
+    def entropy_rate(self) -> float:
+        """Bits per character in the long run, ``sum_ctx pi(ctx) * H(next | ctx)``; times ln 2 for nats."""
+        return sum(
+            self.stationary[ctx] * -sum(p * math.log2(p) for p in probs if p > 0)
+            for ctx, probs in self.transitions.items()
+        )
+
+    def sample(self, length: int, rng: random.Random) -> str:
+        """``length`` characters, the first two drawn from the stationary distribution."""
+        contexts = list(self.stationary)
+        out = list(rng.choices(contexts, weights=list(self.stationary.values()))[0])
+        while len(out) < length:
+            out.append(rng.choices(self.alphabet, weights=self.transitions[out[-2] + out[-1]])[0])
+        return "".join(out[:length])
+
+
+@functools.lru_cache(maxsize=16)
+def markov_chain(alphabet: str = "abcdefgh ", concentration: float = 0.3, chain_seed: int = 0) -> MarkovChain:
+    """A random order-2 chain: each context's next-character law is drawn from Dirichlet(concentration).
+
+    A smaller ``concentration`` makes the rows peakier, and the entropy rate lower.
+    """
+    if len(set(alphabet)) != len(alphabet) or len(alphabet) < 2:
+        raise ValueError(f"alphabet must have >= 2 distinct characters, got {alphabet!r}")
+    if concentration <= 0:
+        raise ValueError(f"concentration must be > 0, got {concentration}")
+    rng = random.Random(chain_seed)
+    contexts = [a + b for a in alphabet for b in alphabet]
+    transitions = {}
+    for ctx in contexts:
+        # A tiny floor keeps every transition possible: the chain is irreducible, its stationary law unique.
+        weights = [max(rng.gammavariate(concentration, 1.0), 1e-12) for _ in alphabet]
+        total = sum(weights)
+        transitions[ctx] = tuple(w / total for w in weights)
+    # Power iteration for the stationary distribution over contexts: (a, b) -> (b, c) with P(c | ab).
+    pi = dict.fromkeys(contexts, 1.0 / len(contexts))
+    for _ in range(10_000):
+        nxt = dict.fromkeys(contexts, 0.0)
+        for ctx, mass in pi.items():
+            for c, p in zip(alphabet, transitions[ctx]):
+                nxt[ctx[1] + c] += mass * p
+        done = max(abs(nxt[c] - pi[c]) for c in contexts) < 1e-13
+        pi = nxt
+        if done:
+            break
+    return MarkovChain(alphabet=alphabet, transitions=transitions, stationary=pi)
+
+
+def markov(
+    n: int,
+    seed: int = 0,
+    *,
+    length: int = 256,
+    alphabet: str = "abcdefgh ",
+    concentration: float = 0.3,
+    chain_seed: int = 0,
+) -> list[str]:
+    """``n`` strings of ``length`` characters from ``markov_chain(alphabet, concentration, chain_seed)``."""
+    if length < 2:
+        raise ValueError(f"length must be >= 2, got {length}")
+    chain = markov_chain(alphabet, concentration, chain_seed)
+    rng = random.Random(seed)
+    return [chain.sample(length, rng) for _ in range(n)]
+
+
+SYNTHETIC_TASKS: dict[str, Callable[..., list[str]]] = {
+    "copy": copy,
+    "reverse": reverse,
+    "sort": sort,
+    "associative_recall": associative_recall,
+    "counting": counting,
+    "arithmetic": arithmetic,
+    "markov": markov,
+}
+
+
+def synthetic_documents(name: str, n: int, seed: int = 0, **options) -> list[str]:
+    """``n`` documents of the task ``name`` (a key of :data:`SYNTHETIC_TASKS`)."""
+    if name not in SYNTHETIC_TASKS:
+        raise ValueError(
+            f"Unknown synthetic task {name!r}; known tasks: {', '.join(sorted(SYNTHETIC_TASKS))}"
+        )
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return SYNTHETIC_TASKS[name](n, seed, **options)
+
+
+def synthetic_dataset(name: str, n: int, seed: int = 0, **options):
+    """The documents of :func:`synthetic_documents` as a ``datasets.Dataset`` with one ``"text"`` column."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"text": synthetic_documents(name, n, seed, **options)})

@@ -1,0 +1,421 @@
+"""RetNet: the Retentive Network (Sun et al., 2023, "Retentive Network: A Successor to Transformer for Large
+Language Models", arXiv:2307.08621), with the data-dependent decay of gated linear attention (Yang et al., 2023,
+arXiv:2312.06635) as an option.
+
+Each block is ``x + MSR(norm(x))`` then ``x + SwiGLU(norm(x))``. Multi-scale retention (MSR), per head h:
+
+    q, k = rotate(x W_q), rotate(x W_k) * d^-1/2       v, g = x W_v, x W_g        (value width 2 * hidden)
+    o_n  = sum_{m<=n} (q_n . k_m) gamma_h^(n-m) v_m      (the ``zoo.ops.retention`` op)
+    out  = W_o (swish(g) * GroupNorm_h(o))
+
+Scale-invariant normalisations of the paper, identical in the parallel, chunk and recurrent modes (they only
+change the output, never the op): the decay mask's row n is divided by sqrt(sum_m gamma^(n-m)), a per-position
+scalar applied after the op; the scores are divided by max(|sum_m s_nm|, 1), whose row sum comes out of the same
+op as one extra value channel of ones.
+
+Mapping from Microsoft's torchscale RetNet checkpoints (``torchscale.architecture.retnet.RetNetDecoder``), by
+renaming only (``convert_retnet.py``):
+
+    embed_tokens.weight                           -> model.embed_tokens.weight
+    layers.{i}.retention.{q,k,v,g}_proj.weight    -> model.layers.{i}.retention.{q,k,v,g}_proj.weight
+    layers.{i}.retention.out_proj.weight          -> model.layers.{i}.retention.out_proj.weight
+    layers.{i}.retention_layer_norm.weight        -> model.layers.{i}.retention_norm.weight
+    layers.{i}.ffn.fc1.weight   (activated)       -> model.layers.{i}.mlp.gate_proj.weight
+    layers.{i}.ffn.gate.weight                    -> model.layers.{i}.mlp.up_proj.weight
+    layers.{i}.ffn.fc2.weight                     -> model.layers.{i}.mlp.down_proj.weight
+    layers.{i}.final_layer_norm.weight            -> model.layers.{i}.mlp_norm.weight
+    layer_norm.weight                             -> model.norm.weight
+    output_projection.weight                      -> lm_head.weight
+
+Conventions shared with torchscale: decay per head log(1 - 2^(-5-h)); the key (not the query) is scaled by
+d^-1/2; rotation of adjacent channel pairs with angles 1 / 10000^linspace(0, 1, d/2); a group norm without
+affine weights; swish gate; no bias anywhere. torchscale's chunkwise mode normalises per chunk, an
+approximation of its parallel form; zoo's three modes all equal the parallel form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+
+from zoo.models.heads import classification_loss, last_token_index
+from zoo.models.retnet.configuration_retnet import RetNetConfig
+from zoo.models.utils import check_input_ids
+from zoo.modules import GatedMLP, RecurrentCache, RMSNorm, apply_rotary_interleaved, build_norm
+from zoo.ops.retention import naive as retention_naive
+from zoo.ops.retention import retention, retention_step
+
+
+def retnet_angles(head_dim: int, theta: float) -> torch.Tensor:
+    """torchscale's rotation frequencies, each repeated for its channel pair: (head_dim,)."""
+    angle = 1.0 / (theta ** torch.linspace(0, 1, head_dim // 2, dtype=torch.float64))
+    return angle.repeat_interleave(2)
+
+
+def xpos_scale(head_dim: int) -> torch.Tensor:
+    """xPos per-pair decay base (Sun et al., 2022, "A Length-Extrapolatable Transformer"), repeated: (head_dim,)."""
+    half = torch.arange(0, head_dim, 2, dtype=torch.float32)
+    return ((half + 0.4 * head_dim) / (1.4 * head_dim)).repeat_interleave(2)
+
+
+def cu_seqlens_from_positions(position_ids: torch.Tensor) -> torch.LongTensor:
+    """Boundaries of the documents of a ``(B, T)`` batch flattened to one row: each row starts one too."""
+    starts = position_ids == 0
+    starts[:, 0] = True
+    idx = starts.flatten().nonzero().flatten()
+    return torch.cat([idx, idx.new_tensor([position_ids.numel()])])
+
+
+class MultiScaleRetention(nn.Module):
+    def __init__(self, config: RetNetConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        C, H = config.hidden_size, config.num_attention_heads
+        self.num_heads, self.head_dim, self.value_head_dim = H, config.head_dim, config.value_head_dim
+        self.q_proj = nn.Linear(C, C, bias=False)
+        self.k_proj = nn.Linear(C, C, bias=False)
+        self.v_proj = nn.Linear(C, config.value_dim, bias=False)
+        self.g_proj = nn.Linear(C, config.value_dim, bias=False)
+        self.out_proj = nn.Linear(config.value_dim, C, bias=False)
+        if config.decay == "data_dependent":
+            self.decay_proj = nn.Linear(C, H, bias=True)
+        self.group_norm = RMSNorm(self.value_head_dim, eps=config.group_norm_eps, elementwise_affine=False)
+        self.gate_fn = ACT2FN[config.hidden_act]
+
+    def log_gammas(self, device) -> torch.Tensor:
+        return torch.tensor(self.config.gammas(), dtype=torch.float64, device=device).log()
+
+    def rotate(self, q, k, positions):
+        kind = self.config.position_encoding
+        if kind == "none":
+            return q, k
+        acc = torch.promote_types(q.dtype, torch.float32)
+        angle = retnet_angles(self.head_dim, self.config.rope_theta).to(q.device, acc)
+        phase = positions[..., None].to(acc) * angle  # (B, T, Dk)
+        cos, sin = phase.cos().to(q.dtype), phase.sin().to(q.dtype)
+        q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
+        if kind == "xpos":
+            power = positions[..., None, None].to(acc) / self.config.xpos_scale_base  # (B, T, 1, 1)
+            zeta = xpos_scale(self.head_dim).to(q.device, acc)
+            q, k = q * zeta.pow(power).to(q.dtype), k * zeta.pow(-power).to(k.dtype)
+        return q, k
+
+    def forward(self, x, positions, *, pad_mask=None, cu_seqlens=None, cache: RecurrentCache | None = None):
+        """``x`` (B, T, C); ``positions`` (B, T) within each document; ``pad_mask`` (B, T) 1 = real token."""
+        B, T, _ = x.shape
+        H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
+        # 1. projections
+        q = self.q_proj(x).view(B, T, H, Dk)
+        k = self.k_proj(x).view(B, T, H, Dk)
+        v = self.v_proj(x).view(B, T, H, Dv)
+        g = self.g_proj(x)
+        # 2. relative positions by rotation
+        q, k = self.rotate(q, k, positions)
+        # 3. decay: a fixed log-gamma per head, or per-token log-gates
+        fixed = self.config.decay == "fixed"
+        acc = torch.promote_types(x.dtype, torch.float32)
+        if fixed:
+            log_decay = self.log_gammas(x.device).to(acc)  # (H,)
+        else:
+            log_decay = (
+                F.logsigmoid(self.decay_proj(x).to(acc)) / self.config.gate_logit_normalizer
+            )  # (B, T, H)
+        # Padding tokens are made transparent: no contribution to the state, no decay of it.
+        if pad_mask is not None:
+            keep = pad_mask.to(k.dtype)[:, :, None, None]
+            k = k * keep
+            log_decay = log_decay.expand(B, T, H) * pad_mask.to(acc)[:, :, None]
+        normalize = self.config.normalize and fixed
+        if normalize:
+            v = torch.cat([v, v.new_ones(B, T, H, 1)], dim=-1)  # (B, T, H, Dv + 1): last channel = row sum
+        # 4. retention
+        state = (
+            cache.get(self.layer_idx)["state"] if cache is not None and cache.get(self.layer_idx) else None
+        )
+        scale = Dk**-0.5
+        mode = self.config.retention_mode
+        if state is not None and T == 1:
+            step_decay = log_decay if log_decay.dim() == 1 else log_decay[:, 0]
+            o, new_state = retention_step(q[:, 0], k[:, 0], v[:, 0], step_decay, state, scale=scale)
+            o = o[:, None]
+        elif mode == "chunk":
+            o, new_state = retention(
+                q,
+                k,
+                v,
+                log_decay,
+                scale=scale,
+                initial_state=state,
+                output_final_state=cache is not None,
+                cu_seqlens=cu_seqlens,
+                chunk_size=self.config.chunk_size,
+                backend=self.config.backend,
+            )
+        else:
+            fn = (
+                retention_naive.naive_parallel_retention
+                if mode == "parallel"
+                else retention_naive.naive_recurrent_retention
+            )
+            gates = log_decay.expand(B, T, H) if log_decay.dim() == 1 else log_decay
+            o, new_state = fn(q, k, v, gates, scale, state, cache is not None, cu_seqlens)
+        if cache is not None:
+            cache.set(self.layer_idx, state=new_state)
+        # 5. the paper's normalisations: decay-mask rows by 1/sqrt(row sum), scores by max(|row sum|, 1)
+        if normalize:
+            gamma = self.log_gammas(x.device).exp()  # (H,)
+            mask_sum = (1 - gamma ** (positions[..., None].double() + 1)) / (1 - gamma)  # (B, T, H)
+            row_scale = mask_sum.rsqrt().to(o.dtype)[..., None]  # (B, T, H, 1)
+            num, den = o[..., :Dv] * row_scale, o[..., Dv:] * row_scale
+            o = num / den.detach().abs().clamp(min=1.0)
+        # 6. per-head group norm, swish gate, output projection
+        o = self.group_norm(o).reshape(B, T, H * Dv)
+        return self.out_proj(self.gate_fn(g) * o)
+
+
+class RetNetBlock(GradientCheckpointingLayer):
+    def __init__(self, config: RetNetConfig, layer_idx: int):
+        super().__init__()
+        self.retention_norm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
+        self.retention = MultiScaleRetention(config, layer_idx)
+        self.mlp_norm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, act=config.hidden_act)
+
+    def forward(self, hidden_states, positions, pad_mask=None, cu_seqlens=None, cache=None):
+        hidden_states = hidden_states + self.retention(
+            self.retention_norm(hidden_states),
+            positions,
+            pad_mask=pad_mask,
+            cu_seqlens=cu_seqlens,
+            cache=cache,
+        )
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+class RetNetPreTrainedModel(PreTrainedModel):
+    config_class = RetNetConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RetNetBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # The model builds its own RecurrentCache; transformers' DynamicCache holds keys and values.
+        return False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, MultiScaleRetention):
+            # torchscale's initialisation of the retention projections.
+            for proj in (module.q_proj, module.k_proj, module.v_proj, module.g_proj):
+                init.xavier_uniform_(proj.weight, gain=2**-2.5)
+            init.xavier_uniform_(module.out_proj.weight, gain=2**-1)
+            if hasattr(module, "decay_proj"):
+                init.normal_(module.decay_proj.weight, 0.0, self.config.initializer_range)
+                # Gates start near 1 (slow forgetting): logsigmoid(4) / 16 ~ -1e-3.
+                init.constant_(module.decay_proj.bias, 4.0)
+
+
+class RetNetModel(RetNetPreTrainedModel):
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(RetNetBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: RecurrentCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            check_input_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        if self.config.scale_embedding:
+            inputs_embeds = inputs_embeds * math.sqrt(self.config.hidden_size)
+        B, T, _ = inputs_embeds.shape
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if past_key_values is not None and not isinstance(past_key_values, RecurrentCache):
+            raise ValueError(
+                f"past_key_values must be a zoo RecurrentCache, got {type(past_key_values).__name__}"
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = RecurrentCache(self.config.num_hidden_layers)
+        cache = past_key_values if use_cache else None
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        # Packed documents: position ids restarting at 0 (no cache) become cu_seqlens for the op.
+        cu_seqlens = None
+        if position_ids is not None and cache is None and T > 1 and bool((position_ids[:, 1:] == 0).any()):
+            cu_seqlens = cu_seqlens_from_positions(position_ids)
+        pad_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            pad_mask = attention_mask[:, -T:]
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past_len, past_len + T, device=inputs_embeds.device)[None].expand(
+                    B, T
+                )
+
+        hidden_states = inputs_embeds
+        if cu_seqlens is not None:
+            # The op packs along time with B == 1; the outputs are reshaped back below.
+            hidden_states = hidden_states.reshape(1, B * T, -1)
+            position_ids = position_ids.reshape(1, B * T)
+            pad_mask = pad_mask.reshape(1, B * T) if pad_mask is not None else None
+        all_hidden = () if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden += (hidden_states.reshape(B, T, -1),)
+            hidden_states = layer(hidden_states, position_ids, pad_mask, cu_seqlens, cache)
+        hidden_states = self.norm(hidden_states).reshape(B, T, -1)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+        if cache is not None:
+            cache.advance(T)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden
+        )
+
+
+class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.model = RetNetModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: RecurrentCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+class RetNetForSequenceClassification(RetNetPreTrainedModel):
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = RetNetModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_hidden_states=None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        B, T, _ = hidden_states.shape
+        idx = last_token_index(
+            B,
+            T,
+            attention_mask=attention_mask,
+            input_ids=input_ids,
+            pad_token_id=self.config.pad_token_id,
+            device=hidden_states.device,
+        )
+        logits = self.score(hidden_states[torch.arange(B, device=hidden_states.device), idx])
+        loss = classification_loss(logits, labels, self.config) if labels is not None else None
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+__all__ = [
+    "MultiScaleRetention",
+    "RetNetForCausalLM",
+    "RetNetForSequenceClassification",
+    "RetNetModel",
+    "RetNetPreTrainedModel",
+]

@@ -1,0 +1,183 @@
+"""Retention: the linear recurrence of RetNet and of gated linear attention, with a scalar decay per head.
+
+RetNet (Sun et al. 2023, "Retentive Network: A Successor to Transformer for Large Language Models",
+arXiv:2307.08621) decays the state by a fixed gamma per head; gated linear attention (Yang et al. 2023,
+"Gated Linear Attention Transformers with Hardware-Efficient Training", arXiv:2312.06635) lets the decay
+depend on the token. Here both are one op, in log space:
+
+    S_t = exp(g_t) S_{t-1} + k_t^T v_t        o_t = scale * q_t S_t
+
+``decay`` is either log(gamma) with shape [H] (fixed, RetNet) or per-token log-gates with shape [B, T, H]
+(data-dependent, <= 0). Backends (see ``zoo.ops.dispatch``): ``naive`` (the recurrent loop, the oracle),
+``torch`` (chunkwise PyTorch), ``triton`` (chunkwise Triton kernels).
+
+    out, final_state = retention(q, k, v, decay, initial_state=h0, output_final_state=True)
+    out_t, state = retention_step(q_t, k_t, v_t, decay_t, state)     # decoding, O(1) per token
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zoo.ops.dispatch import resolve_backend
+from zoo.ops.retention import chunk, naive
+
+__all__ = ["retention", "retention_step"]
+
+
+def _shape_error(name: str, got: torch.Tensor, expected: str) -> ValueError:
+    return ValueError(f"retention: {name} has shape {tuple(got.shape)}, expected {expected}")
+
+
+def _token_gates(decay: torch.Tensor, B: int, T: int, H: int) -> torch.Tensor:
+    """Validate ``decay``; return per-token log-gates (B, T, H), a fixed [H] decay broadcast as a view."""
+    if not decay.is_floating_point():
+        raise ValueError(f"retention: decay has dtype {decay.dtype}, expected a floating dtype (log-decay)")
+    if decay.dim() == 1 and decay.shape[0] == H:
+        return decay.expand(B, T, H)
+    if decay.dim() == 3 and tuple(decay.shape) == (B, T, H):
+        return decay
+    raise _shape_error(
+        "decay", decay, f"[H]=[{H}] (fixed log-decay) or [B, T, H]=[{B}, {T}, {H}] (log-gates)"
+    )
+
+
+def _validate(q, k, v, initial_state, cu_seqlens) -> int:
+    """Check shapes and dtypes of a full call; return N, the number of sequences (rows of the state)."""
+    if q.dim() != 4:
+        raise _shape_error("q", q, "[B, T, H, Dk]")
+    B, T, H, Dk = q.shape
+    if not q.is_floating_point():
+        raise ValueError(f"retention: q has dtype {q.dtype}, expected a floating dtype")
+    if tuple(k.shape) != tuple(q.shape):
+        raise _shape_error("k", k, f"the shape of q, [B, T, H, Dk]={list(q.shape)}")
+    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
+        raise _shape_error("v", v, f"[B, T, H, Dv]=[{B}, {T}, {H}, Dv]")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"retention: {name} has dtype {x.dtype}, expected the dtype of q, {q.dtype}")
+    N = B
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise _shape_error("cu_seqlens", cu_seqlens, "[N + 1] cumulative sequence lengths")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"retention: cu_seqlens has dtype {cu_seqlens.dtype}, expected torch.int64 or int32"
+            )
+        if B != 1:
+            raise _shape_error("q", q, f"B == 1 when cu_seqlens is given (packed sequences), got B={B}")
+        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+        if first != 0 or last != T:
+            raise ValueError(f"retention: cu_seqlens runs from {first} to {last}, expected from 0 to T={T}")
+        N = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        expected = (N, H, Dk, v.shape[-1])
+        if tuple(initial_state.shape) != expected:
+            raise _shape_error("initial_state", initial_state, f"[N, H, Dk, Dv]={list(expected)}")
+        if not initial_state.is_floating_point():
+            raise ValueError(f"retention: initial_state has dtype {initial_state.dtype}, expected float32/64")
+    return N
+
+
+def retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Retention over whole sequences.
+
+    Args:
+        q, k: [B, T, H, Dk]. v: [B, T, H, Dv].
+        decay: log-decay, [H] (fixed per head, log gamma) or [B, T, H] (per-token log-gates, <= 0).
+        scale: multiplies q S_t; defaults to Dk ** -0.5.
+        initial_state: [N, H, Dk, Dv], the state before the first token (N = B, or the number of packed
+            sequences).
+        output_final_state: also return the state after the last token, [N, H, Dk, Dv], float32 (float64
+            for float64 inputs).
+        cu_seqlens: LongTensor [N + 1] of cumulative lengths of sequences packed along T, with B == 1. No
+            state crosses a boundary.
+        chunk_size: tokens per chunk in the chunked backends (a power of 2 >= 16 for ``triton``).
+        backend: ``naive``, ``torch`` or ``triton``; default from ``ZOO_BACKEND``, then the device.
+
+    Returns:
+        (out [B, T, H, Dv] in the dtype of v, final_state or None).
+    """
+    _validate(q, k, v, initial_state, cu_seqlens)
+    B, T, H, Dk = q.shape
+    g = _token_gates(decay, B, T, H)
+    if scale is None:
+        scale = Dk**-0.5
+    if chunk_size < 1:
+        raise ValueError(f"retention: chunk_size={chunk_size}, expected a positive integer")
+    name = resolve_backend("retention", backend, q.device)
+    args = (q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    if name == "naive":
+        out, final_state = naive.naive_recurrent_retention(*args)
+    elif name == "torch":
+        out, final_state = chunk.chunk_retention(*args, chunk_size=chunk_size)
+    else:
+        # imported here so that zoo imports without triton, and triton is only imported when asked for
+        from zoo.ops.retention import triton as triton_impl
+
+        out, final_state = triton_impl.triton_retention(*args, chunk_size=chunk_size)
+    return out, final_state
+
+
+def retention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step, O(1) in the context length: S = exp(g) S + k^T v; o = scale q S.
+
+    Args:
+        q, k: [B, H, Dk] or [B, 1, H, Dk]. v: [B, H, Dv] or [B, 1, H, Dv] (the same layout as q).
+        decay: [H] (fixed log gamma), or [B, H] / [B, 1, H] (this token's log-gates).
+        state: [B, H, Dk, Dv], as returned by ``retention(..., output_final_state=True)`` or a previous step.
+        scale: defaults to Dk ** -0.5.
+
+    Returns:
+        (out in the layout of v, new_state [B, H, Dk, Dv] in the dtype of ``state``).
+    """
+    with_time = q.dim() == 4
+    if with_time:
+        if q.shape[1] != 1:
+            raise _shape_error("q", q, "[B, H, Dk] or [B, 1, H, Dk] (one token)")
+        q, k, v = (x[:, 0] if x.dim() == 4 else x for x in (q, k, v))
+        if decay.dim() == 3:
+            decay = decay[:, 0]
+    if q.dim() != 3:
+        raise _shape_error("q", q, "[B, H, Dk] or [B, 1, H, Dk] (one token)")
+    B, H, Dk = q.shape
+    if tuple(k.shape) != (B, H, Dk):
+        raise _shape_error("k", k, f"the shape of q, {[B, H, Dk]}")
+    if v.dim() != 3 or tuple(v.shape[:2]) != (B, H):
+        raise _shape_error("v", v, f"[B, H, Dv]=[{B}, {H}, Dv]")
+    Dv = v.shape[-1]
+    if tuple(state.shape) != (B, H, Dk, Dv):
+        raise _shape_error("state", state, f"[B, H, Dk, Dv]={[B, H, Dk, Dv]}")
+    if decay.dim() == 1 and decay.shape[0] == H:
+        decay = decay.expand(B, H)
+    elif tuple(decay.shape) != (B, H):
+        raise _shape_error("decay", decay, f"[H]=[{H}] or [B, H]=[{B}, {H}]")
+    if scale is None:
+        scale = Dk**-0.5
+    if not state.is_floating_point():
+        raise ValueError(f"retention_step: state has dtype {state.dtype}, expected float32/64")
+    acc = state.dtype
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    new_state = decay.to(acc).exp()[..., None, None] * state.to(acc) + kf[..., :, None] * vf[..., None, :]
+    out = (scale * torch.einsum("bhk,bhkv->bhv", qf, new_state)).to(v.dtype)  # (B, H, Dv)
+    return (out[:, None] if with_time else out), new_state

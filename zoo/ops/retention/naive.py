@@ -1,0 +1,121 @@
+"""Retention as the papers write it: the oracle every faster form is tested against.
+
+Retention (RetNet, Sun et al. 2023, "Retentive Network: A Successor to Transformer for Large Language Models",
+arXiv:2307.08621) with a fixed per-head decay gamma, and its gated form with a data-dependent scalar decay per
+head and token (gated linear attention, Yang et al. 2023, "Gated Linear Attention Transformers with
+Hardware-Efficient Training", arXiv:2312.06635). Both are the same recurrence once the decay is written as
+per-token log-gates g_t:
+
+    S_t = exp(g_t) S_{t-1} + k_t^T v_t          (state, Dk x Dv per head)
+    o_t = scale * q_t S_t
+
+Two readable forms live here: the recurrent form (a loop over t, eq. 1 of RetNet) and the parallel form
+(o = ((Q K^T) * D) V with the decay mask D_ij = exp(G_i - G_j) for i >= j, G the cumulative log-gate; eq. 5).
+They are short, run in float64, and are slow on purpose. Callers pass per-token gates g [B, T, H]; the public
+``zoo.ops.retention.retention`` expands a fixed per-head decay [H] to that shape before it gets here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype states are kept and accumulated in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def per_sequence(
+    fn: Callable,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``fn`` on each sequence packed in a ``cu_seqlens`` batch (B == 1); stitch the results together.
+
+    The slow but obviously-correct way to honour sequence boundaries: no state can cross one because every
+    sequence is a separate call, starting from its own row of ``initial_state``.
+    """
+    bounds = cu_seqlens.tolist()
+    outs, states = [], []
+    for n in range(len(bounds) - 1):
+        bos, eos = bounds[n], bounds[n + 1]
+        h0 = None if initial_state is None else initial_state[n : n + 1]  # (1, H, Dk, Dv)
+        q_n, k_n, v_n, g_n = (x[:, bos:eos] for x in (q, k, v, g))  # (1, T_n, H, ...)
+        o, ht = fn(q_n, k_n, v_n, g_n, scale, h0, output_final_state, **kwargs)
+        outs.append(o)
+        states.append(ht)
+    out = torch.cat(outs, dim=1)  # (1, T, H, Dv)
+    return out, torch.cat(states, dim=0) if output_final_state else None
+
+
+def naive_recurrent_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The recurrence, one token at a time. q, k (B, T, H, Dk); v (B, T, H, Dv); g (B, T, H) log-gates."""
+    if cu_seqlens is not None:
+        return per_sequence(
+            naive_recurrent_retention, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens
+        )
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    acc = state_dtype(q.dtype)
+    qf, kf, vf, gf = (x.to(acc) for x in (q, k, v, g))
+    if initial_state is None:
+        S = qf.new_zeros(B, H, Dk, Dv)
+    else:
+        S = initial_state.to(acc)  # (B, H, Dk, Dv)
+    outs = []
+    for t in range(T):
+        S = gf[:, t, :, None, None].exp() * S + kf[:, t, :, :, None] * vf[:, t, :, None, :]  # (B, H, Dk, Dv)
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", qf[:, t], S))  # (B, H, Dv)
+    out = torch.stack(outs, dim=1) if T > 0 else vf.new_zeros(B, 0, H, Dv)  # (B, T, H, Dv)
+    return out.to(q.dtype), S if output_final_state else None
+
+
+def naive_parallel_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The parallel form with a dense (T, T) decay mask, O(T^2) memory; arguments as the recurrent form."""
+    if cu_seqlens is not None:
+        return per_sequence(
+            naive_parallel_retention, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens
+        )
+    T = q.shape[1]
+    acc = state_dtype(q.dtype)
+    qf, kf, vf = (x.to(acc).transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
+    G = g.to(acc).transpose(1, 2).cumsum(-1)  # (B, H, T) cumulative log-decay
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    # Mask before exp: G_i - G_j is positive (and may be huge) above the diagonal.
+    D = torch.where(causal, G[..., :, None] - G[..., None, :], float("-inf")).exp()  # (B, H, T, T)
+    out = scale * ((qf @ kf.transpose(-1, -2)) * D) @ vf  # (B, H, T, Dv)
+    G_end = G.sum(-1) if T == 0 else G[..., -1]  # (B, H); zero for an empty sequence
+    decay_to_end = (G_end[..., None] - G).exp()  # (B, H, T)
+    S = (kf * decay_to_end[..., None]).transpose(-1, -2) @ vf  # (B, H, Dk, Dv)
+    if initial_state is not None:
+        h0 = initial_state.to(acc)  # (B, H, Dk, Dv)
+        out = out + scale * G.exp()[..., None] * (qf @ h0)
+        S = S + G_end.exp()[..., None, None] * h0
+    return out.transpose(1, 2).to(q.dtype), S if output_final_state else None

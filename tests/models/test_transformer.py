@@ -43,8 +43,9 @@ def test_equal_logits_to_llama(rope, tied):
         llama_config = LlamaConfig(
             **SIZES, tie_word_embeddings=tied, pad_token_id=0, rope_parameters={"rope_theta": 10000.0, **rope}
         )
-    llama = LlamaForCausalLM(llama_config).eval().double()
-    zoo_model = from_llama(llama).eval().double()
+    # float32: transformers' Llama computes its norms and rotary tables in float32 whatever the input dtype.
+    llama = LlamaForCausalLM(llama_config).eval()
+    zoo_model = from_llama(llama).eval()
     # Past max_position_embeddings, so that scaled and dynamic frequencies are exercised.
     ids = torch.randint(3, 259, (2, 100))
     mask = torch.ones_like(ids)
@@ -53,8 +54,8 @@ def test_equal_logits_to_llama(rope, tied):
     with torch.no_grad():
         expected = llama(ids, attention_mask=mask, position_ids=pos).logits
         got = zoo_model(ids, attention_mask=mask, position_ids=pos).logits
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(got[1, 7:], expected[1, 7:], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1, 7:], expected[1, 7:], rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_generation_equals_llama():

@@ -1,0 +1,60 @@
+"""Model cards: per-architecture templates, metadata, evaluation results merged as model-index."""
+
+import types
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+
+from tests.models.tiny_configs import tiny_config
+from zoo.hub import add_eval_results, render_model_card, write_model_card
+
+
+@pytest.mark.parametrize(
+    "model_type,phrase", [("zoo_transformer", "Llama-style"), ("zoo_retnet", "Retentive")]
+)
+def test_card_uses_the_architecture_template(model_type, phrase):
+    card = render_model_card(
+        tiny_config(model_type), name="tiny", num_parameters=1_234_000, metrics={"val_loss": 1.5}
+    )
+    assert phrase in card.text
+    assert "1.23M" in card.text and "| val_loss | 1.5 |" in card.text
+    assert model_type in card.data.tags and card.data.library_name == "transformers"
+    assert "{" + "results}" not in card.text
+
+
+def test_write_card_and_merge_eval_results(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config("zoo_retnet"))
+    model.save_pretrained(tmp_path / "model")
+    recipe = types.SimpleNamespace(
+        hub=types.SimpleNamespace(repo_id="me/tiny-retnet"), data=types.SimpleNamespace(train="default")
+    )
+    path = write_model_card(tmp_path / "model", recipe, {"steps": 10, "val_loss": 2.0})
+    card = ModelCard.load(path)
+    assert "me/tiny-retnet" in card.text and "10 steps" in card.text
+    results = tmp_path / "eval"
+    results.mkdir()
+    index = [
+        {
+            "name": "tiny",
+            "results": [
+                {
+                    "task": {"type": "text-generation", "name": "passkey"},
+                    "dataset": {"type": "passkey", "name": "passkey"},
+                    "metrics": [{"type": "accuracy", "value": 0.5}],
+                }
+            ],
+        }
+    ]
+    (results / "model_index.yaml").write_text(yaml.safe_dump({"model-index": index}))
+    (results / "report.md").write_text("| task | score |\n")
+    add_eval_results(tmp_path / "model", results)
+    merged = ModelCard.load(path)
+    meta = yaml.safe_load(merged.content.split("---")[1])
+    assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.5
+    assert merged.data.eval_results[0].metric_value == 0.5
+    assert "## Long-context evaluation" in merged.text
+    with pytest.raises(FileNotFoundError, match="model_index.yaml"):
+        add_eval_results(tmp_path / "model", tmp_path / "missing")

@@ -40,3 +40,11 @@ def test_registering_a_transformers_type_is_refused():
 
     with pytest.raises(ValueError, match="mamba"):
         register(MambaConfig, model=AutoModel)
+
+
+def test_unknown_model_type_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match="zoo_nope"):
+        AutoConfig.for_model("zoo_nope")
+    (tmp_path / "config.json").write_text('{"model_type": "zoo_nope", "hidden_size": 8}')
+    with pytest.raises(ValueError, match="zoo_nope"):
+        AutoConfig.from_pretrained(tmp_path)

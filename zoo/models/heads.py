@@ -1,9 +1,12 @@
-"""Task heads shared by every zoo architecture: last-token pooling and the classification loss."""
+"""Task heads shared by every zoo architecture: the causal LM and sequence classification heads over a
+backbone, last-token pooling, and the classification loss."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
 
 def last_token_index(
@@ -43,3 +46,119 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config) -> t
     if config.problem_type == "single_label_classification":
         return F.cross_entropy(logits.float().view(-1, num_labels), labels.view(-1))
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+class CausalLMHead:
+    """Language-model head over a backbone ``self.model``, shared by every zoo architecture.
+
+    A model's causal LM is ``class XForCausalLM(CausalLMHead, XPreTrainedModel, GenerationMixin)`` with
+    ``backbone_class = XModel``. The backbone must expose ``embed_tokens`` and return ``last_hidden_state``,
+    ``past_key_values`` and ``hidden_states``.
+    """
+
+    backbone_class: type
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self.backbone_class(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """``labels`` are the input ids (shifted inside); -100 marks positions without a target."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+class SequenceClassificationHead:
+    """Scores the last real token of each sequence with a linear ``score`` head over ``self.model``.
+
+    ``class XForSequenceClassification(SequenceClassificationHead, XPreTrainedModel)`` with
+    ``backbone_class = XModel``.
+    """
+
+    backbone_class: type
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = self.backbone_class(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        B, T, _ = hidden_states.shape
+        idx = last_token_index(
+            B,
+            T,
+            attention_mask=attention_mask,
+            input_ids=input_ids,
+            pad_token_id=self.config.pad_token_id,
+            device=hidden_states.device,
+        )
+        logits = self.score(hidden_states[torch.arange(B, device=hidden_states.device), idx])
+        loss = classification_loss(logits, labels, self.config) if labels is not None else None
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)

@@ -46,11 +46,9 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-    SequenceClassifierOutputWithPast,
 )
 
-from zoo.models.heads import classification_loss, last_token_index
+from zoo.models.heads import CausalLMHead, SequenceClassificationHead
 from zoo.models.retnet.configuration_retnet import RetNetConfig
 from zoo.models.utils import check_input_ids
 from zoo.modules import GatedMLP, RecurrentCache, RMSNorm, apply_rotary_interleaved, build_norm
@@ -313,103 +311,12 @@ class RetNetModel(RetNetPreTrainedModel):
         )
 
 
-class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: RetNetConfig):
-        super().__init__(config)
-        self.model = RetNetModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: RecurrentCache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-        )
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
-            )
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-        )
+class RetNetForCausalLM(CausalLMHead, RetNetPreTrainedModel, GenerationMixin):
+    backbone_class = RetNetModel
 
 
-class RetNetForSequenceClassification(RetNetPreTrainedModel):
-    def __init__(self, config: RetNetConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = RetNetModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        inputs_embeds=None,
-        labels=None,
-        output_hidden_states=None,
-        **kwargs,
-    ) -> SequenceClassifierOutputWithPast:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            output_hidden_states=output_hidden_states,
-        )
-        hidden_states = outputs.last_hidden_state
-        B, T, _ = hidden_states.shape
-        idx = last_token_index(
-            B,
-            T,
-            attention_mask=attention_mask,
-            input_ids=input_ids,
-            pad_token_id=self.config.pad_token_id,
-            device=hidden_states.device,
-        )
-        logits = self.score(hidden_states[torch.arange(B, device=hidden_states.device), idx])
-        loss = classification_loss(logits, labels, self.config) if labels is not None else None
-        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+class RetNetForSequenceClassification(SequenceClassificationHead, RetNetPreTrainedModel):
+    backbone_class = RetNetModel
 
 
 __all__ = [

@@ -13,11 +13,9 @@ from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-    SequenceClassifierOutputWithPast,
 )
 
-from zoo.models.heads import classification_loss, last_token_index
+from zoo.models.heads import CausalLMHead, SequenceClassificationHead
 from zoo.models.transformer.configuration_transformer import TransformerConfig
 from zoo.models.utils import check_input_ids
 from zoo.modules import Attention, RotaryEmbedding, build_attention_mask, build_mlp, build_norm, document_ids
@@ -165,107 +163,12 @@ class TransformerModel(TransformerPreTrainedModel):
         )
 
 
-class TransformerForCausalLM(TransformerPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: TransformerConfig):
-        super().__init__(config)
-        self.model = TransformerModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """``labels`` are the input ids (shifted inside); -100 marks positions without a target."""
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-        )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
-            )
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-        )
+class TransformerForCausalLM(CausalLMHead, TransformerPreTrainedModel, GenerationMixin):
+    backbone_class = TransformerModel
 
 
-class TransformerForSequenceClassification(TransformerPreTrainedModel):
-    """Scores the last real token of each sequence with a linear ``score`` head."""
-
-    def __init__(self, config: TransformerConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = TransformerModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutputWithPast:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            output_hidden_states=output_hidden_states,
-        )
-        hidden_states = outputs.last_hidden_state
-        B, T, _ = hidden_states.shape
-        idx = last_token_index(
-            B,
-            T,
-            attention_mask=attention_mask,
-            input_ids=input_ids,
-            pad_token_id=self.config.pad_token_id,
-            device=hidden_states.device,
-        )
-        logits = self.score(hidden_states[torch.arange(B, device=hidden_states.device), idx])
-        loss = classification_loss(logits, labels, self.config) if labels is not None else None
-        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+class TransformerForSequenceClassification(SequenceClassificationHead, TransformerPreTrainedModel):
+    backbone_class = TransformerModel
 
 
 __all__ = [

@@ -112,7 +112,8 @@ class ZooConfig(PretrainedConfig):
 
 def check_input_ids(input_ids: torch.Tensor | None, vocab_size: int) -> None:
     """Raise ``ValueError`` naming the offending id when a token is outside ``[0, vocab_size)``."""
-    if input_ids is None or input_ids.numel() == 0:
+    # Skipped under torch.compile: reading the values back would break the graph.
+    if input_ids is None or input_ids.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= vocab_size:

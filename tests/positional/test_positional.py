@@ -157,3 +157,28 @@ def test_chunked_forward_equals_full_forward():
     logits, cache = chunked_forward(model, ids, chunk_size=16)
     torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-5)
     assert cache.get_seq_length() == 50
+
+
+def test_chunked_state_passing_of_a_recurrent_model():
+    from zoo.models.retnet import RetNetConfig, RetNetForCausalLM
+
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(
+        RetNetConfig(
+            vocab_size=259,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            chunk_size=8,
+        )
+    ).eval()
+    ids = torch.randint(3, 259, (1, 90))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    sizes = []
+    for length in (30, 90):
+        logits, cache = chunked_forward(model, ids[:, :length], chunk_size=16)
+        torch.testing.assert_close(logits, full[:, :length], rtol=1e-4, atol=1e-5)
+        sizes.append(sum(t.numel() for s in cache.states.values() for t in s.values()))
+    assert sizes[0] == sizes[1], "the carried state does not grow with the input"

@@ -198,3 +198,29 @@ def test_bf16_autocast_on_cpu(tmp_path):
     assert metrics["val_loss"] == metrics["val_loss"]  # finite, not NaN
     weights = load_file(tmp_path / "out" / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in weights.values()), "master weights stay fp32"
+
+
+def test_randomized_positions_option(tmp_path, monkeypatch):
+    from zoo.training.loop import randomized_batch_positions
+    from zoo.training.recipe import RecipeError
+
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    a = randomized_batch_positions(packed, 64, seed=0, step=3, micro=0, rank=0)
+    assert torch.equal(a, randomized_batch_positions(packed, 64, seed=0, step=3, micro=0, rank=0))
+    assert not torch.equal(a, randomized_batch_positions(packed, 64, seed=0, step=4, micro=0, rank=0))
+    assert a[0, 0] == 0 and a[0, 4] == 0 and a.max() < 64
+
+    with pytest.raises(RecipeError, match="training.randomized_positions"):
+        load_recipe(write_recipe(tmp_path, training={"randomized_positions": 10}))
+
+    seen = []
+    original = zoo.models.transformer.TransformerForCausalLM.forward
+
+    def spy(self, *args, **kwargs):
+        if self.training and kwargs.get("position_ids") is not None:
+            seen.append(int(kwargs["position_ids"].max()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(zoo.models.transformer.TransformerForCausalLM, "forward", spy)
+    train(load_recipe(write_recipe(tmp_path, training={"randomized_positions": 1024, "max_steps": 3})))
+    assert seen and max(seen) > 64, "training saw positions past the block length"

@@ -153,6 +153,16 @@ def _check_finite(accelerator, value: torch.Tensor, what: str, step: int, ckpt: 
         )
 
 
+def randomized_batch_positions(position_ids, max_position, seed, step, micro, rank):
+    """Randomized positions for one micro-batch, a pure function of (seed, step, micro-step, rank) so that a
+    resumed run draws the same ones."""
+    from zoo.positional import randomize_packed_positions
+
+    generator = torch.Generator().manual_seed(hash((seed, step, micro, rank)) % (2**63))
+    out = randomize_packed_positions(position_ids.cpu(), max_position, generator=generator)
+    return out.to(position_ids.device)
+
+
 def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
     """Run ``recipe`` to the end and return its final metrics."""
     hooks = hooks or Hooks()
@@ -253,6 +263,15 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
             batch = get_batch(
                 train_data, sampler.indices(state.step, micro, accelerator.process_index), accelerator.device
             )
+            if cfg.randomized_positions:
+                batch["position_ids"] = randomized_batch_positions(
+                    batch["position_ids"],
+                    cfg.randomized_positions,
+                    cfg.seed,
+                    state.step,
+                    micro,
+                    accelerator.process_index,
+                )
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 if hooks.on_loss is not None:

@@ -128,6 +128,9 @@ class TrainingConfig:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     compile: bool = False
+    # Randomized positional encodings (Ruoss et al., 2023): 0 = off; N = each training document's positions are
+    # a sorted random sample from [0, N), so the model meets the positions of inputs up to N tokens long.
+    randomized_positions: int = 0
 
 
 @dataclass
@@ -431,6 +434,12 @@ def _validate(recipe: Recipe, base: Path) -> None:
         section, key = dotted.split(".")
         if getattr(getattr(recipe, section), key) < 0:
             raise RecipeError(f"{dotted}: must be >= 0, got {getattr(getattr(recipe, section), key)}")
+    rp = recipe.training.randomized_positions
+    if rp and rp < recipe.training.block_size:
+        raise RecipeError(
+            f"training.randomized_positions: must be 0 (off) or >= training.block_size "
+            f"({recipe.training.block_size}), got {rp}"
+        )
     if recipe.optim.lr <= 0:
         raise RecipeError(f"optim.lr: must be > 0, got {recipe.optim.lr}")
     if len(recipe.optim.betas) != 2 or not all(0 <= b < 1 for b in recipe.optim.betas):

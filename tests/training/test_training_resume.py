@@ -1,5 +1,6 @@
 """Exact resume: a run killed with SIGKILL and resumed ends bitwise equal to an uninterrupted one (CPU)."""
 
+import json
 import os
 import random
 import signal
@@ -115,3 +116,11 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
     assert not list((killed_dir / "checkpoints").glob(".tmp-*")), "interrupted saves are cleaned up"
+    # The metrics log holds each step once, whatever the killed run had logged past its checkpoint.
+    steps = [json.loads(line)["step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [
+        s
+        for s, line in zip(steps, (killed_dir / "metrics.jsonl").read_text().splitlines())
+        if "train/loss" in line
+    ]
+    assert train_steps == sorted(set(train_steps)), train_steps

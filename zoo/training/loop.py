@@ -153,6 +153,18 @@ def _check_finite(accelerator, value: torch.Tensor, what: str, step: int, ckpt: 
         )
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records a killed run logged after the checkpoint it resumes from, so no step appears twice."""
+    if not path.exists():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
+    ]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def randomized_batch_positions(position_ids, max_position, seed, step, micro, rank):
     """Randomized positions for one micro-batch, a pure function of (seed, step, micro-step, rank) so that a
     resumed run draws the same ones."""
@@ -244,6 +256,8 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
     )
     eval_batch_size = recipe.eval.batch_size or cfg.batch_size
     metrics_file = output_dir / "metrics.jsonl"
+    if main:
+        _truncate_metrics(metrics_file, state.step)
     bar = tqdm(
         total=cfg.max_steps,
         initial=state.step,

@@ -13,6 +13,7 @@ with the tokenizer's BOS token in front when it has one.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from typing import Protocol
@@ -51,6 +52,7 @@ class HFPredictor:
         add_bos = getattr(tokenizer, "add_bos_token", True)
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and add_bos else []
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._caches = bool(getattr(model.config, "use_cache", False))
 
     def _context_ids(self, text: str) -> list[int]:
         return self.bos + encode(self.tokenizer, text)
@@ -82,12 +84,72 @@ class HFPredictor:
 
     @torch.inference_mode()
     def loglikelihood(self, contexts: list[str], continuations: list[str]) -> list[tuple[float, int]]:
+        requests = self._requests(contexts, continuations)
+        results: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
+        # Several continuations of one long context (multiple choice): read the context once, then score every
+        # continuation from a copy of the model's cache.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, cont) in enumerate(requests):
+            if cont:
+                groups.setdefault(tuple(ctx), []).append(i)
+        rest = []
+        for members in groups.values():
+            if len(members) > 1 and self._caches:
+                for i, value in zip(members, self._shared_context([requests[i] for i in members])):
+                    results[i] = value
+            else:
+                rest.extend(members)
+        for i, value in zip(rest, self._independent([requests[i] for i in rest])):
+            results[i] = value
+        return results
+
+    def _requests(self, contexts, continuations):
         requests = []
         for context, continuation in zip(contexts, continuations, strict=True):
             ctx, cont = self._context_ids(context), encode(self.tokenizer, continuation)
             if not ctx:  # nothing to condition the first token on: use the pad token as a stand-in
                 ctx = [self.pad_id]
             requests.append((ctx, cont))
+        return requests
+
+    def _shared_context(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
+        ctx = requests[0][0]
+        kwargs = {"logits_to_keep": 1} if self._keeps_logits else {}
+        out = self.model(input_ids=torch.tensor([ctx], device=self.device), use_cache=True, **kwargs)
+        first = torch.log_softmax(
+            out.logits[0, -1].float(), dim=-1
+        )  # predicts each continuation's first token
+        results = []
+        for start in range(0, len(requests), self.batch_size):
+            batch = requests[start : start + self.batch_size]
+            cache = copy.deepcopy(out.past_key_values)
+            cache.batch_repeat_interleave(len(batch))
+            width = max(len(cont) - 1 for _, cont in batch)
+            logprobs = None
+            if width > 0:
+                ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), len(ctx) + width), dtype=torch.long)
+                mask[:, : len(ctx)] = 1
+                for row, (_, cont) in enumerate(batch):
+                    ids[row, : len(cont) - 1] = torch.tensor(cont[:-1])
+                    mask[row, len(ctx) : len(ctx) + len(cont) - 1] = 1
+                logits = self.model(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    past_key_values=cache,
+                    use_cache=True,
+                ).logits
+                logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, width, V)
+            for row, (_, cont) in enumerate(batch):
+                total = first[cont[0]].item()
+                if len(cont) > 1:
+                    positions = torch.arange(len(cont) - 1, device=self.device)
+                    targets = torch.tensor(cont[1:], device=self.device)
+                    total += logprobs[row, positions, targets].sum().item()
+                results.append((total, len(cont)))
+        return results
+
+    def _independent(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
         results: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
         for start in range(0, len(order), self.batch_size):

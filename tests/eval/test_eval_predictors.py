@@ -72,3 +72,27 @@ def test_load_model_with_rope_scaling(tiny, tmp_path):
     # through zoo.extend_context or through rope_parameters at load time, the config records the scaling
     assert loaded.config.rope_parameters["rope_type"] == "linear"
     assert loaded.config.rope_parameters["factor"] == 2.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "zoo_transformer", "zoo_retnet"])
+def test_shared_context_choices_equal_independent_scoring(tiny, arch):
+    """Multiple choice reads the context once and scores each continuation from a copy of the cache."""
+    model, tokenizer = tiny
+    if arch != "llama":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        import zoo  # noqa: F401
+
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(
+            arch, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
+        model = AutoModelForCausalLM.from_config(config).eval()
+    context = "Mary went to the kitchen. John went to the garden. Where is Mary? Answer:"
+    choices = [" kitchen", " garden", " hallway", " office", " a"]
+    predictor = HFPredictor(model, tokenizer, batch_size=2)
+    shared = predictor.loglikelihood([context] * len(choices), choices)
+    predictor._caches = False
+    independent = predictor.loglikelihood([context] * len(choices), choices)
+    for (a, n), (b, m) in zip(shared, independent):
+        assert n == m and a == pytest.approx(b, abs=1e-4)

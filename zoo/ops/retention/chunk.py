@@ -70,9 +70,13 @@ def chunk_retention(
     # 3. carry the state across chunks: the only sequential step, N iterations of a (Dk, Dv) update
     S = qc.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(acc)
     starts = []
+    # Unbind once: indexing U[:, :, n] inside the loop would make autograd allocate a full-size gradient of U
+    # per chunk in the backward, quadratic in T.
+    chunk_updates = U.unbind(2)
+    chunk_decays = b_last.exp()[..., None, None].unbind(2)
     for n in range(N):
         starts.append(S)
-        S = b_last[:, :, n, None, None].exp() * S + U[:, :, n]
+        S = chunk_decays[n] * S + chunk_updates[n]
     if N > 0:
         S_prev = torch.stack(starts, dim=2)  # (B, H, N, Dk, Dv) state entering each chunk
         # 4. inter-chunk: what the state entering the chunk contributes, decayed to each position

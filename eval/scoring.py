@@ -1,7 +1,8 @@
 """Scoring one cell of the suite (task, length, variant) through a predictor.
 
-Exact match and accuracy are computed here rather than with ``evaluate``: ``evaluate.load("exact_match")`` fetches
-its metric script from the Hugging Face Hub, which fails offline, and the rules are a few lines anyway.
+Multiple-choice accuracy goes through ``evaluate`` with the metric module shipped in ``eval/metrics/`` (loaded
+from disk: ``evaluate.load("accuracy")`` would fetch its script from the Hub). RULER's partial-credit string match
+fits no ``evaluate`` metric and is computed here.
 
 - ``string_match`` (the rule of RULER, Hsieh et al., 2024): greedy generation; the prediction is the first
   non-empty generated line, normalised (lower case, punctuation to spaces, spaces collapsed); the sample scores
@@ -20,6 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from eval.metrics import load_metric
 from eval.predictors import Predictor
 from eval.tasks.base import Sample, Task, count_tokens
 
@@ -76,7 +78,10 @@ def score_cell(task: Task, samples: list[Sample], predictor: Predictor, tokenize
             at += len(s.choices)
             best = s.choices[max(range(len(means)), key=means.__getitem__)]
             records.append({"answers": s.answers, "prediction": best, "score": float(best == s.answers[0])})
-        return CellResult(sum(r["score"] for r in records) / len(records), records)
+        accuracy = load_metric("choice_accuracy").compute(
+            predictions=[r["prediction"] for r in records], references=[s.answers[0] for s in samples]
+        )["accuracy"]
+        return CellResult(accuracy, records)
 
     if task.metric == "perplexity":
         loglik = predictor.loglikelihood([s.prompt for s in samples], [s.answers[0] for s in samples])

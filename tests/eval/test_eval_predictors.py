@@ -96,3 +96,14 @@ def test_shared_context_choices_equal_independent_scoring(tiny, arch):
     independent = predictor.loglikelihood([context] * len(choices), choices)
     for (a, n), (b, m) in zip(shared, independent):
         assert n == m and a == pytest.approx(b, abs=1e-4)
+
+
+def test_choice_accuracy_metric_loads_offline_through_evaluate():
+    from eval.metrics import load_metric
+
+    metric = load_metric("choice_accuracy")
+    assert metric.compute(predictions=["a", "b", "c"], references=["a", "x", "c"])[
+        "accuracy"
+    ] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="no metric 'bleu'"):
+        load_metric("bleu")

@@ -1,0 +1,112 @@
+"""Smoke test of the benchmark harness at tiny sizes: schema of the JSON and the printed table, no timings asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import __main__ as cli
+from bench import memprobe
+from bench.harness import BenchConfig, evaluate_targets, format_report, linear_fit, model_settings
+
+TINY = [
+    "--quick",
+    "--lengths", "32", "64",
+    "--decode-contexts", "16", "48",
+    "--repeats", "2",
+    "--decode-steps", "2",
+    "--memory", "off",
+    "--threads", "1",
+    "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "result.json"
+    assert cli.main([*TINY, "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_json_schema(run):
+    assert run["schema_version"] == 1
+    assert run["command"].startswith("python -m bench --quick")
+    for key in ("cpu_count", "torch", "torch_threads", "platform", "python"):
+        assert key in run["machine"]
+    assert run["machine"]["torch_threads"] == 1
+    assert set(run["models"]) == {"retnet", "transformer"}
+    assert all(m["params"] > 0 for m in run["models"].values())
+
+    train = run["training"]
+    assert [r["seq_len"] for r in train["results"]] == [32, 64]
+    for row in train["results"]:
+        assert len(row["speedup_paired"]) == 2
+        for name in ("retnet", "transformer"):
+            assert len(row[name]["step_s"]) == 2
+            assert row[name]["tokens_per_s_median"] > 0
+    assert train["memory_method"] is None and train["memory_fit"] is None
+
+    dec = run["decoding"]
+    assert dec["contexts"] == [16, 48]
+    for entry in dec["models"].values():
+        assert [c["context"] for c in entry["per_context"]] == [16, 48]
+        assert entry["per_context"][1]["final_context"] == 48 + 1 + 2 * 2  # decode_warmup 1, 2 blocks of 2
+        assert len(entry["ratio_48_over_16_paired"]) == 2
+        assert entry["ratio_long_over_short_median"] > 0
+
+    assert set(run["targets"]) == {"train_speedup", "retnet_memory_linear", "decode_ratio"}
+    assert run["targets"]["train_speedup"]["met"] is None  # T=8192 not measured
+
+
+def test_table(run, capsys):
+    text = format_report(run)
+    assert "Training step" in text and "Decoding" in text and "Targets:" in text
+    assert "RetNet/TF" in text and "48/16" in text
+
+
+def test_memory_probe_records(capsys):
+    cfg = BenchConfig(lengths=[16, 32], hidden_size=32, layers=1, heads=2, chunk_size=16, threads=1)
+    spec = {
+        "threads": 1,
+        "seed": 0,
+        "vocab_size": cfg.vocab_size,
+        "models": {name: model_settings(cfg, name) for name in ("retnet", "transformer")},
+        "runs": [["retnet", 16], ["retnet", 32], ["transformer", 16]],
+    }
+    memprobe.main([json.dumps(spec)])
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["model"], r["seq_len"]) for r in records] == [
+        ("retnet", 16),
+        ("retnet", 32),
+        ("transformer", 16),
+    ]
+    for r in records:
+        assert r["peak_bytes"] >= 0 and r["saved_for_backward_bytes"] > 0
+    # activations saved for backward double with the length (no constant term: parameters are excluded)
+    assert records[1]["saved_for_backward_bytes"] > records[0]["saved_for_backward_bytes"]
+
+
+def test_linear_fit_and_targets():
+    fit = linear_fit([1, 2, 4, 8], [3, 5, 9, 17])
+    assert fit["slope"] == pytest.approx(2.0) and fit["intercept"] == pytest.approx(1.0)
+    assert fit["r2"] == pytest.approx(1.0)
+    quad = linear_fit([1, 2, 4, 8], [1, 4, 16, 64])
+    assert quad["growth_exponents"][-1] == pytest.approx(2.0)
+    result = {
+        "training": {
+            "results": [{"seq_len": 8192, "speedup_median": 3.5}],
+            "memory_fit": {"retnet": {**fit, "linear": True}},
+        },
+        "decoding": {"contexts": [1024, 16384], "models": {"retnet": {"ratio_long_over_short_median": 1.5}}},
+    }
+    targets = evaluate_targets(result)
+    assert targets["train_speedup"]["met"] is True
+    assert targets["decode_ratio"]["met"] is False
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="memory"):
+        BenchConfig(memory="sometimes")
+    with pytest.raises(ValueError, match="lengths"):
+        BenchConfig(lengths=[1])

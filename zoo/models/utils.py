@@ -119,3 +119,30 @@ def check_input_ids(input_ids: torch.Tensor | None, vocab_size: int) -> None:
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
         raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def embed_inputs(model, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+    """Exactly one of ``input_ids`` (checked against the vocabulary) or ``inputs_embeds``; returns embeddings."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if input_ids is None:
+        return inputs_embeds
+    check_input_ids(input_ids, model.config.vocab_size)
+    return model.embed_tokens(input_ids)
+
+
+def resolve_use_cache(model, use_cache: bool | None) -> bool:
+    """Cache by default at inference only, never while training with gradient checkpointing."""
+    if model.gradient_checkpointing and model.training:
+        return False
+    return use_cache if use_cache is not None else bool(model.config.use_cache and not model.training)
+
+
+def default_position_ids(
+    attention_mask: torch.Tensor | None, past_len: int, batch_size: int, seq_len: int, device
+) -> torch.LongTensor:
+    """Positions of the current tokens: counting real tokens when a padding mask is given (so left padding does
+    not shift them), else ``past_len .. past_len + seq_len - 1``."""
+    if attention_mask is not None:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+    return torch.arange(past_len, past_len + seq_len, device=device)[None].expand(batch_size, seq_len)

@@ -50,7 +50,7 @@ from transformers.modeling_outputs import (
 
 from zoo.models.heads import CausalLMHead, SequenceClassificationHead
 from zoo.models.retnet.configuration_retnet import RetNetConfig
-from zoo.models.utils import check_input_ids
+from zoo.models.utils import default_position_ids, embed_inputs, resolve_use_cache
 from zoo.modules import GatedMLP, RecurrentCache, RMSNorm, apply_rotary_interleaved, build_norm
 from zoo.ops.retention import naive as retention_naive
 from zoo.ops.retention import retention, retention_step
@@ -255,17 +255,11 @@ class RetNetModel(RetNetPreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if input_ids is not None:
-            check_input_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
+        inputs_embeds = embed_inputs(self, input_ids, inputs_embeds)
         if self.config.scale_embedding:
             inputs_embeds = inputs_embeds * math.sqrt(self.config.hidden_size)
         B, T, _ = inputs_embeds.shape
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
+        use_cache = resolve_use_cache(self, use_cache)
         if past_key_values is not None and not isinstance(past_key_values, RecurrentCache):
             raise ValueError(
                 f"past_key_values must be a zoo RecurrentCache, got {type(past_key_values).__name__}"
@@ -283,12 +277,7 @@ class RetNetModel(RetNetPreTrainedModel):
         if attention_mask is not None and not bool(attention_mask.all()):
             pad_mask = attention_mask[:, -T:]
         if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            else:
-                position_ids = torch.arange(past_len, past_len + T, device=inputs_embeds.device)[None].expand(
-                    B, T
-                )
+            position_ids = default_position_ids(attention_mask, past_len, B, T, inputs_embeds.device)
 
         hidden_states = inputs_embeds
         if cu_seqlens is not None:

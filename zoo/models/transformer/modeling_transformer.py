@@ -17,7 +17,7 @@ from transformers.modeling_outputs import (
 
 from zoo.models.heads import CausalLMHead, SequenceClassificationHead
 from zoo.models.transformer.configuration_transformer import TransformerConfig
-from zoo.models.utils import check_input_ids
+from zoo.models.utils import default_position_ids, embed_inputs, resolve_use_cache
 from zoo.modules import Attention, RotaryEmbedding, build_attention_mask, build_mlp, build_norm, document_ids
 
 
@@ -94,15 +94,9 @@ class TransformerModel(TransformerPreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if input_ids is not None:
-            check_input_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
+        inputs_embeds = embed_inputs(self, input_ids, inputs_embeds)
         B, T, _ = inputs_embeds.shape
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
+        use_cache = resolve_use_cache(self, use_cache)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -113,12 +107,7 @@ class TransformerModel(TransformerPreTrainedModel):
         if position_ids is not None and past_len == 0 and T > 1:
             doc_ids = document_ids(position_ids)
         if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            else:
-                position_ids = torch.arange(past_len, past_len + T, device=inputs_embeds.device)[None].expand(
-                    B, T
-                )
+            position_ids = default_position_ids(attention_mask, past_len, B, T, inputs_embeds.device)
 
         if self.config.position_embedding_type == "learned":
             limit = self.config.max_position_embeddings

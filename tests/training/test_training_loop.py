@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 from huggingface_hub import HfApi
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -26,15 +25,6 @@ TINY_MODEL = {
     "intermediate_size": 64,
     "max_position_embeddings": 128,
 }
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def write_recipe(tmp_path: Path, **sections) -> Path:

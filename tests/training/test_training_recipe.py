@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 
 from zoo.training.cli import EXIT_BAD_INPUT, main
 from zoo.training.recipe import RecipeError, load_recipe, recipe_from_dict
@@ -18,15 +17,6 @@ TINY_MODEL = {
     "intermediate_size": 64,
     "max_position_embeddings": 64,
 }
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def write_recipe(tmp_path: Path, **sections) -> Path:

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 
 import zoo
 from zoo.training import load_recipe, train
@@ -11,15 +10,6 @@ from zoo.training import load_recipe, train
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = sorted(p for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "accelerate")
 TINY = sorted(CONFIGS.glob("*/tiny.yaml"))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -48,7 +48,19 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config) -> t
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
-class CausalLMHead:
+class BackboneHead:
+    """A task head over ``self.model``, an instance of ``backbone_class`` whose embedding is ``embed_tokens``."""
+
+    backbone_class: type
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+
+class CausalLMHead(BackboneHead):
     """Language-model head over a backbone ``self.model``, shared by every zoo architecture.
 
     A model's causal LM is ``class XForCausalLM(CausalLMHead, XPreTrainedModel, GenerationMixin)`` with
@@ -64,12 +76,6 @@ class CausalLMHead:
         self.model = self.backbone_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
 
     def forward(
         self,
@@ -109,7 +115,7 @@ class CausalLMHead:
         )
 
 
-class SequenceClassificationHead:
+class SequenceClassificationHead(BackboneHead):
     """Scores the last real token of each sequence with a linear ``score`` head over ``self.model``.
 
     ``class XForSequenceClassification(SequenceClassificationHead, XPreTrainedModel)`` with
@@ -124,12 +130,6 @@ class SequenceClassificationHead:
         self.model = self.backbone_class(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
 
     def forward(
         self,

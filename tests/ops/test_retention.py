@@ -246,3 +246,98 @@ def test_step_invalid_arguments():
         retention_step(q, q, v, torch.zeros(3), state)
     with pytest.raises(ValueError, match="q has shape"):
         retention_step(torch.zeros(2, 4, H, DK), q, v, torch.zeros(H), state)
+
+
+# ------------------------------------------------------------------------------------------- row sums
+
+
+def with_key_sum_column(inputs: dict) -> dict:
+    """The inputs of a call with ``output_row_sum``: the state gains the key-sum column."""
+    B = inputs["q"].shape[0]
+    out = dict(inputs)
+    if inputs.get("initial_state") is not None:
+        out["initial_state"] = torch.cat(
+            [inputs["initial_state"], torch.randn(B, H, DK, 1, dtype=torch.float64)], -1
+        )
+    return out
+
+
+def row_sum_reference(q, k, v, decay, initial_state=None, cu_seqlens=None):
+    """The oracle on v with a channel of ones appended: its last output channel is the row sum, its last state
+    column the key sum; both detached, as the op returns them."""
+    ones = torch.ones(*v.shape[:-1], 1, dtype=v.dtype)
+    out, state = retention(
+        q,
+        k,
+        torch.cat([v, ones], -1),
+        decay,
+        initial_state=initial_state,
+        output_final_state=True,
+        cu_seqlens=cu_seqlens,
+        backend="naive",
+    )
+    state = torch.cat([state[..., :DV], state[..., DV:].detach()], -1)
+    return out[..., :DV], state, out[..., DV].detach()
+
+
+@pytest.mark.parametrize("decay_kind", DECAYS)
+@pytest.mark.parametrize("T", [1, 64, 100])
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
+def test_row_sums(backend, T, decay_kind):
+    """output_row_sum: the output, state and gradients as without it, plus the row sums and the key-sum state."""
+    inputs = with_key_sum_column(make_inputs(T, decay_kind))
+    fn = functools.partial(op(backend, 16), output_row_sum=True)
+    check_forward_backward(
+        fn, row_sum_reference, inputs, dtype=BACKEND_DTYPE[backend], what=f"{backend} T={T}"
+    )
+    out, _, sums = fn(**{n: x.to(BACKEND_DTYPE[backend]) for n, x in inputs.items()})
+    assert sums.shape == (2, T, H) and not sums.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_row_sums_chain_and_pack(backend):
+    """Two halves chained through the (Dk, Dv + 1) state, and packed sequences, give the row sums of the whole."""
+    dtype = BACKEND_DTYPE[backend]
+    inputs = {n: x.to(dtype) for n, x in with_key_sum_column(make_inputs(96, "fixed", B=1)).items()}
+    whole = retention(**inputs, output_final_state=True, output_row_sum=True, backend=backend, chunk_size=16)
+    first = {n: (x[:, :40] if n in ("q", "k", "v") else x) for n, x in inputs.items()}
+    second = {n: (x[:, 40:] if n in ("q", "k", "v") else x) for n, x in inputs.items()}
+    _, state, sums_a = retention(
+        **first, output_final_state=True, output_row_sum=True, backend=backend, chunk_size=16
+    )
+    _, final, sums_b = retention(
+        **{**second, "initial_state": state},
+        output_final_state=True,
+        output_row_sum=True,
+        backend=backend,
+        chunk_size=16,
+    )
+    tol = TOLERANCE[dtype]
+    assert rel_err(torch.cat([sums_a, sums_b], 1), whole[2]) < tol and rel_err(final, whole[1]) < tol
+    # packed: three documents, each starting from its own state
+    cu = torch.tensor([0, 30, 31, 96])
+    states = torch.randn(3, H, DK, DV + 1, dtype=dtype)
+    out, packed_final, sums = retention(
+        **{**inputs, "initial_state": states},
+        cu_seqlens=cu,
+        output_final_state=True,
+        output_row_sum=True,
+        backend=backend,
+        chunk_size=16,
+    )
+    for n in range(3):
+        bos, eos = cu[n].item(), cu[n + 1].item()
+        part = {x: inputs[x][:, bos:eos] for x in ("q", "k", "v")}
+        o, s, r = row_sum_reference(
+            **{n_: t.double() for n_, t in part.items()},
+            decay=inputs["decay"].double(),
+            initial_state=states[n : n + 1].double(),
+        )
+        assert rel_err(out[:, bos:eos], o) < tol and rel_err(sums[:, bos:eos], r) < tol
+        assert rel_err(packed_final[n : n + 1], s) < tol
+
+
+def test_row_sums_state_shape_is_checked():
+    inputs = make_inputs(6, "fixed")  # a (Dk, Dv) state, no key-sum column
+    with pytest.raises(ValueError, match=r"initial_state has shape .*\[N, H, Dk, Dv \+ 1\]"):
+        retention(**inputs, output_row_sum=True, backend="torch")

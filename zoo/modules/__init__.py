@@ -3,7 +3,7 @@
 from zoo.modules.attention import Attention, alibi_slopes, build_attention_mask, document_ids
 from zoo.modules.cache import RecurrentCache
 from zoo.modules.mlp import MLP, GatedMLP, build_mlp
-from zoo.modules.norms import RMSNorm, build_norm
+from zoo.modules.norms import RMSNorm, build_norm, rms_norm
 from zoo.modules.rotary import (
     RotaryEmbedding,
     apply_rotary,
@@ -27,5 +27,6 @@ __all__ = [
     "build_norm",
     "document_ids",
     "rotate_every_two",
+    "rms_norm",
     "rotate_half",
 ]

@@ -6,6 +6,44 @@ import torch
 from torch import nn
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """``x * rsqrt(mean(x^2) + eps)`` over the last dim, with a hand-written backward.
+
+    With r = rsqrt(mean(x^2) + eps): dx = r dy - x r^3 mean(dy x). One reduction and one fused pass each way,
+    where autograd would keep a chain of full-size temporaries (square, mean, rsqrt, product).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps):
+        D = x.shape[-1]
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(D).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, r)
+        return x * r
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, r = ctx.saved_tensors
+        mean_dy_x = torch.linalg.vecdot(dy, x, dim=-1).unsqueeze(-1).div_(x.shape[-1])
+        return torch.addcmul(dy * r, x, r.pow(3).mul_(mean_dy_x), value=-1), None
+
+
+def rms_norm(
+    x: torch.Tensor, eps: float | torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """RMS-normalise the last dim of ``x`` in at least float32; return it in the dtype of ``x`` (times ``weight``).
+
+    ``eps`` is a float, or a tensor broadcastable to ``x[..., :1]`` for a per-row epsilon (it gets no
+    gradient). A per-row epsilon folds a detached per-row scale f into the norm: ``rms_norm(f * x, eps)`` equals
+    ``rms_norm(x, eps / f**2)`` for f > 0.
+    """
+    dtype = x.dtype
+    acc = torch.promote_types(dtype, torch.float32)
+    if isinstance(eps, torch.Tensor):
+        eps = eps.detach().to(acc)
+    y = _RMSNormFunction.apply(x.to(acc), eps).to(dtype)
+    return y if weight is None else weight * y
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm: ``x / rms(x) * weight``, computed in at least float32, cast back to the input dtype."""
 
@@ -15,12 +53,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.promote_types(dtype, torch.float32))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            return self.weight * x.to(dtype)
-        return x.to(dtype)
+        return rms_norm(x, self.eps, self.weight)
 
     def extra_repr(self) -> str:
         return f"{0 if self.weight is None else self.weight.shape[0]}, eps={self.eps}"

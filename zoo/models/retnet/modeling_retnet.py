@@ -10,8 +10,9 @@ Each block is ``x + MSR(norm(x))`` then ``x + SwiGLU(norm(x))``. Multi-scale ret
 
 Scale-invariant normalisations of the paper, identical in the parallel, chunk and recurrent modes (they only
 change the output, never the op): the decay mask's row n is divided by sqrt(sum_m gamma^(n-m)), a per-position
-scalar applied after the op; the scores are divided by max(|sum_m s_nm|, 1), whose row sum comes out of the same
-op as one extra value channel of ones.
+scalar applied after the op; the scores are divided by max(|sum_m s_nm|, 1), whose row sums the op returns with
+the output (``output_row_sum``, without gradient as the paper detaches them). The cache then holds the decayed
+key sum as one more state column.
 
 Mapping from Microsoft's torchscale RetNet checkpoints (``torchscale.architecture.retnet.RetNetDecoder``), by
 renaming only (``convert_retnet.py``):
@@ -51,7 +52,7 @@ from transformers.modeling_outputs import (
 from zoo.models.heads import CausalLMHead, SequenceClassificationHead
 from zoo.models.retnet.configuration_retnet import RetNetConfig
 from zoo.models.utils import default_position_ids, embed_inputs, resolve_use_cache
-from zoo.modules import GatedMLP, RecurrentCache, RMSNorm, apply_rotary_interleaved, build_norm
+from zoo.modules import GatedMLP, RecurrentCache, RMSNorm, apply_rotary_interleaved, build_norm, rms_norm
 from zoo.ops.retention import naive as retention_naive
 from zoo.ops.retention import retention, retention_step
 
@@ -111,6 +112,32 @@ class MultiScaleRetention(nn.Module):
             q, k = q * zeta.pow(power).to(q.dtype), k * zeta.pow(-power).to(k.dtype)
         return q, k
 
+    def retention_op(self, q, k, v, log_decay, state, cu_seqlens, output_final_state, row_sum):
+        """Retention over the whole input in the configured mode; with ``row_sum`` also the row sums (B, T, H)."""
+        scale = self.head_dim**-0.5
+        if self.config.retention_mode == "chunk":
+            return retention(
+                q,
+                k,
+                v,
+                log_decay,
+                scale=scale,
+                initial_state=state,
+                output_final_state=output_final_state,
+                cu_seqlens=cu_seqlens,
+                chunk_size=self.config.chunk_size,
+                backend=self.config.backend,
+                output_row_sum=row_sum,
+            )
+        fn = (
+            retention_naive.naive_parallel_retention
+            if self.config.retention_mode == "parallel"
+            else retention_naive.naive_recurrent_retention
+        )
+        B, T, H, _ = q.shape
+        args = (q, k, v, log_decay.expand(B, T, H), scale, state, output_final_state, cu_seqlens)
+        return retention_naive.with_row_sum(fn, *args) if row_sum else fn(*args)
+
     def forward(self, x, positions, *, pad_mask=None, cu_seqlens=None, cache: RecurrentCache | None = None):
         """``x`` (B, T, C); ``positions`` (B, T) within each document; ``pad_mask`` (B, T) 1 = real token."""
         B, T, _ = x.shape
@@ -137,50 +164,37 @@ class MultiScaleRetention(nn.Module):
             k = k * keep
             log_decay = log_decay.expand(B, T, H) * pad_mask.to(acc)[:, :, None]
         normalize = self.config.normalize and fixed
-        if normalize:
-            v = torch.cat([v, v.new_ones(B, T, H, 1)], dim=-1)  # (B, T, H, Dv + 1): last channel = row sum
-        # 4. retention
-        state = (
-            cache.get(self.layer_idx)["state"] if cache is not None and cache.get(self.layer_idx) else None
-        )
-        scale = Dk**-0.5
-        mode = self.config.retention_mode
+        # 4. retention. With the normalisation, the cached state carries one more column: the decayed key sum
+        # (the state of a value channel of ones), from which the row sums of the scores come.
+        cached = cache.get(self.layer_idx) if cache is not None else None
+        state = cached["state"] if cached else None
+        need_state = cache is not None
         if state is not None and T == 1:
             step_decay = log_decay if log_decay.dim() == 1 else log_decay[:, 0]
-            o, new_state = retention_step(q[:, 0], k[:, 0], v[:, 0], step_decay, state, scale=scale)
-            o = o[:, None]
-        elif mode == "chunk":
-            o, new_state = retention(
-                q,
-                k,
-                v,
-                log_decay,
-                scale=scale,
-                initial_state=state,
-                output_final_state=cache is not None,
-                cu_seqlens=cu_seqlens,
-                chunk_size=self.config.chunk_size,
-                backend=self.config.backend,
-            )
+            v_step = torch.cat([v, v.new_ones(B, T, H, 1)], dim=-1) if normalize else v
+            o, new_state = retention_step(q, k, v_step, step_decay, state, scale=Dk**-0.5)
+            o, row_sum = (o[..., :Dv], o[..., Dv:]) if normalize else (o, None)
+        elif normalize:
+            # the row sums come with the output (without gradient: the paper detaches them)
+            o, new_state, row_sum = self.retention_op(q, k, v, log_decay, state, cu_seqlens, need_state, True)
+            row_sum = row_sum[..., None]  # (B, T, H, 1)
         else:
-            fn = (
-                retention_naive.naive_parallel_retention
-                if mode == "parallel"
-                else retention_naive.naive_recurrent_retention
-            )
-            gates = log_decay.expand(B, T, H) if log_decay.dim() == 1 else log_decay
-            o, new_state = fn(q, k, v, gates, scale, state, cache is not None, cu_seqlens)
+            o, new_state = self.retention_op(q, k, v, log_decay, state, cu_seqlens, need_state, False)
         if cache is not None:
             cache.set(self.layer_idx, state=new_state)
-        # 5. the paper's normalisations: decay-mask rows by 1/sqrt(row sum), scores by max(|row sum|, 1)
+        # 5. the paper's normalisations: decay-mask rows by 1/sqrt(row sum), scores by max(|row sum|, 1); both
+        # are one detached factor per position and head; then the per-head group norm
         if normalize:
             gamma = self.log_gammas(x.device).exp()  # (H,)
             mask_sum = (1 - gamma ** (positions[..., None].double() + 1)) / (1 - gamma)  # (B, T, H)
-            row_scale = mask_sum.rsqrt().to(o.dtype)[..., None]  # (B, T, H, 1)
-            num, den = o[..., :Dv] * row_scale, o[..., Dv:] * row_scale
-            o = num / den.detach().abs().clamp(min=1.0)
-        # 6. per-head group norm, swish gate, output projection
-        o = self.group_norm(o).reshape(B, T, H * Dv)
+            row_scale = mask_sum.rsqrt().to(row_sum.dtype)[..., None]  # (B, T, H, 1)
+            factor = row_scale / (row_sum.detach() * row_scale).abs().clamp(min=1.0)
+            # group_norm(factor * o) == rms_norm(o, eps / factor^2): the factor folds into a per-row epsilon
+            o = rms_norm(o, self.group_norm.eps / factor.square())
+        else:
+            o = self.group_norm(o)
+        # 6. swish gate, output projection
+        o = o.reshape(B, T, H * Dv)
         return self.out_proj(self.gate_fn(g) * o)
 
 

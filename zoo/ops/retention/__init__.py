@@ -42,7 +42,7 @@ def _token_gates(decay: torch.Tensor, B: int, T: int, H: int) -> torch.Tensor:
     )
 
 
-def _validate(q, k, v, initial_state, cu_seqlens) -> int:
+def _validate(q, k, v, initial_state, cu_seqlens, row_sum: bool = False) -> int:
     """Check shapes and dtypes of a full call; return N, the number of sequences (rows of the state)."""
     if q.dim() != 4:
         raise _shape_error("q", q, "[B, T, H, Dk]")
@@ -71,9 +71,10 @@ def _validate(q, k, v, initial_state, cu_seqlens) -> int:
             raise ValueError(f"retention: cu_seqlens runs from {first} to {last}, expected from 0 to T={T}")
         N = cu_seqlens.numel() - 1
     if initial_state is not None:
-        expected = (N, H, Dk, v.shape[-1])
+        expected = (N, H, Dk, v.shape[-1] + int(row_sum))
         if tuple(initial_state.shape) != expected:
-            raise _shape_error("initial_state", initial_state, f"[N, H, Dk, Dv]={list(expected)}")
+            what = "[N, H, Dk, Dv + 1] (with the key-sum column of output_row_sum)" if row_sum else "[N, H, Dk, Dv]"
+            raise _shape_error("initial_state", initial_state, f"{what}={list(expected)}")
         if not initial_state.is_floating_point():
             raise ValueError(f"retention: initial_state has dtype {initial_state.dtype}, expected float32/64")
     return N
@@ -91,7 +92,8 @@ def retention(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
     backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    output_row_sum: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Retention over whole sequences.
 
     Args:
@@ -106,11 +108,17 @@ def retention(
             state crosses a boundary.
         chunk_size: tokens per chunk in the chunked backends (a power of 2 >= 16 for ``triton``).
         backend: ``naive``, ``torch`` or ``triton``; default from ``ZOO_BACKEND``, then the device.
+        output_row_sum: also return the row sums of the decayed scores, r_n = scale * sum_m (q_n . k_m)
+            exp(G_n - G_m) (the output for a value of ones; RetNet's normaliser), [B, T, H], without gradient.
+            The state then carries their recurrence, the decayed key sum, as one more, last column:
+            ``initial_state`` and the final state are [N, H, Dk, Dv + 1]. The ``torch`` backend reads them off
+            the score blocks it computes anyway; the others run a second, gradient-free pass with v = 1.
 
     Returns:
-        (out [B, T, H, Dv] in the dtype of v, final_state or None).
+        (out [B, T, H, Dv] in the dtype of v, final_state or None), and the row sums as a third element with
+        ``output_row_sum``.
     """
-    _validate(q, k, v, initial_state, cu_seqlens)
+    _validate(q, k, v, initial_state, cu_seqlens, output_row_sum)
     B, T, H, Dk = q.shape
     g = _token_gates(decay, B, T, H)
     if scale is None:
@@ -119,16 +127,18 @@ def retention(
         raise ValueError(f"retention: chunk_size={chunk_size}, expected a positive integer")
     name = resolve_backend("retention", backend, q.device)
     args = (q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    if name == "torch":
+        return chunk.chunk_retention(*args, chunk_size=chunk_size, row_sum=output_row_sum)
     if name == "naive":
-        out, final_state = naive.naive_recurrent_retention(*args)
-    elif name == "torch":
-        out, final_state = chunk.chunk_retention(*args, chunk_size=chunk_size)
+        fn, kwargs = naive.naive_recurrent_retention, {}
     else:
         # imported here so that zoo imports without triton, and triton is only imported when asked for
         from zoo.ops.retention import triton as triton_impl
 
-        out, final_state = triton_impl.triton_retention(*args, chunk_size=chunk_size)
-    return out, final_state
+        fn, kwargs = triton_impl.triton_retention, {"chunk_size": chunk_size}
+    if output_row_sum:
+        return naive.with_row_sum(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
 
 
 def retention_step(

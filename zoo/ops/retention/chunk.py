@@ -5,14 +5,30 @@ representation"), with the data-dependent scalar gates of gated linear attention
 arXiv:2312.06635, section 3). The sequence is cut into chunks of C tokens; inside a chunk the parallel form
 runs as dense (C, C) matmuls, and a (Dk, Dv) state per head carries everything earlier from chunk to chunk:
 
-    o_chunk = scale * [ ((Q K^T) * D) V  +  (Q * exp(b)) S_prev ]
-    S_next  = exp(b_C) S_prev + (K * exp(b_C - b))^T V
+    A       = (Q K^T) * D * scale                     D_ij = exp(b_i - b_j) for i >= j, else 0
+    o_chunk = A V  +  scale * (Q * exp(b)) S_in
+    S_out   = exp(b_C) S_in + (K * exp(b_C - b))^T V
 
-with b the cumulative log-gate *within* the chunk (b_C its last entry) and D_ij = exp(b_i - b_j) for i >= j.
-Every exponent is a difference b_i - b_j with i >= j, or b_i, or b_C - b_j, so it is <= 0 for gates <= 0:
-nothing overflows, and a strongly decaying head underflows harmlessly to 0 instead of producing inf * 0 = nan.
+with b the cumulative log-gate *within* the chunk (b_C its last entry). Every exponent is a difference
+b_i - b_j with i >= j, or b_i, or b_C - b_j, so it is <= 0 for gates <= 0: nothing overflows, and a strongly
+decaying head underflows harmlessly to 0 instead of producing inf * 0 = nan.
 
-Memory is O(T * C + T / C * Dk * Dv): linear in T. Autograd differentiates it.
+Forward and backward are written out by hand (``ChunkRetention``) rather than left to autograd: the chunk loop
+then costs two small in-place ops per chunk instead of a graph node each, every product is one batched matmul
+over all chunks and heads at once, and only Q, K, V, the (C, C) score blocks and the states entering each chunk
+are kept for the backward. With G_n the gradient reaching the state *after* chunk n (G_{N-1} = dS_final):
+
+    dA  = (dO V^T) * D * scale                  dQ = dA K + scale * (dO S_in^T) * exp(b)
+    dK  = dA^T Q + (V G^T) * exp(b_C - b)        dV = A^T dO + (K * exp(b_C - b)) G
+    G_{n-1} = exp(b_C) G_n + scale * (Q * exp(b))^T dO        (a reverse loop over chunks; dS_0 = G_{-1})
+
+and the gradient of the log-gates from the identity of gated linear attention: with global cumulative gates B,
+o_i depends on B_i only through q_i e^{B_i} and on B_j through k_j e^{-B_j}, so dL/dB_i = q_i . dq_i - k_i . dk_i
+(plus <dS_T, S_T> at the last token), and dL/dg_t = sum_{i >= t} dL/dB_i.
+
+Layout: chunk-major (N, B*H, C, D), so that the state of chunk n is one contiguous block. A fixed per-head decay
+(an [H] decay broadcast over batch and time) shares one (C, C) decay block across all chunks. Memory is
+O(T * C + T / C * Dk * Dv): linear in T.
 """
 
 from __future__ import annotations
@@ -21,6 +37,186 @@ import torch
 import torch.nn.functional as F
 
 from zoo.ops.retention.naive import per_sequence, state_dtype
+
+
+def _to_chunks(x: torch.Tensor, N: int, C: int, acc: torch.dtype) -> torch.Tensor:
+    """(B, T, H, D) -> (N, B*H, C, D), contiguous, in ``acc``; the tail past T is zero."""
+    B, T, H, D = x.shape
+    if N * C != T:
+        x = F.pad(x, (0, 0, 0, 0, 0, N * C - T))
+    out = torch.empty(N, B, H, C, D, dtype=acc, device=x.device)
+    out.copy_(x.reshape(B, N, C, H, D).permute(1, 0, 3, 2, 4))
+    return out.view(N, B * H, C, D)
+
+
+def _from_chunks(x: torch.Tensor, B: int, T: int, H: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, B*H, C, D) -> (B, T, H, D) in ``dtype`` (a view of the first T positions when the tail was padded)."""
+    N, _, C, D = x.shape
+    out = torch.empty(B, N * C, H, D, dtype=dtype, device=x.device)
+    out.view(B, N, C, H, D).copy_(x.view(N, B, H, C, D).permute(1, 0, 3, 2, 4))
+    return out[:, :T] if N * C != T else out
+
+
+def _cumulative_gates(g: torch.Tensor, N: int, C: int, acc: torch.dtype) -> torch.Tensor:
+    """Log-decay from each chunk's start, inclusive: (N, B*H, C), or (1, B*H, C) for a fixed per-head decay."""
+    B, T, H = g.shape
+    if g.stride(0) == 0 and g.stride(1) == 0 and N * C == T:
+        # one log-gamma per head, broadcast over batch and time: every chunk has the same cumulative decay
+        steps = torch.arange(1, C + 1, dtype=acc, device=g.device)
+        return (g[0, 0].to(acc)[:, None] * steps).repeat(B, 1)[None]  # (1, B*H, C)
+    # padded positions get g = 0: they do not decay the state, so the final state is the one at T
+    gp = F.pad(g.to(acc), (0, 0, 0, N * C - T))
+    return gp.view(B, N, C, H).permute(1, 0, 3, 2).reshape(N, B * H, C).cumsum(-1)
+
+
+class _Decays:
+    """The decay factors of one call, derived from the cumulative gates b; recomputed in the backward."""
+
+    def __init__(self, b: torch.Tensor, scale: float):
+        C = b.shape[-1]
+        b_last = b[..., -1:]
+        causal = torch.ones(C, C, dtype=torch.bool, device=b.device).tril()
+        self.mask = torch.where(causal, b[..., :, None] - b[..., None, :], float("-inf")).exp_().mul_(scale)
+        self.q = b.exp().mul_(scale)[..., None]  # (n, BH, C, 1): scale * decay from chunk start to i
+        self.k = (b_last - b).exp_()[..., None]  # (n, BH, C, 1): decay from j to chunk end
+        self.chunk = b_last.exp()[..., None]  # (n, BH, 1, 1): decay across the whole chunk
+
+    def at(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return x[n] if x.shape[0] > 1 else x[0]
+
+
+def _rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Chunks start..stop-1 of a per-chunk factor, or the factor itself when all chunks share it."""
+    return x[start:stop] if x.shape[0] > 1 else x
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched matmul over the two leading dims of 4-d tensors."""
+    return torch.bmm(a.flatten(0, 1), b.flatten(0, 1)).view(*a.shape[:2], a.shape[2], b.shape[3])
+
+
+def _baddbmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    out.flatten(0, 1).baddbmm_(a.flatten(0, 1), b.flatten(0, 1))
+    return out
+
+
+class ChunkRetention(torch.autograd.Function):
+    """Chunkwise retention with a hand-written backward (formulas in the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, scale: float, chunk_size: int, output_final_state: bool, row_sum):
+        B, T, H, Dk = q.shape
+        Dv = v.shape[-1]
+        key_sum0 = None
+        if row_sum and initial_state is not None:  # the last column is the decayed key sum
+            initial_state, key_sum0 = initial_state[..., :Dv], initial_state[..., Dv]
+        C = chunk_size
+        N = -(-T // C)
+        acc = state_dtype(q.dtype)
+        Q, K, V = (_to_chunks(x, N, C, acc) for x in (q, k, v))  # (N, BH, C, D)
+        b = _cumulative_gates(g, N, C, acc)
+        d = _Decays(b, scale)
+
+        A = _bmm(Q, K.transpose(-1, -2)).mul_(d.mask)  # (N, BH, C, C)
+        K_end = K * d.k
+        # each chunk's own update, then scanned in place into the state after each chunk:
+        # S_out[n] = exp(b_C) S_out[n - 1] + U[n], with S_out[-1] the initial state
+        S_out = _bmm(K_end.transpose(-1, -2), V)  # (N, BH, Dk, Dv)
+        S0 = None if initial_state is None else initial_state.reshape(B * H, Dk, Dv).to(acc)
+        if S0 is not None:
+            S_out[0].addcmul_(S0, d.at(d.chunk, 0))
+        for n in range(1, N):
+            S_out[n].addcmul_(S_out[n - 1], d.at(d.chunk, n))
+
+        Q_start = Q * d.q
+        O = _bmm(A, V)  # (N, BH, C, Dv); chunk n > 0 reads the state S_out[n - 1] left by chunk n - 1
+        _baddbmm_(O[1:], Q_start[1:], S_out[:-1])
+        if S0 is not None:
+            O[0].baddbmm_(Q_start[0], S0)
+        ctx.save_for_backward(Q, K, V, A, S_out, b, S0)
+        ctx.meta = (B, T, H, scale, q.dtype, k.dtype, v.dtype, Dv)
+        ctx.row_sum = row_sum
+        out = _from_chunks(O, B, T, H, v.dtype)
+        final = S_out[N - 1].view(B, H, Dk, Dv) if output_final_state else None
+        if not row_sum:
+            return out, final, None
+        # the output for a value of ones, from the same score blocks: intra-chunk row sums of A, plus q against
+        # the decayed key sum z entering the chunk (z follows the state's recurrence with v = 1)
+        z_in = K.new_empty(N, B * H, Dk, 1)  # small: a plain loop
+        z_in[0] = 0 if key_sum0 is None else key_sum0.reshape(B * H, Dk, 1)
+        z_chunk = K_end.sum(2)[..., None]  # (N, BH, Dk, 1)
+        for n in range(N - 1):
+            torch.addcmul(z_chunk[n], d.at(d.chunk, n), z_in[n], out=z_in[n + 1])
+        sums = _baddbmm_(A.sum(-1, keepdim=True), Q_start, z_in)  # (N, BH, C, 1)
+        sums = _from_chunks(sums, B, T, H, v.dtype)[..., 0]  # (B, T, H)
+        if output_final_state:
+            z_final = torch.addcmul(z_chunk[N - 1], d.at(d.chunk, N - 1), z_in[N - 1]).view(B, H, Dk, 1)
+            final = torch.cat([final, z_final], dim=-1)
+        ctx.mark_non_differentiable(sums)
+        return out, final, sums
+
+    @staticmethod
+    def backward(ctx, d_out, d_final, _d_sums):
+        Q, K, V, A, S_out, b, S0 = ctx.saved_tensors
+        B, T, H, scale, q_dtype, k_dtype, v_dtype, Dv = ctx.meta
+        N, BH, C, Dk = Q.shape
+        d = _Decays(b, scale)
+        dO = _to_chunks(d_out, N, C, Q.dtype)
+        dS = None if d_final is None else d_final[..., :Dv].reshape(BH, Dk, Dv).to(Q.dtype)  # key sums: no grad
+
+        # gradients of the state entering each chunk, scanned in place from the end:
+        # Gin[n] = P[n] + exp(b_C of chunk n) Gin[n + 1], Gin[N] = dS_final; P[n] = chunk n's direct use
+        Q_start = Q * d.q
+        Gin = _bmm(Q_start.transpose(-1, -2), dO)  # (N, BH, Dk, Dv)
+        del Q_start
+        if dS is not None:
+            Gin[N - 1].addcmul_(dS, d.at(d.chunk, N - 1))
+        for n in range(N - 2, -1, -1):
+            Gin[n].addcmul_(Gin[n + 1], d.at(d.chunk, n))
+        # the gradient reaching the state *after* chunk n is Gin[n + 1] (dS_final after the last one)
+
+        dA = _bmm(dO, V.transpose(-1, -2)).mul_(d.mask)
+        dQ = _bmm(dA, K)
+        dK = _bmm(dA.transpose(-1, -2), Q)
+        del dA
+        K_end = K * d.k
+        dV = _bmm(A.transpose(-1, -2), dO)
+        if N > 1:
+            rest_q, head_k = _rows(d.q, 1, N), _rows(d.k, 0, N - 1)
+            dQ[1:].addcmul_(_bmm(dO[1:], S_out[:-1].transpose(-1, -2)), rest_q)
+            dK[:-1].addcmul_(_bmm(V[:-1], Gin[1:].transpose(-1, -2)), head_k)
+            _baddbmm_(dV[:-1], K_end[:-1], Gin[1:])
+        if S0 is not None:
+            dQ[0].addcmul_(torch.bmm(dO[0], S0.transpose(-1, -2)), d.at(d.q, 0))
+        if dS is not None:
+            dK[N - 1].addcmul_(torch.bmm(V[N - 1], dS.transpose(-1, -2)), d.at(d.k, N - 1))
+            dV[N - 1].baddbmm_(K_end[N - 1], dS)
+        del K_end
+        d_initial = Gin[0] if S0 is not None else None
+
+        dg = None
+        if ctx.needs_input_grad[3]:
+            db = (Q * dQ).sum(-1).sub_((K * dK).sum(-1))  # (N, BH, C): dL/dB_i
+            if dS is not None:
+                db[-1, :, -1] += (dS * S_out[N - 1]).sum((-1, -2))
+            db = db.view(N, B, H, C).permute(1, 0, 3, 2).reshape(B, N * C, H)
+            dg = db.flip(1).cumsum(1).flip(1)[:, :T]  # dL/dg_t = sum over i >= t
+
+        if d_initial is not None:
+            d_initial = d_initial.view(B, H, Dk, Dv)
+            if ctx.row_sum:
+                d_initial = F.pad(d_initial, (0, 1))
+        return (
+            _from_chunks(dQ, B, T, H, q_dtype),
+            _from_chunks(dK, B, T, H, k_dtype),
+            _from_chunks(dV, B, T, H, v_dtype),
+            dg,
+            d_initial,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def chunk_retention(
@@ -33,54 +229,25 @@ def chunk_retention(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    row_sum: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Chunkwise retention. q, k (B, T, H, Dk); v (B, T, H, Dv); g (B, T, H) log-gates; state (B, H, Dk, Dv).
 
-    Packed sequences (``cu_seqlens``) are run one sequence at a time.
+    With ``row_sum``, also returns the row sums (B, T, H) without gradient, from the same score blocks, and
+    the state has one more column (the decayed key sum): (out, state, row_sums). Packed sequences
+    (``cu_seqlens``) are run one sequence at a time.
     """
     if cu_seqlens is not None:
         args = (q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-        return per_sequence(chunk_retention, *args, chunk_size=chunk_size)
-    B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
-    C = chunk_size
-    N = -(-T // C)  # number of chunks
-    pad = N * C - T
-    acc = state_dtype(q.dtype)
-
-    # Pad the tail to whole chunks: k = 0 adds nothing to the state and g = 0 does not decay it, so the padded
-    # positions leave the final state untouched; their outputs are cut off at the end.
-    def chunked(x: torch.Tensor) -> torch.Tensor:  # (B, T, H, D) -> (B, H, N, C, D)
-        x = F.pad(x.to(acc), (0, 0, 0, 0, 0, pad))
-        return x.reshape(B, N, C, H, -1).permute(0, 3, 1, 2, 4)
-
-    qc, kc, vc = chunked(q), chunked(k), chunked(v)
-    b = chunked(g[..., None])[..., 0].cumsum(-1)  # (B, H, N, C) log-decay from chunk start, inclusive
-    b_last = b[..., -1]  # (B, H, N) log-decay across the whole chunk
-
-    # 1. intra-chunk: the parallel form on each (C, C) block
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    D = torch.where(causal, b[..., :, None] - b[..., None, :], float("-inf")).exp()  # (B, H, N, C, C)
-    out = ((qc @ kc.transpose(-1, -2)) * D) @ vc  # (B, H, N, C, Dv)
-
-    # 2. each chunk's own contribution to the state at its end, decayed to that end
-    k_to_end = kc * (b_last[..., None] - b).exp()[..., None]  # (B, H, N, C, Dk)
-    U = k_to_end.transpose(-1, -2) @ vc  # (B, H, N, Dk, Dv)
-
-    # 3. carry the state across chunks: the only sequential step, N iterations of a (Dk, Dv) update
-    S = qc.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(acc)
-    starts = []
-    # Unbind once: indexing U[:, :, n] inside the loop would make autograd allocate a full-size gradient of U
-    # per chunk in the backward, quadratic in T.
-    chunk_updates = U.unbind(2)
-    chunk_decays = b_last.exp()[..., None, None].unbind(2)
-    for n in range(N):
-        starts.append(S)
-        S = chunk_decays[n] * S + chunk_updates[n]
-    if N > 0:
-        S_prev = torch.stack(starts, dim=2)  # (B, H, N, Dk, Dv) state entering each chunk
-        # 4. inter-chunk: what the state entering the chunk contributes, decayed to each position
-        out = out + (qc * b.exp()[..., None]) @ S_prev
-
-    out = (scale * out).permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, :T]  # (B, T, H, Dv)
-    return out.to(q.dtype), S if output_final_state else None
+        return per_sequence(chunk_retention, *args, chunk_size=chunk_size, row_sum=row_sum)
+    if q.shape[1] == 0:
+        B, _, H, Dk = q.shape
+        out = v.new_zeros(v.shape)
+        state = None
+        if output_final_state:
+            acc = state_dtype(q.dtype)
+            Dv = v.shape[-1] + int(row_sum)
+            state = q.new_zeros(B, H, Dk, Dv, dtype=acc) if initial_state is None else initial_state.to(acc)
+        return (out, state, q.new_zeros(B, 0, H, dtype=v.dtype)) if row_sum else (out, state)
+    out, state, sums = ChunkRetention.apply(q, k, v, g, initial_state, scale, chunk_size, output_final_state, row_sum)
+    return (out, state, sums) if row_sum else (out, state)

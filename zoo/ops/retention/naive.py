@@ -45,16 +45,47 @@ def per_sequence(
     sequence is a separate call, starting from its own row of ``initial_state``.
     """
     bounds = cu_seqlens.tolist()
-    outs, states = [], []
+    results = []
     for n in range(len(bounds) - 1):
         bos, eos = bounds[n], bounds[n + 1]
         h0 = None if initial_state is None else initial_state[n : n + 1]  # (1, H, Dk, Dv)
         q_n, k_n, v_n, g_n = (x[:, bos:eos] for x in (q, k, v, g))  # (1, T_n, H, ...)
-        o, ht = fn(q_n, k_n, v_n, g_n, scale, h0, output_final_state, **kwargs)
-        outs.append(o)
-        states.append(ht)
-    out = torch.cat(outs, dim=1)  # (1, T, H, Dv)
-    return out, torch.cat(states, dim=0) if output_final_state else None
+        results.append(fn(q_n, k_n, v_n, g_n, scale, h0, output_final_state, **kwargs))
+    out = torch.cat([r[0] for r in results], dim=1)  # (1, T, H, Dv)
+    state = torch.cat([r[1] for r in results], dim=0) if output_final_state else None
+    if len(results[0]) == 3:  # with row sums (B, T, H)
+        return out, state, torch.cat([r[2] for r in results], dim=1)
+    return out, state
+
+
+def with_row_sum(
+    fn: Callable,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Retention plus its row sums, by a second call of ``fn`` on a value of ones (without gradient).
+
+    The row sums r_n = scale * sum_m (q_n . k_m) exp(G_n - G_m) are the output for v = 1; their state is the
+    decayed key sum, carried as one more, last column of the state ([N, H, Dk, Dv + 1]). Backends without a
+    fused row sum use this.
+    """
+    Dv = v.shape[-1]
+    kv_state = initial_state[..., :Dv] if initial_state is not None else None
+    out, state = fn(q, k, v, g, scale, kv_state, output_final_state, cu_seqlens, **kwargs)
+    with torch.no_grad():
+        ones = v.new_ones(*v.shape[:-1], 1)
+        key_sum = initial_state[..., Dv:] if initial_state is not None else None
+        sums, z = fn(q, k, ones, g, scale, key_sum, output_final_state, cu_seqlens, **kwargs)
+    if output_final_state:
+        state = torch.cat([state, z.to(state.dtype)], dim=-1)
+    return out, state, sums[..., 0]
 
 
 def naive_recurrent_retention(

@@ -1,0 +1,67 @@
+"""RMSNorm's hand-written backward and the complex form of the interleaved rotation, against plain autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo.modules import RMSNorm, apply_rotary_interleaved, rms_norm, rotate_every_two
+
+
+def reference_rms_norm(x: torch.Tensor, eps) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("per_row_eps", [False, True])
+def test_rms_norm_forward_and_gradient(per_row_eps):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    eps = torch.rand(3, 5, 1, dtype=torch.float64) if per_row_eps else 1e-2
+    torch.autograd.gradcheck(lambda t: rms_norm(t, eps), (x,))
+    dy = torch.randn(3, 5, 7, dtype=torch.float64)
+    (got,) = torch.autograd.grad(rms_norm(x, eps), x, dy)
+    (want,) = torch.autograd.grad(reference_rms_norm(x, eps), x, dy)
+    torch.testing.assert_close(rms_norm(x, eps), reference_rms_norm(x, eps))
+    torch.testing.assert_close(got, want)
+
+
+def test_per_row_eps_folds_a_row_scale():
+    """rms_norm(f * x, eps) == rms_norm(x, eps / f^2): how RetNet folds its normaliser into the group norm."""
+    x = torch.randn(4, 6, 16, dtype=torch.float64)
+    f = torch.rand(4, 6, 1, dtype=torch.float64) + 0.01
+    torch.testing.assert_close(rms_norm(f * x, 1e-3), rms_norm(x, 1e-3 / f.square()))
+
+
+def test_rms_norm_module_weight_and_low_precision():
+    norm = RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    y = norm(x)
+    torch.testing.assert_close(y, norm.weight * reference_rms_norm(x, 1e-5))
+    y.sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+    xb = x.detach().bfloat16()
+    yb = norm.to(torch.bfloat16)(xb)  # computed in float32, returned in the input's dtype
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), norm.float()(xb.float()), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_interleaved_rotation_complex_equals_real(dtype):
+    """The complex product (float32/64) equals the real formula x cos + rotate_every_two(x) sin, with gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 3, 8, dtype=torch.float64)
+    angle = torch.randn(2, 9, 4, dtype=torch.float64).repeat_interleave(2, dim=-1)
+    cos, sin = angle.cos(), angle.sin()
+    xd = x.to(dtype).requires_grad_()
+    got = apply_rotary_interleaved(xd, cos.to(dtype), sin.to(dtype))
+    want = x * cos.unsqueeze(2) + rotate_every_two(x) * sin.unsqueeze(2)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    dy = torch.randn_like(want)
+    got.backward(dy.to(dtype))
+    # the rotation is orthogonal: the gradient is dy rotated back by -angle
+    back = dy * cos.unsqueeze(2) - rotate_every_two(dy) * sin.unsqueeze(2)
+    torch.testing.assert_close(xd.grad.double(), back, atol=tol, rtol=tol)

@@ -73,7 +73,11 @@ def _validate(q, k, v, initial_state, cu_seqlens, row_sum: bool = False) -> int:
     if initial_state is not None:
         expected = (N, H, Dk, v.shape[-1] + int(row_sum))
         if tuple(initial_state.shape) != expected:
-            what = "[N, H, Dk, Dv + 1] (with the key-sum column of output_row_sum)" if row_sum else "[N, H, Dk, Dv]"
+            what = (
+                "[N, H, Dk, Dv + 1] (with the key-sum column of output_row_sum)"
+                if row_sum
+                else "[N, H, Dk, Dv]"
+            )
             raise _shape_error("initial_state", initial_state, f"{what}={list(expected)}")
         if not initial_state.is_floating_point():
             raise ValueError(f"retention: initial_state has dtype {initial_state.dtype}, expected float32/64")

@@ -104,7 +104,9 @@ class ChunkRetention(torch.autograd.Function):
     """Chunkwise retention with a hand-written backward (formulas in the module docstring)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, scale: float, chunk_size: int, output_final_state: bool, row_sum):
+    def forward(
+        ctx, q, k, v, g, initial_state, scale: float, chunk_size: int, output_final_state: bool, row_sum
+    ):
         B, T, H, Dk = q.shape
         Dv = v.shape[-1]
         key_sum0 = None
@@ -162,7 +164,9 @@ class ChunkRetention(torch.autograd.Function):
         N, BH, C, Dk = Q.shape
         d = _Decays(b, scale)
         dO = _to_chunks(d_out, N, C, Q.dtype)
-        dS = None if d_final is None else d_final[..., :Dv].reshape(BH, Dk, Dv).to(Q.dtype)  # key sums: no grad
+        dS = (
+            None if d_final is None else d_final[..., :Dv].reshape(BH, Dk, Dv).to(Q.dtype)
+        )  # key sums: no grad
 
         # gradients of the state entering each chunk, scanned in place from the end:
         # Gin[n] = P[n] + exp(b_C of chunk n) Gin[n + 1], Gin[N] = dS_final; P[n] = chunk n's direct use
@@ -249,5 +253,7 @@ def chunk_retention(
             Dv = v.shape[-1] + int(row_sum)
             state = q.new_zeros(B, H, Dk, Dv, dtype=acc) if initial_state is None else initial_state.to(acc)
         return (out, state, q.new_zeros(B, 0, H, dtype=v.dtype)) if row_sum else (out, state)
-    out, state, sums = ChunkRetention.apply(q, k, v, g, initial_state, scale, chunk_size, output_final_state, row_sum)
+    out, state, sums = ChunkRetention.apply(
+        q, k, v, g, initial_state, scale, chunk_size, output_final_state, row_sum
+    )
     return (out, state, sums) if row_sum else (out, state)

@@ -191,6 +191,9 @@ def machine_info() -> dict:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "git_commit": _git_commit(),
+        # glibc malloc tuning and preloaded allocators change how often freed memory is returned to the OS and
+        # faulted back in (see minor_faults in the training results)
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
     }
 
 
@@ -235,6 +238,15 @@ def _pair_order(r: int, names: Sequence[str]) -> list[str]:
     return list(names) if r % 2 == 0 else list(reversed(names))
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is unavailable)."""
+    try:
+        import resource
+    except ImportError:  # not on every platform
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 @contextmanager
 def _gc_paused():
     """No cyclic-garbage collection pauses inside timed regions (reference counting still frees tensors)."""
@@ -262,19 +274,28 @@ def time_training(
                 train_step(models[name], ids)
                 _tick(bar)
         times: dict[str, list[float]] = {name: [] for name in names}
+        faults: dict[str, list[int]] = {name: [] for name in names}
         gc.collect()
         with _gc_paused():
             for r in range(cfg.repeats):
                 for name in _pair_order(r, names):
                     _describe(bar, f"train T={length} {name} {r + 1}/{cfg.repeats}")
+                    faults_before = _minor_faults()
                     start = time.perf_counter()
                     train_step(models[name], ids)
                     times[name].append(time.perf_counter() - start)
+                    faults[name].append(_minor_faults() - faults_before)
                     _tick(bar)
         row: dict = {"seq_len": length}
         for name in names:
             step = median(times[name])
-            row[name] = {"step_s": times[name], "step_s_median": step, "tokens_per_s_median": length / step}
+            row[name] = {
+                "step_s": times[name],
+                "step_s_median": step,
+                "tokens_per_s_median": length / step,
+                # pages the kernel had to map in during the step: memory the allocator had returned to the OS
+                "minor_faults": faults[name],
+            }
         if "retnet" in times and "transformer" in times:
             # transformer time / RetNet time = RetNet's tokens/s over the transformer's, per adjacent pair
             paired = [t / r for t, r in zip(times["transformer"], times["retnet"])]

@@ -35,6 +35,7 @@ def test_json_schema(run):
     for key in ("cpu_count", "torch", "torch_threads", "platform", "python"):
         assert key in run["machine"]
     assert run["machine"]["torch_threads"] == 1
+    assert isinstance(run["machine"]["allocator_env"], dict)
     assert set(run["models"]) == {"retnet", "transformer"}
     assert all(m["params"] > 0 for m in run["models"].values())
 
@@ -45,6 +46,8 @@ def test_json_schema(run):
         for name in ("retnet", "transformer"):
             assert len(row[name]["step_s"]) == 2
             assert row[name]["tokens_per_s_median"] > 0
+            faults = row[name]["minor_faults"]
+            assert len(faults) == 2 and all(isinstance(f, int) and f >= 0 for f in faults)
     assert train["memory_method"] is None and train["memory_fit"] is None
 
     dec = run["decoding"]

@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, help=f"depth of both models (default {d['layers'].default})")
     p.add_argument("--heads", type=int, help=f"attention / retention heads (default {d['heads'].default})")
     p.add_argument("--intermediate-size", type=int, help="feed-forward width of both (default 2 * hidden)")
+    p.add_argument(
+        "--match-params",
+        action="store_true",
+        help="narrow RetNet's feed-forward so both models have the same parameter count (the RetNet paper's "
+        "allocation); default: the same feed-forward width",
+    )
     p.add_argument("--vocab-size", type=int, help="vocabulary (default 259, the byte tokenizer)")
     p.add_argument("--chunk-size", type=int, help="RetNet retention chunk size (default 64)")
     p.add_argument("--repeats", type=int, help="timed repeats per length / context (default 3)")

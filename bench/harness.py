@@ -74,6 +74,9 @@ class BenchConfig:
     layers: int = 4
     heads: int = 4
     intermediate_size: int | None = None  # None: 2 * hidden_size
+    # RetNet's feed-forward narrowed so that both models have the same parameter count (the RetNet paper's
+    # allocation); otherwise both use intermediate_size
+    match_params: bool = False
     vocab_size: int = 259
     chunk_size: int = 64
     repeats: int = 3
@@ -133,10 +136,27 @@ def build_model(name: str, kwargs: dict, seed: int = 0) -> torch.nn.Module:
     raise ValueError(f"unknown model {name!r}, expected one of {MODELS}")
 
 
+def matched_retnet_intermediate(cfg: BenchConfig) -> int:
+    """RetNet's feed-forward width that gives it the transformer's parameter count.
+
+    Per layer, retention has 2 C^2 (q, k) + 3 C V (v, gate, out; V = 2 C) = 8 C^2 parameters against 4 C^2 for
+    attention; the SwiGLU feed-forward has 3 C I. The difference comes off RetNet's I, as the RetNet paper
+    does (its FFN is narrower than the transformer's at equal size).
+    """
+    C = cfg.hidden_size
+    extra = 3 * C * (2 * C) - 2 * C * C  # retention minus attention, per layer
+    width = round(cfg.intermediate_size - extra / (3 * C))
+    if width < 1:
+        raise ValueError(f"match_params: intermediate_size {cfg.intermediate_size} is too small to match")
+    return width
+
+
 def model_settings(cfg: BenchConfig, name: str) -> dict:
     kwargs = dict(model_kwargs(cfg))
     if name == "retnet":
         kwargs["chunk_size"] = cfg.chunk_size
+        if cfg.match_params:
+            kwargs["intermediate_size"] = matched_retnet_intermediate(cfg)
     return kwargs
 
 
@@ -499,7 +519,7 @@ def run_benchmark(cfg: BenchConfig, argv: Iterable[str] | None = None) -> dict:
         "models": {},
     }
     started = time.perf_counter()
-    models = {name: build_model(name, model_kwargs(cfg), cfg.seed) for name in MODELS}
+    models = {name: build_model(name, model_settings(cfg, name), cfg.seed) for name in MODELS}
     for name, model in models.items():
         result["models"][name] = {"params": num_params(model), "config": model_settings(cfg, name)}
     with tqdm(total=_total_steps(cfg), disable=not cfg.progress, file=sys.stderr, leave=False) as bar:
@@ -562,8 +582,13 @@ def format_report(result: dict) -> str:
     m, cfg = result["machine"], result["config"]
     out = [
         f"zoo bench: RetNet vs transformer, hidden {cfg['hidden_size']}, {cfg['layers']} layers, "
-        f"{cfg['heads']} heads, intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}, "
-        f"RetNet chunk {cfg['chunk_size']}",
+        f"{cfg['heads']} heads, intermediate {cfg['intermediate_size']}"
+        + (
+            f" (RetNet {result['models']['retnet']['config']['intermediate_size']}: parameters matched)"
+            if cfg.get("match_params")
+            else ""
+        )
+        + f", vocab {cfg['vocab_size']}, RetNet chunk {cfg['chunk_size']}",
         f"params: RetNet {result['models']['retnet']['params']:,}, "
         f"transformer {result['models']['transformer']['params']:,}",
         f"machine: {m['cpu_model']}, {m['cpu_count']} CPUs, torch {m['torch']}, {m['torch_threads']} threads, "

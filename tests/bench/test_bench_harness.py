@@ -113,3 +113,18 @@ def test_bad_config():
         BenchConfig(memory="sometimes")
     with pytest.raises(ValueError, match="lengths"):
         BenchConfig(lengths=[1])
+
+
+def test_match_params_narrows_retnet_feed_forward():
+    """--match-params: same width and depth, RetNet's FFN narrowed until the parameter counts agree."""
+    from bench.__main__ import build_parser, config_from_args
+    from bench.harness import build_model, num_params
+
+    cfg = config_from_args(build_parser().parse_args(["--hidden-size", "64", "--layers", "2", "--match-params"]))
+    assert cfg.match_params
+    settings = {name: model_settings(cfg, name) for name in ("retnet", "transformer")}
+    assert settings["transformer"]["intermediate_size"] == 128
+    assert settings["retnet"]["intermediate_size"] < 128
+    params = {name: num_params(build_model(name, s)) for name, s in settings.items()}
+    assert abs(params["retnet"] - params["transformer"]) / params["transformer"] < 0.01
+    assert model_settings(BenchConfig(hidden_size=64), "retnet")["intermediate_size"] == 128

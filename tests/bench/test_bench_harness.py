@@ -120,7 +120,9 @@ def test_match_params_narrows_retnet_feed_forward():
     from bench.__main__ import build_parser, config_from_args
     from bench.harness import build_model, num_params
 
-    cfg = config_from_args(build_parser().parse_args(["--hidden-size", "64", "--layers", "2", "--match-params"]))
+    cfg = config_from_args(
+        build_parser().parse_args(["--hidden-size", "64", "--layers", "2", "--match-params"])
+    )
     assert cfg.match_params
     settings = {name: model_settings(cfg, name) for name in ("retnet", "transformer")}
     assert settings["transformer"]["intermediate_size"] == 128
@@ -128,3 +130,34 @@ def test_match_params_narrows_retnet_feed_forward():
     params = {name: num_params(build_model(name, s)) for name, s in settings.items()}
     assert abs(params["retnet"] - params["transformer"]) / params["transformer"] < 0.01
     assert model_settings(BenchConfig(hidden_size=64), "retnet")["intermediate_size"] == 128
+
+
+def test_models_are_built_with_their_settings(monkeypatch):
+    """The timed models get the RetNet-only settings too (chunk size, matched feed-forward)."""
+    import bench.harness as harness
+
+    built = {}
+    real_build = harness.build_model
+
+    def spy(name, kwargs, seed=0):
+        built[name] = real_build(name, kwargs, seed)
+        return built[name]
+
+    monkeypatch.setattr(harness, "build_model", spy)
+    cfg = BenchConfig(
+        lengths=[16],
+        hidden_size=32,
+        layers=1,
+        heads=2,
+        chunk_size=8,
+        repeats=1,
+        warmup=0,
+        memory="off",
+        skip_decode=True,
+        threads=1,
+        progress=False,
+        match_params=True,
+    )
+    harness.run_benchmark(cfg, ["--quick"])
+    assert built["retnet"].config.chunk_size == 8
+    assert built["retnet"].config.intermediate_size == harness.matched_retnet_intermediate(cfg)

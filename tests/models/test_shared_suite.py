@@ -46,6 +46,22 @@ def test_forward_backward(model_type):
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
+def test_bf16_autocast_forward_backward(model_type):
+    """Mixed precision as accelerate runs it on CPU (bf16 autocast): trains, and stays near the float32 logits."""
+    model = causal_lm(model_type).train()
+    ids = tokens(2, 33)
+    with torch.no_grad():
+        ref = model(ids).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    err = (out.logits.float() - ref).norm() / ref.norm()
+    assert err < 5e-2, f"bf16 autocast logits differ from float32 by {err:.2e} (relative)"
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
 @pytest.mark.parametrize("tied", [False, True])
 def test_save_load_round_trip(model_type, tied, tmp_path):
     model = causal_lm(model_type, tie_word_embeddings=tied)

@@ -10,6 +10,7 @@ from zoo.modules.rotary import (
     apply_rotary_interleaved,
     rotate_every_two,
     rotate_half,
+    rotate_pairs,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "rotate_every_two",
     "rms_norm",
     "rotate_half",
+    "rotate_pairs",
 ]

@@ -97,6 +97,13 @@ def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
+def rotate_pairs(x: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of a float32/64 ``x`` (..., D) by unit complex numbers ``phase`` (..., D/2),
+    broadcast: each pair is one complex number, the rotation one complex product (one pass each way)."""
+    pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * phase).flatten(-2)
+
+
 def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` ``(B, T, H, D)`` with adjacent pairs; ``cos``/``sin`` ``(B, T, D)`` repeat each angle twice.
 

@@ -36,7 +36,9 @@ approximation of its parallel form; zoo's three modes all equal the parallel for
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +54,15 @@ from transformers.modeling_outputs import (
 from zoo.models.heads import CausalLMHead, SequenceClassificationHead
 from zoo.models.retnet.configuration_retnet import RetNetConfig
 from zoo.models.utils import default_position_ids, embed_inputs, resolve_use_cache
-from zoo.modules import GatedMLP, RecurrentCache, RMSNorm, apply_rotary_interleaved, build_norm, rms_norm
+from zoo.modules import (
+    GatedMLP,
+    RecurrentCache,
+    RMSNorm,
+    apply_rotary_interleaved,
+    build_norm,
+    rms_norm,
+    rotate_pairs,
+)
 from zoo.ops.retention import naive as retention_naive
 from zoo.ops.retention import retention, retention_step
 
@@ -67,6 +77,57 @@ def xpos_scale(head_dim: int) -> torch.Tensor:
     """xPos per-pair decay base (Sun et al., 2022, "A Length-Extrapolatable Transformer"), repeated: (head_dim,)."""
     half = torch.arange(0, head_dim, 2, dtype=torch.float32)
     return ((half + 0.4 * head_dim) / (1.4 * head_dim)).repeat_interleave(2)
+
+
+@functools.lru_cache(maxsize=64)
+def _log_gammas(gammas: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(gammas, dtype=torch.float64, device=device).log()
+
+
+@functools.lru_cache(maxsize=64)
+def _angles(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    return retnet_angles(head_dim, theta).to(device)
+
+
+@dataclass
+class PositionTerms:
+    """What every layer derives from the positions, computed once per forward (all layers share the config).
+
+    ``phase``: the rotation as unit complex numbers (B, T, 1, Dk/2) for float32/64 (else ``cos``/``sin``,
+    (B, T, Dk)); ``xpos``: the xPos scales of q and k (B, T, 1, Dk); ``row_scale``: the inverse square root of
+    the decay mask's row sums (B, T, H, 1), the paper's first normalisation.
+    """
+
+    positions: torch.Tensor
+    phase: torch.Tensor | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    xpos: tuple[torch.Tensor, torch.Tensor] | None = None
+    row_scale: torch.Tensor | None = None
+
+
+def position_terms(config: RetNetConfig, positions: torch.Tensor, dtype: torch.dtype) -> PositionTerms:
+    terms = PositionTerms(positions)
+    device, acc = positions.device, torch.promote_types(dtype, torch.float32)
+    if config.position_encoding != "none":
+        angle = _angles(config.head_dim, config.rope_theta, device).to(acc)
+        phase = positions[..., None].to(acc) * angle  # (B, T, Dk), each angle twice
+        if dtype in (torch.float32, torch.float64):
+            half = phase[..., ::2]
+            terms.phase = torch.polar(torch.ones_like(half), half).to(
+                torch.complex128 if dtype == torch.float64 else torch.complex64
+            )[:, :, None]
+        else:
+            terms.cos, terms.sin = phase.cos().to(dtype), phase.sin().to(dtype)
+    if config.position_encoding == "xpos":
+        power = positions[..., None, None].to(acc) / config.xpos_scale_base  # (B, T, 1, 1)
+        zeta = xpos_scale(config.head_dim).to(device, acc)
+        terms.xpos = zeta.pow(power).to(dtype), zeta.pow(-power).to(dtype)
+    if config.normalize and config.decay == "fixed":
+        gamma = _log_gammas(tuple(config.gammas()), device).exp()  # (H,)
+        mask_sum = (1 - gamma ** (positions[..., None].double() + 1)) / (1 - gamma)  # (B, T, H)
+        terms.row_scale = mask_sum.rsqrt().to(acc)[..., None]
+    return terms
 
 
 def cu_seqlens_from_positions(position_ids: torch.Tensor) -> torch.LongTensor:
@@ -95,21 +156,24 @@ class MultiScaleRetention(nn.Module):
         self.gate_fn = ACT2FN[config.hidden_act]
 
     def log_gammas(self, device) -> torch.Tensor:
-        return torch.tensor(self.config.gammas(), dtype=torch.float64, device=device).log()
+        return _log_gammas(tuple(self.config.gammas()), torch.device(device))
 
-    def rotate(self, q, k, positions):
-        kind = self.config.position_encoding
-        if kind == "none":
-            return q, k
-        acc = torch.promote_types(q.dtype, torch.float32)
-        angle = retnet_angles(self.head_dim, self.config.rope_theta).to(q.device, acc)
-        phase = positions[..., None].to(acc) * angle  # (B, T, Dk)
-        cos, sin = phase.cos().to(q.dtype), phase.sin().to(q.dtype)
-        q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
-        if kind == "xpos":
-            power = positions[..., None, None].to(acc) / self.config.xpos_scale_base  # (B, T, 1, 1)
-            zeta = xpos_scale(self.head_dim).to(q.device, acc)
-            q, k = q * zeta.pow(power).to(q.dtype), k * zeta.pow(-power).to(k.dtype)
+    def rotate(self, q, k, terms: PositionTerms):
+        """Rotation (and xPos scaling) of q and k; q may be in another dtype than the terms (autocast)."""
+        if terms.phase is not None and q.dtype in (torch.float32, torch.float64):
+            phase = terms.phase.to(torch.complex128 if q.dtype == torch.float64 else torch.complex64)
+            q, k = rotate_pairs(q, phase), rotate_pairs(k, phase)
+        elif terms.phase is not None or terms.cos is not None:
+            if terms.phase is not None:  # the real form for low-precision q
+                cos, sin = (
+                    x.repeat_interleave(2, -1)[:, :, 0].to(q.dtype)
+                    for x in (terms.phase.real, terms.phase.imag)
+                )
+            else:
+                cos, sin = terms.cos.to(q.dtype), terms.sin.to(q.dtype)
+            q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
+        if terms.xpos is not None:
+            q, k = q * terms.xpos[0].to(q.dtype), k * terms.xpos[1].to(k.dtype)
         return q, k
 
     def retention_op(self, q, k, v, log_decay, state, cu_seqlens, output_final_state, row_sum):
@@ -139,8 +203,14 @@ class MultiScaleRetention(nn.Module):
         return retention_naive.with_row_sum(fn, *args) if row_sum else fn(*args)
 
     def forward(self, x, positions, *, pad_mask=None, cu_seqlens=None, cache: RecurrentCache | None = None):
-        """``x`` (B, T, C); ``positions`` (B, T) within each document; ``pad_mask`` (B, T) 1 = real token."""
+        """``x`` (B, T, C); ``positions`` (B, T) within each document, or their ``PositionTerms``; ``pad_mask``
+        (B, T) 1 = real token."""
         B, T, _ = x.shape
+        terms = (
+            positions
+            if isinstance(positions, PositionTerms)
+            else position_terms(self.config, positions, x.dtype)
+        )
         H, Dk, Dv = self.num_heads, self.head_dim, self.value_head_dim
         # 1. projections
         q = self.q_proj(x).view(B, T, H, Dk)
@@ -148,7 +218,7 @@ class MultiScaleRetention(nn.Module):
         v = self.v_proj(x).view(B, T, H, Dv)
         g = self.g_proj(x)
         # 2. relative positions by rotation
-        q, k = self.rotate(q, k, positions)
+        q, k = self.rotate(q, k, terms)
         # 3. decay: a fixed log-gamma per head, or per-token log-gates
         fixed = self.config.decay == "fixed"
         acc = torch.promote_types(x.dtype, torch.float32)
@@ -185,9 +255,7 @@ class MultiScaleRetention(nn.Module):
         # 5. the paper's normalisations: decay-mask rows by 1/sqrt(row sum), scores by max(|row sum|, 1); both
         # are one detached factor per position and head; then the per-head group norm
         if normalize:
-            gamma = self.log_gammas(x.device).exp()  # (H,)
-            mask_sum = (1 - gamma ** (positions[..., None].double() + 1)) / (1 - gamma)  # (B, T, H)
-            row_scale = mask_sum.rsqrt().to(row_sum.dtype)[..., None]  # (B, T, H, 1)
+            row_scale = terms.row_scale.to(row_sum.dtype)  # (B, T, H, 1)
             factor = row_scale / (row_sum.detach() * row_scale).abs().clamp(min=1.0)
             # group_norm(factor * o) == rms_norm(o, eps / factor^2): the factor folds into a per-row epsilon
             o = rms_norm(o, self.group_norm.eps / factor.square())
@@ -300,10 +368,11 @@ class RetNetModel(RetNetPreTrainedModel):
             position_ids = position_ids.reshape(1, B * T)
             pad_mask = pad_mask.reshape(1, B * T) if pad_mask is not None else None
         all_hidden = () if output_hidden_states else None
+        terms = position_terms(self.config, position_ids, hidden_states.dtype)  # shared by every layer
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden += (hidden_states.reshape(B, T, -1),)
-            hidden_states = layer(hidden_states, position_ids, pad_mask, cu_seqlens, cache)
+            hidden_states = layer(hidden_states, terms, pad_mask, cu_seqlens, cache)
         hidden_states = self.norm(hidden_states).reshape(B, T, -1)
         if output_hidden_states:
             all_hidden += (hidden_states,)

@@ -107,6 +107,13 @@ class ChunkRetention(torch.autograd.Function):
     def forward(
         ctx, q, k, v, g, initial_state, scale: float, chunk_size: int, output_final_state: bool, row_sum
     ):
+        # everything runs in the accumulation dtype, whatever autocast would pick for the matmuls
+        with torch.autocast(q.device.type, enabled=False):
+            args = (q, k, v, g, initial_state, scale, chunk_size, output_final_state, row_sum)
+            return ChunkRetention._forward(ctx, *args)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, g, initial_state, scale, chunk_size, output_final_state, row_sum):
         B, T, H, Dk = q.shape
         Dv = v.shape[-1]
         key_sum0 = None
@@ -159,6 +166,11 @@ class ChunkRetention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_final, _d_sums):
+        with torch.autocast(d_out.device.type, enabled=False):
+            return ChunkRetention._backward(ctx, d_out, d_final)
+
+    @staticmethod
+    def _backward(ctx, d_out, d_final):
         Q, K, V, A, S_out, b, S0 = ctx.saved_tensors
         B, T, H, scale, q_dtype, k_dtype, v_dtype, Dv = ctx.meta
         N, BH, C, Dk = Q.shape

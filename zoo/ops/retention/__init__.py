@@ -115,8 +115,8 @@ def retention(
         output_row_sum: also return the row sums of the decayed scores, r_n = scale * sum_m (q_n . k_m)
             exp(G_n - G_m) (the output for a value of ones; RetNet's normaliser), [B, T, H], without gradient.
             The state then carries their recurrence, the decayed key sum, as one more, last column:
-            ``initial_state`` and the final state are [N, H, Dk, Dv + 1]. The ``torch`` backend reads them off
-            the score blocks it computes anyway; the others run a second, gradient-free pass with v = 1.
+            ``initial_state`` and the final state are [N, H, Dk, Dv + 1]. The ``torch`` and ``triton`` backends
+            read them off the score blocks they compute anyway; ``naive`` runs a second pass with v = 1.
 
     Returns:
         (out [B, T, H, Dv] in the dtype of v, final_state or None), and the row sums as a third element with
@@ -133,16 +133,14 @@ def retention(
     args = (q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     if name == "torch":
         return chunk.chunk_retention(*args, chunk_size=chunk_size, row_sum=output_row_sum)
-    if name == "naive":
-        fn, kwargs = naive.naive_recurrent_retention, {}
-    else:
+    if name == "triton":
         # imported here so that zoo imports without triton, and triton is only imported when asked for
         from zoo.ops.retention import triton as triton_impl
 
-        fn, kwargs = triton_impl.triton_retention, {"chunk_size": chunk_size}
+        return triton_impl.triton_retention(*args, chunk_size=chunk_size, row_sum=output_row_sum)
     if output_row_sum:
-        return naive.with_row_sum(fn, *args, **kwargs)
-    return fn(*args, **kwargs)
+        return naive.with_row_sum(naive.naive_recurrent_retention, *args)
+    return naive.naive_recurrent_retention(*args)
 
 
 def retention_step(

@@ -49,6 +49,9 @@ def _retention_fwd_kernel(
     h0,  # (N, H, K, V) initial states, read if USE_H0
     ht,  # (N, H, K, V) final states, float32
     hs,  # (NC, H, K, V) state entering every chunk, float32, written if STORE_HS (for the backward)
+    rs,  # (TT, H) row sums of the scores, float32, written if ROW_SUM
+    z0,  # (N, H, K) initial decayed key sums, read if ROW_SUM and USE_H0
+    zt,  # (N, H, K) final decayed key sums, float32, written if ROW_SUM
     cu_seqlens,  # (N + 1,) sequence boundaries in the packed token axis
     chunk_offsets,  # (N + 1,) index of each sequence's first chunk in hs
     scale,
@@ -60,6 +63,7 @@ def _retention_fwd_kernel(
     BV: tl.constexpr,
     USE_H0: tl.constexpr,
     STORE_HS: tl.constexpr,
+    ROW_SUM: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     i_nh = tl.program_id(0)
@@ -82,6 +86,10 @@ def _retention_fwd_kernel(
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         b_S += tl.load(h0 + (i_n * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    # the decayed key sum: the state of a value of ones, whose outputs are the row sums of the scores
+    b_z = tl.zeros([BK], dtype=tl.float32)
+    if ROW_SUM and USE_H0:
+        b_z += tl.load(z0 + (i_n * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
 
     for i_c in range(0, NT):
         tok = bos + i_c * BT + o_t  # (BT,) packed token index
@@ -102,16 +110,23 @@ def _retention_fwd_kernel(
         # Mask before exp: above the diagonal b_i - b_j > 0 and could overflow.
         b_D = tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf")))  # (BT, BT)
         b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * b_D  # (BT, BT)
+        b_q_start = b_q * tl.exp(b_b)[:, None]  # (BT, BK)
         b_o = tl.dot(b_A, b_v, input_precision=PRECISION)
-        b_o += tl.dot(b_q * tl.exp(b_b)[:, None], b_S, input_precision=PRECISION)  # (BT, BV)
+        b_o += tl.dot(b_q_start, b_S, input_precision=PRECISION)  # (BT, BV)
         tl.store(
             o + (tok[:, None] * H + i_h) * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty), mask=m_tv
         )
 
         b_k_to_end = b_k * tl.exp(b_last - b_b)[:, None]  # (BT, BK)
         b_S = b_S * tl.exp(b_last) + tl.dot(tl.trans(b_k_to_end), b_v, input_precision=PRECISION)
+        if ROW_SUM:
+            b_rs = tl.sum(b_A, axis=1) + tl.sum(b_q_start * b_z[None, :], axis=1)  # (BT,)
+            tl.store(rs + tok * H + i_h, b_rs * scale, mask=m_t)
+            b_z = b_z * tl.exp(b_last) + tl.sum(b_k_to_end, axis=0)
 
     tl.store(ht + (i_n * H + i_h) * K * V + p_kv, b_S, mask=m_kv)
+    if ROW_SUM:
+        tl.store(zt + (i_n * H + i_h) * K + o_k, b_z, mask=m_k)
 
 
 @triton.jit
@@ -233,7 +248,7 @@ class _ChunkRetention(torch.autograd.Function):
     """Packed retention: q, k (1, TT, H, K); v (1, TT, H, V); g (1, TT, H); states (N, H, K, V)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, cu_seqlens, scale, chunk_size):
+    def forward(ctx, q, k, v, g, initial_state, cu_seqlens, scale, chunk_size, row_sum):
         _, _, H, K = q.shape
         V = v.shape[-1]
         N = cu_seqlens.numel() - 1
@@ -242,27 +257,39 @@ class _ChunkRetention(torch.autograd.Function):
         chunk_offsets = _chunk_offsets(cu_seqlens, chunk_size)
         n_total = int(chunk_offsets[-1])
         q, k, v, g = (x.contiguous() for x in (q, k, v, g))
-        h0 = initial_state.contiguous() if initial_state is not None else None
+        h0 = z0 = None
+        if initial_state is not None:  # with row sums, the last column is the decayed key sum
+            h0 = initial_state[..., :V].contiguous()
+            z0 = initial_state[..., V].contiguous() if row_sum else None
 
         o = torch.empty_like(v)  # (1, TT, H, V)
         ht = q.new_empty(N, H, K, V, dtype=torch.float32)
         hs = q.new_empty(n_total if store_hs else 0, H, K, V, dtype=torch.float32)
+        rs = q.new_empty(v.shape[:-1] if row_sum else (0,), dtype=torch.float32)  # (1, TT, H)
+        zt = q.new_empty(N, H, K, dtype=torch.float32) if row_sum else rs
         _retention_fwd_kernel[(N * H,)](
-            q, k, v, g, o, h0 if h0 is not None else ht, ht, hs, cu_seqlens, chunk_offsets, scale,
+            q, k, v, g, o, h0 if h0 is not None else ht, ht, hs, rs, z0 if z0 is not None else zt, zt,
+            cu_seqlens, chunk_offsets, scale,
             H=H, K=K, V=V, BT=chunk_size, BK=_block(K), BV=_block(V),
-            USE_H0=h0 is not None, STORE_HS=store_hs, PRECISION=_precision(q.dtype),
+            USE_H0=h0 is not None, STORE_HS=store_hs, ROW_SUM=row_sum, PRECISION=_precision(q.dtype),
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, g, hs, ht, cu_seqlens, chunk_offsets)
-        ctx.scale, ctx.chunk_size = scale, chunk_size
+        ctx.scale, ctx.chunk_size, ctx.row_sum = scale, chunk_size, row_sum
         ctx.h0_dtype = None if initial_state is None else initial_state.dtype
         ctx.set_materialize_grads(False)
-        return o, ht.to(state_dtype(q.dtype))
+        final = ht if not row_sum else torch.cat([ht, zt[..., None]], dim=-1)
+        sums = rs.to(v.dtype) if row_sum else None
+        if sums is not None:
+            ctx.mark_non_differentiable(sums)
+        return o, final.to(state_dtype(q.dtype)), sums
 
     @staticmethod
-    def backward(ctx, do, dht):
+    def backward(ctx, do, dht, _drs):
         q, k, v, g, hs, ht, cu_seqlens, chunk_offsets = ctx.saved_tensors
         _, _, H, K = q.shape
         V = v.shape[-1]
+        if dht is not None and ctx.row_sum:  # the key-sum column carries no gradient
+            dht = dht[..., :V]
         N = cu_seqlens.numel() - 1
         do = torch.zeros_like(v) if do is None else do.contiguous()
         dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
@@ -277,7 +304,9 @@ class _ChunkRetention(torch.autograd.Function):
             USE_DHT=dht is not None, PRECISION=_precision(q.dtype),
         )  # fmt: skip
         dh0 = None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dh0, None, None, None
+        if dh0 is not None and ctx.row_sum:
+            dh0 = torch.nn.functional.pad(dh0, (0, 1))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dh0, None, None, None, None
 
 
 def triton_retention(
@@ -290,10 +319,13 @@ def triton_retention(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    row_sum: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Chunkwise retention on Triton kernels. q, k (B, T, H, Dk); v (B, T, H, Dv); g (B, T, H) log-gates.
 
-    ``chunk_size`` must be a power of 2 and at least 16 (it is a Triton block size).
+    ``chunk_size`` must be a power of 2 and at least 16 (it is a Triton block size). With ``row_sum`` the
+    forward kernel also writes the row sums (B, T, H), without gradient, and the state gains the decayed key sum
+    as a last column: (out, state, row_sums).
     """
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"retention (triton): chunk_size={chunk_size}, expected a power of 2 >= 16")
@@ -306,5 +338,8 @@ def triton_retention(
     else:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
         packed = (q, k, v, g)
-    o, ht = _ChunkRetention.apply(*packed, initial_state, cu.contiguous(), float(scale), chunk_size)
-    return o.reshape(B, T, H, V), ht if output_final_state else None
+    o, ht, sums = _ChunkRetention.apply(
+        *packed, initial_state, cu.contiguous(), float(scale), chunk_size, row_sum
+    )
+    out = (o.reshape(B, T, H, V), ht if output_final_state else None)
+    return (*out, sums.reshape(B, T, H)) if row_sum else out

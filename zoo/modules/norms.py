@@ -6,6 +6,11 @@ import torch
 from torch import nn
 
 
+def _inverse_rms(x: torch.Tensor, eps) -> torch.Tensor:
+    """rsqrt(mean(x^2) + eps) over the last dim, keepdim; one reduction, no full-size temporary."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """``x * rsqrt(mean(x^2) + eps)`` over the last dim, with a hand-written backward.
 
@@ -15,8 +20,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps):
-        D = x.shape[-1]
-        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(D).add_(eps).rsqrt_()
+        r = _inverse_rms(x, eps)
         ctx.save_for_backward(x, r)
         return x * r
 
@@ -42,10 +46,7 @@ def rms_norm(x: torch.Tensor, eps: float | torch.Tensor, weight: torch.Tensor | 
     if torch.is_grad_enabled() and x.requires_grad:
         y = _RMSNormFunction.apply(x, eps)
     else:  # inference: the same arithmetic without the autograd.Function's call overhead
-        y = (
-            x
-            * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-        )
+        y = x * _inverse_rms(x, eps)
     y = y.to(dtype)
     return y if weight is None else weight * y
 

@@ -93,15 +93,13 @@ def _angles(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
 class PositionTerms:
     """What every layer derives from the positions, computed once per forward (all layers share the config).
 
-    ``phase``: the rotation as unit complex numbers (B, T, 1, Dk/2) for float32/64 (else ``cos``/``sin``,
-    (B, T, Dk)); ``xpos``: the xPos scales of q and k (B, T, 1, Dk); ``row_scale``: the inverse square root of
-    the decay mask's row sums (B, T, H, 1), the paper's first normalisation.
+    ``phase``: the rotation as unit complex numbers (B, T, 1, Dk/2), complex64 (complex128 for float64);
+    ``xpos``: the xPos scales of q and k (B, T, 1, Dk); ``row_scale``: the inverse square root of the decay
+    mask's row sums (B, T, H, 1), the paper's first normalisation.
     """
 
     positions: torch.Tensor
     phase: torch.Tensor | None = None
-    cos: torch.Tensor | None = None
-    sin: torch.Tensor | None = None
     xpos: tuple[torch.Tensor, torch.Tensor] | None = None
     row_scale: torch.Tensor | None = None
 
@@ -111,14 +109,8 @@ def position_terms(config: RetNetConfig, positions: torch.Tensor, dtype: torch.d
     device, acc = positions.device, torch.promote_types(dtype, torch.float32)
     if config.position_encoding != "none":
         angle = _angles(config.head_dim, config.rope_theta, device).to(acc)
-        phase = positions[..., None].to(acc) * angle  # (B, T, Dk), each angle twice
-        if dtype in (torch.float32, torch.float64):
-            half = phase[..., ::2]
-            terms.phase = torch.polar(torch.ones_like(half), half).to(
-                torch.complex128 if dtype == torch.float64 else torch.complex64
-            )[:, :, None]
-        else:
-            terms.cos, terms.sin = phase.cos().to(dtype), phase.sin().to(dtype)
+        half = positions[..., None].to(acc) * angle[::2]  # (B, T, Dk/2): one angle per channel pair
+        terms.phase = torch.polar(torch.ones_like(half), half)[:, :, None]
     if config.position_encoding == "xpos":
         power = positions[..., None, None].to(acc) / config.xpos_scale_base  # (B, T, 1, 1)
         zeta = xpos_scale(config.head_dim).to(device, acc)
@@ -163,14 +155,10 @@ class MultiScaleRetention(nn.Module):
         if terms.phase is not None and q.dtype in (torch.float32, torch.float64):
             phase = terms.phase.to(torch.complex128 if q.dtype == torch.float64 else torch.complex64)
             q, k = rotate_pairs(q, phase), rotate_pairs(k, phase)
-        elif terms.phase is not None or terms.cos is not None:
-            if terms.phase is not None:  # the real form for low-precision q
-                cos, sin = (
-                    x.repeat_interleave(2, -1)[:, :, 0].to(q.dtype)
-                    for x in (terms.phase.real, terms.phase.imag)
-                )
-            else:
-                cos, sin = terms.cos.to(q.dtype), terms.sin.to(q.dtype)
+        elif terms.phase is not None:  # low-precision q (a bf16 model, or autocast): the real form
+            cos, sin = (
+                x.repeat_interleave(2, -1)[:, :, 0].to(q.dtype) for x in (terms.phase.real, terms.phase.imag)
+            )
             q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
         if terms.xpos is not None:
             q, k = q * terms.xpos[0].to(q.dtype), k * terms.xpos[1].to(k.dtype)

@@ -81,8 +81,10 @@ class _Decays:
         self.k = (b_last - b).exp_()[..., None]  # (n, BH, C, 1): decay from j to chunk end
         self.chunk = b_last.exp()[..., None]  # (n, BH, 1, 1): decay across the whole chunk
 
-    def at(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        return x[n] if x.shape[0] > 1 else x[0]
+
+def _at(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Chunk n of a per-chunk factor, or the factor itself when all chunks share it."""
+    return x[n] if x.shape[0] > 1 else x[0]
 
 
 def _rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -133,9 +135,9 @@ class ChunkRetention(torch.autograd.Function):
         S_out = _bmm(K_end.transpose(-1, -2), V)  # (N, BH, Dk, Dv)
         S0 = None if initial_state is None else initial_state.reshape(B * H, Dk, Dv).to(acc)
         if S0 is not None:
-            S_out[0].addcmul_(S0, d.at(d.chunk, 0))
+            S_out[0].addcmul_(S0, _at(d.chunk, 0))
         for n in range(1, N):
-            S_out[n].addcmul_(S_out[n - 1], d.at(d.chunk, n))
+            S_out[n].addcmul_(S_out[n - 1], _at(d.chunk, n))
 
         Q_start = Q * d.q
         O = _bmm(A, V)  # (N, BH, C, Dv); chunk n > 0 reads the state S_out[n - 1] left by chunk n - 1
@@ -155,11 +157,11 @@ class ChunkRetention(torch.autograd.Function):
         z_in[0] = 0 if key_sum0 is None else key_sum0.reshape(B * H, Dk, 1)
         z_chunk = K_end.sum(2)[..., None]  # (N, BH, Dk, 1)
         for n in range(N - 1):
-            torch.addcmul(z_chunk[n], d.at(d.chunk, n), z_in[n], out=z_in[n + 1])
+            torch.addcmul(z_chunk[n], _at(d.chunk, n), z_in[n], out=z_in[n + 1])
         sums = _baddbmm_(A.sum(-1, keepdim=True), Q_start, z_in)  # (N, BH, C, 1)
         sums = _from_chunks(sums, B, T, H, v.dtype)[..., 0]  # (B, T, H)
         if output_final_state:
-            z_final = torch.addcmul(z_chunk[N - 1], d.at(d.chunk, N - 1), z_in[N - 1]).view(B, H, Dk, 1)
+            z_final = torch.addcmul(z_chunk[N - 1], _at(d.chunk, N - 1), z_in[N - 1]).view(B, H, Dk, 1)
             final = torch.cat([final, z_final], dim=-1)
         ctx.mark_non_differentiable(sums)
         return out, final, sums
@@ -186,9 +188,9 @@ class ChunkRetention(torch.autograd.Function):
         Gin = _bmm(Q_start.transpose(-1, -2), dO)  # (N, BH, Dk, Dv)
         del Q_start
         if dS is not None:
-            Gin[N - 1].addcmul_(dS, d.at(d.chunk, N - 1))
+            Gin[N - 1].addcmul_(dS, _at(d.chunk, N - 1))
         for n in range(N - 2, -1, -1):
-            Gin[n].addcmul_(Gin[n + 1], d.at(d.chunk, n))
+            Gin[n].addcmul_(Gin[n + 1], _at(d.chunk, n))
         # the gradient reaching the state *after* chunk n is Gin[n + 1] (dS_final after the last one)
 
         dA = _bmm(dO, V.transpose(-1, -2)).mul_(d.mask)
@@ -203,9 +205,9 @@ class ChunkRetention(torch.autograd.Function):
             dK[:-1].addcmul_(_bmm(V[:-1], Gin[1:].transpose(-1, -2)), head_k)
             _baddbmm_(dV[:-1], K_end[:-1], Gin[1:])
         if S0 is not None:
-            dQ[0].addcmul_(torch.bmm(dO[0], S0.transpose(-1, -2)), d.at(d.q, 0))
+            dQ[0].addcmul_(torch.bmm(dO[0], S0.transpose(-1, -2)), _at(d.q, 0))
         if dS is not None:
-            dK[N - 1].addcmul_(torch.bmm(V[N - 1], dS.transpose(-1, -2)), d.at(d.k, N - 1))
+            dK[N - 1].addcmul_(torch.bmm(V[N - 1], dS.transpose(-1, -2)), _at(d.k, N - 1))
             dV[N - 1].baddbmm_(K_end[N - 1], dS)
         del K_end
         d_initial = Gin[0] if S0 is not None else None

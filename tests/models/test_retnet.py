@@ -52,6 +52,25 @@ def test_chunk_mode_on_the_triton_backend_matches_parallel():
     torch.testing.assert_close(_logits(model, ids, "chunk"), ref, rtol=1e-3, atol=1e-4)
 
 
+def test_triton_backend_trains_under_bf16_autocast():
+    """CPU bf16 autocast (accelerate's mixed_precision) hands the op bf16 q/k/v: the Triton kernels take them and
+    the loss and gradients stay within bf16's resolution of the torch backend's under the same autocast."""
+    ids = torch.randint(3, 259, (1, 21))
+    losses, grads = {}, {}
+    for backend in ("torch", "triton"):
+        model = _model(backend=backend, chunk_size=16).float().train()
+        model.config.retention_mode = "chunk"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        losses[backend] = loss.item()
+        grads[backend] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        assert torch.isfinite(grads[backend]).all()
+    assert abs(losses["triton"] - losses["torch"]) < 2e-2 * abs(losses["torch"])
+    cos = torch.nn.functional.cosine_similarity(grads["triton"], grads["torch"], dim=0)
+    assert cos > 0.99, cos
+
+
 def test_normalisation_switch_changes_the_output():
     # The normalisations' exact form is checked against the literal torchscale rendering below.
     model = _model()
@@ -71,8 +90,11 @@ def test_paper_decays_and_bad_config():
         RetNetConfig(**SIZES, retention_mode="fast")
 
 
-def _torchscale_reference(sd, config, ids):
-    """An independent, literal rendering of torchscale's RetNet decoder in parallel mode, on torchscale names."""
+def _torchscale_reference(sd, config, ids, xpos_base=None):
+    """An independent, literal rendering of torchscale's RetNet decoder in parallel mode, on torchscale names.
+
+    With ``xpos_base``, q and k are also scaled the xPos way after the rotation (Sun et al. 2022): channel pair i
+    by zeta_i ** (n / base) in q and zeta_i ** (-n / base) in k, zeta_i = (2i + 0.4 dk) / (1.4 dk)."""
     H, C = config.num_attention_heads, config.hidden_size
     dk, dv = C // H, config.value_dim // H
     T = ids.shape[1]
@@ -94,6 +116,12 @@ def _torchscale_reference(sd, config, ids):
         x1, x2 = x[..., ::2], x[..., 1::2]
         return x * cos + torch.stack((-x2, x1), dim=-1).flatten(-2) * sin
 
+    q_scale = k_scale = torch.ones(T, dk, dtype=torch.float64)
+    if xpos_base is not None:
+        zeta = ((torch.arange(0, dk, 2, dtype=torch.float64) + 0.4 * dk) / (1.4 * dk)).repeat_interleave(2)
+        q_scale = zeta[None] ** (index[:, None] / xpos_base)
+        k_scale = 1 / q_scale
+
     x = sd["embed_tokens.weight"][ids]
     for i in range(config.num_hidden_layers):
         p = f"layers.{i}."
@@ -102,8 +130,8 @@ def _torchscale_reference(sd, config, ids):
         k = (h @ sd[p + "retention.k_proj.weight"].T) * dk**-0.5
         v = h @ sd[p + "retention.v_proj.weight"].T
         g = h @ sd[p + "retention.g_proj.weight"].T
-        q = theta_shift(q.view(1, T, H, dk).transpose(1, 2))
-        k = theta_shift(k.view(1, T, H, dk).transpose(1, 2))
+        q = theta_shift(q.view(1, T, H, dk).transpose(1, 2)) * q_scale
+        k = theta_shift(k.view(1, T, H, dk).transpose(1, 2)) * k_scale
         v = v.view(1, T, H, dv).transpose(1, 2)
         qk = (q @ k.transpose(-1, -2)) * mask
         qk = qk / qk.detach().sum(dim=-1, keepdim=True).abs().clamp(min=1)
@@ -115,7 +143,8 @@ def _torchscale_reference(sd, config, ids):
     return rms(x, sd["layer_norm.weight"]) @ sd["output_projection.weight"].T
 
 
-def test_torchscale_layout_maps_by_renaming():
+@pytest.mark.parametrize("xpos", [False, True])
+def test_torchscale_layout_maps_by_renaming(xpos):
     torch.manual_seed(0)
     config = RetNetConfig(**SIZES)
     C, V, F = config.hidden_size, config.value_dim, config.intermediate_size
@@ -142,11 +171,14 @@ def test_torchscale_layout_maps_by_renaming():
         )
     sd = {k: v.double() for k, v in sd.items()}
     assert set(torchscale_to_zoo(sd)) == {k for k in RetNetForCausalLM(config).state_dict()}
+    extra = dict(position_encoding="xpos", xpos_scale_base=16.0) if xpos else {}
     model = (
-        from_torchscale({"decoder." + k: v for k, v in sd.items()}, num_heads=2, chunk_size=8).double().eval()
+        from_torchscale({"decoder." + k: v for k, v in sd.items()}, num_heads=2, chunk_size=8, **extra)
+        .double()
+        .eval()
     )
     ids = torch.randint(3, 259, (1, 19))
-    expected = _torchscale_reference(sd, config, ids)
+    expected = _torchscale_reference(sd, config, ids, xpos_base=16.0 if xpos else None)
     for mode in ("parallel", "chunk", "recurrent"):
         torch.testing.assert_close(_logits(model, ids, mode), expected, rtol=1e-9, atol=1e-9)
 

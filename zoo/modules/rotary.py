@@ -98,8 +98,9 @@ def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotate_pairs(x: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of a float32/64 ``x`` (..., D) by unit complex numbers ``phase`` (..., D/2),
-    broadcast: each pair is one complex number, the rotation one complex product (one pass each way)."""
+    """Rotate adjacent channel pairs of a float32/64 ``x`` (..., D) by complex numbers ``phase`` (..., D/2),
+    broadcast: each pair is one complex number, the rotation one complex product (one pass each way). A
+    ``phase`` off the unit circle scales the pair as well (xPos)."""
     pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(pairs * phase).flatten(-2)
 

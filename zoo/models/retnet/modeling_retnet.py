@@ -75,7 +75,7 @@ def retnet_angles(head_dim: int, theta: float) -> torch.Tensor:
 
 def xpos_scale(head_dim: int) -> torch.Tensor:
     """xPos per-pair decay base (Sun et al., 2022, "A Length-Extrapolatable Transformer"), repeated: (head_dim,)."""
-    half = torch.arange(0, head_dim, 2, dtype=torch.float32)
+    half = torch.arange(0, head_dim, 2, dtype=torch.float64)
     return ((half + 0.4 * head_dim) / (1.4 * head_dim)).repeat_interleave(2)
 
 
@@ -93,14 +93,16 @@ def _angles(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
 class PositionTerms:
     """What every layer derives from the positions, computed once per forward (all layers share the config).
 
-    ``phase``: the rotation as unit complex numbers (B, T, 1, Dk/2), complex64 (complex128 for float64);
-    ``xpos``: the xPos scales of q and k (B, T, 1, Dk); ``row_scale``: the inverse square root of the decay
-    mask's row sums (B, T, H, 1), the paper's first normalisation.
+    ``q_phase``, ``k_phase``: what multiplies each channel pair of q and of k, as one complex number per pair
+    (B, T, 1, Dk/2), complex64 (complex128 for float64): the rotation, times the xPos scale (zeta^(n/base) for
+    q, its inverse for k) with ``position_encoding="xpos"``, so that rotation and scaling are one product;
+    ``row_scale``: the inverse square root of the decay mask's row sums (B, T, H, 1), the paper's first
+    normalisation.
     """
 
     positions: torch.Tensor
-    phase: torch.Tensor | None = None
-    xpos: tuple[torch.Tensor, torch.Tensor] | None = None
+    q_phase: torch.Tensor | None = None
+    k_phase: torch.Tensor | None = None
     row_scale: torch.Tensor | None = None
 
 
@@ -110,11 +112,13 @@ def position_terms(config: RetNetConfig, positions: torch.Tensor, dtype: torch.d
     if config.position_encoding != "none":
         angle = _angles(config.head_dim, config.rope_theta, device).to(acc)
         half = positions[..., None].to(acc) * angle[::2]  # (B, T, Dk/2): one angle per channel pair
-        terms.phase = torch.polar(torch.ones_like(half), half)[:, :, None]
-    if config.position_encoding == "xpos":
-        power = positions[..., None, None].to(acc) / config.xpos_scale_base  # (B, T, 1, 1)
-        zeta = xpos_scale(config.head_dim).to(device, acc)
-        terms.xpos = zeta.pow(power).to(dtype), zeta.pow(-power).to(dtype)
+        if config.position_encoding == "xpos":  # the scales are per pair too
+            power = positions[..., None].to(acc) / config.xpos_scale_base  # (B, T, 1)
+            zeta = xpos_scale(config.head_dim)[::2].to(device, acc)
+            terms.q_phase = torch.polar(zeta.pow(power), half)[:, :, None]
+            terms.k_phase = torch.polar(zeta.pow(-power), half)[:, :, None]
+        else:
+            terms.q_phase = terms.k_phase = torch.polar(torch.ones_like(half), half)[:, :, None]
     if config.normalize and config.decay == "fixed":
         gamma = _log_gammas(tuple(config.gammas()), device).exp()  # (H,)
         mask_sum = (1 - gamma ** (positions[..., None].double() + 1)) / (1 - gamma)  # (B, T, H)
@@ -152,17 +156,18 @@ class MultiScaleRetention(nn.Module):
 
     def rotate(self, q, k, terms: PositionTerms):
         """Rotation (and xPos scaling) of q and k; q may be in another dtype than the terms (autocast)."""
-        if terms.phase is not None and q.dtype in (torch.float32, torch.float64):
-            phase = terms.phase.to(torch.complex128 if q.dtype == torch.float64 else torch.complex64)
-            q, k = rotate_pairs(q, phase), rotate_pairs(k, phase)
-        elif terms.phase is not None:  # low-precision q (a bf16 model, or autocast): the real form
-            cos, sin = (
-                x.repeat_interleave(2, -1)[:, :, 0].to(q.dtype) for x in (terms.phase.real, terms.phase.imag)
+        if terms.q_phase is None:
+            return q, k
+        if q.dtype in (torch.float32, torch.float64):
+            cdtype = torch.complex128 if q.dtype == torch.float64 else torch.complex64
+            return rotate_pairs(q, terms.q_phase.to(cdtype)), rotate_pairs(k, terms.k_phase.to(cdtype))
+        # low-precision q (a bf16 model, or autocast): the real form
+        return tuple(
+            apply_rotary_interleaved(
+                x, *(part.repeat_interleave(2, -1)[:, :, 0].to(x.dtype) for part in (phase.real, phase.imag))
             )
-            q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
-        if terms.xpos is not None:
-            q, k = q * terms.xpos[0].to(q.dtype), k * terms.xpos[1].to(k.dtype)
-        return q, k
+            for x, phase in ((q, terms.q_phase), (k, terms.k_phase))
+        )
 
     def retention_op(self, q, k, v, log_decay, state, cu_seqlens, output_final_state, row_sum):
         """Retention over the whole input in the configured mode; with ``row_sum`` also the row sums (B, T, H)."""

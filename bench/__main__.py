@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench.harness import BenchConfig, default_out_path, format_report, run_benchmark, write_json
+from bench.harness import RETNET_FFN, BenchConfig, default_out_path, format_report, run_benchmark, write_json
 
 QUICK = {
     "lengths": [64, 128, 256],
@@ -44,12 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--layers", type=int, help=f"depth of both models (default {d['layers'].default})")
     p.add_argument("--heads", type=int, help=f"attention / retention heads (default {d['heads'].default})")
-    p.add_argument("--intermediate-size", type=int, help="feed-forward width of both (default 2 * hidden)")
     p.add_argument(
-        "--match-params",
-        action="store_true",
-        help="narrow RetNet's feed-forward so both models have the same parameter count (the RetNet paper's "
-        "allocation); default: the same feed-forward width",
+        "--intermediate-size", type=int, help="the transformer's feed-forward width (default 2 * hidden)"
+    )
+    p.add_argument(
+        "--retnet-ffn",
+        choices=list(RETNET_FFN),
+        help="RetNet's feed-forward width: 'matched' (default) narrows it until both models have the same "
+        "parameter count, the RetNet paper's allocation; 'equal' makes it as wide as the transformer's",
     )
     p.add_argument("--vocab-size", type=int, help="vocabulary (default 259, the byte tokenizer)")
     p.add_argument("--chunk-size", type=int, help="RetNet retention chunk size (default 64)")

@@ -115,21 +115,28 @@ def test_bad_config():
         BenchConfig(lengths=[1])
 
 
-def test_match_params_narrows_retnet_feed_forward():
-    """--match-params: same width and depth, RetNet's FFN narrowed until the parameter counts agree."""
+def test_retnet_ffn_matched_by_default_equal_on_request():
+    """By default RetNet's FFN is narrowed until the parameter counts agree (same width and depth);
+    --retnet-ffn equal gives both the transformer's feed-forward width."""
     from bench.__main__ import build_parser, config_from_args
     from bench.harness import build_model, num_params
 
-    cfg = config_from_args(
-        build_parser().parse_args(["--hidden-size", "64", "--layers", "2", "--match-params"])
+    parse = lambda *extra: config_from_args(
+        build_parser().parse_args(["--hidden-size", "64", "--layers", "2", *extra])
     )
-    assert cfg.match_params
+    cfg = parse()
+    assert cfg.retnet_ffn == "matched"
     settings = {name: model_settings(cfg, name) for name in ("retnet", "transformer")}
     assert settings["transformer"]["intermediate_size"] == 128
     assert settings["retnet"]["intermediate_size"] < 128
     params = {name: num_params(build_model(name, s)) for name, s in settings.items()}
     assert abs(params["retnet"] - params["transformer"]) / params["transformer"] < 0.01
-    assert model_settings(BenchConfig(hidden_size=64), "retnet")["intermediate_size"] == 128
+
+    equal = parse("--retnet-ffn", "equal")
+    assert equal.retnet_ffn == "equal"
+    assert model_settings(equal, "retnet")["intermediate_size"] == 128
+    with pytest.raises(ValueError, match="retnet_ffn"):
+        BenchConfig(retnet_ffn="wide")
 
 
 def test_models_are_built_with_their_settings(monkeypatch):
@@ -156,7 +163,7 @@ def test_models_are_built_with_their_settings(monkeypatch):
         skip_decode=True,
         threads=1,
         progress=False,
-        match_params=True,
+        retnet_ffn="matched",
     )
     harness.run_benchmark(cfg, ["--quick"])
     assert built["retnet"].config.chunk_size == 8

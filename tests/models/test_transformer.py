@@ -97,6 +97,46 @@ def test_sliding_window_matches_explicit_band_mask():
     assert not torch.allclose(got[:, 10:], full[:, 10:])
 
 
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+@pytest.mark.parametrize("prefix,step", [(3, 1), (9, 1), (9, 3)])
+def test_sliding_window_decoding_is_bounded_and_equals_full_forward(position, prefix, step):
+    """The cache keeps only the last window - 1 keys per layer, and decoding (one or several tokens at a time,
+    from a prefix shorter or longer than the window) gives the logits of the full forward."""
+    torch.manual_seed(0)
+    config = TransformerConfig(**SIZES, sliding_window=5, position_embedding_type=position)
+    model = TransformerForCausalLM(config).eval()
+    ids = torch.randint(3, 259, (2, 21))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :prefix], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(prefix, ids.shape[1], step):
+            out = model(ids[:, t : t + step], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length() == ids.shape[1]
+    assert all(layer.keys.shape[2] == config.sliding_window - 1 for layer in cache.layers)
+
+
+def test_sliding_window_generate_with_left_padding():
+    """generate() on a left-padded batch with a bounded cache equals greedy decoding by full forwards."""
+    torch.manual_seed(0)
+    model = TransformerForCausalLM(TransformerConfig(**SIZES, sliding_window=4)).eval()
+    ids = torch.randint(3, 259, (2, 9))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    got = model.generate(
+        ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    seq, attn = ids, mask
+    with torch.no_grad():
+        for _ in range(8):
+            logits = model(seq, attention_mask=attn, use_cache=False).logits[:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+    torch.testing.assert_close(got, seq)
+
+
 @pytest.mark.parametrize("position", ["alibi", "learned", "none"])
 def test_position_options_decode_like_full_forward(position):
     torch.manual_seed(0)

@@ -143,32 +143,11 @@ class Attention(nn.Module):
             past_len = past_key_values.get_seq_length(self.layer_idx)
             k, v = past_key_values.update(k, v, self.layer_idx)
 
+        # A sliding-window cache (transformers' DynamicSlidingWindowLayer) holds only the latest keys: the
+        # ``kv_len`` keys here are positions key_start ... past_len + T - 1, the mask's last kv_len columns.
+        kv_len = k.shape[2]
+        key_start = past_len + T - kv_len
         mask = attention_mask
-        if self.alibi_slopes is not None:
-            kv_len = k.shape[2]
-            q_pos = torch.arange(past_len, past_len + T, device=q.device)[:, None]
-            k_pos = torch.arange(kv_len, device=q.device)[None, :]
-            dist = (q_pos - k_pos).abs() if not self.causal else (q_pos - k_pos)
-            bias = -self.alibi_slopes.to(q.device)[:, None, None] * dist.to(torch.float32)  # (H, T, kv)
-            allowed = (
-                mask
-                if mask is not None
-                else build_attention_mask(
-                    batch_size=B,
-                    q_len=T,
-                    past_len=past_len,
-                    device=q.device,
-                    causal=self.causal,
-                    sliding_window=self.sliding_window,
-                )
-            )
-            if allowed is None:
-                allowed = torch.ones(1, 1, T, kv_len, dtype=torch.bool, device=q.device)
-                if self.causal:
-                    allowed = allowed & (k_pos <= q_pos)
-            mask = bias[None].to(q.dtype).masked_fill(~allowed, torch.finfo(q.dtype).min)
-
-        is_causal = mask is None and self.causal and T > 1 and past_len == 0
         if mask is None and self.sliding_window is not None and past_len + T > self.sliding_window:
             mask = build_attention_mask(
                 batch_size=B,
@@ -178,7 +157,21 @@ class Attention(nn.Module):
                 causal=self.causal,
                 sliding_window=self.sliding_window,
             )
-            is_causal = False
+        if mask is not None and mask.shape[-1] != kv_len:
+            mask = mask[..., -kv_len:]
+        if self.alibi_slopes is not None:
+            q_pos = torch.arange(past_len, past_len + T, device=q.device)[:, None]
+            k_pos = torch.arange(key_start, past_len + T, device=q.device)[None, :]
+            dist = (q_pos - k_pos).abs() if not self.causal else (q_pos - k_pos)
+            bias = -self.alibi_slopes.to(q.device)[:, None, None] * dist.to(torch.float32)  # (H, T, kv)
+            allowed = mask
+            if allowed is None:
+                allowed = torch.ones(1, 1, T, kv_len, dtype=torch.bool, device=q.device)
+                if self.causal:
+                    allowed = allowed & (k_pos <= q_pos)
+            mask = bias[None].to(q.dtype).masked_fill(~allowed, torch.finfo(q.dtype).min)
+
+        is_causal = mask is None and self.causal and T > 1 and past_len == 0
         out = F.scaled_dot_product_attention(
             q,
             k,

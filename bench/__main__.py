@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-train", action="store_true", help="no training throughput / memory")
     p.add_argument("--skip-decode", action="store_true", help="no decoding measurement")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile both models for the training steps (compiled in the warm-up); memory and decoding "
+        "stay eager",
+    )
+    p.add_argument(
         "--quick", action="store_true", help="tiny models and lengths (smoke test); flags still override"
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")

@@ -94,6 +94,9 @@ class BenchConfig:
     seed: int = 0
     skip_train: bool = False
     skip_decode: bool = False
+    # torch.compile both models for the training steps (inductor; compiled during the warm-up steps); peak
+    # memory and decoding are measured eager
+    compile: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -112,6 +115,8 @@ class BenchConfig:
             setattr(self, name, sorted(set(values)))
         if self.repeats < 1 or self.warmup < 0 or self.decode_steps < 1:
             raise ValueError("repeats and decode_steps must be >= 1, warmup >= 0")
+        if self.compile and self.warmup < 1:
+            raise ValueError("compile needs warmup >= 1: the first step of each length compiles")
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -537,7 +542,8 @@ def run_benchmark(cfg: BenchConfig, argv: Iterable[str] | None = None) -> dict:
         result["models"][name] = {"params": num_params(model), "config": model_settings(cfg, name)}
     with tqdm(total=_total_steps(cfg), disable=not cfg.progress, file=sys.stderr, leave=False) as bar:
         if not cfg.skip_train:
-            rows = time_training(models, cfg, bar)
+            timed = {name: torch.compile(m) for name, m in models.items()} if cfg.compile else models
+            rows = time_training(timed, cfg, bar)
             memory_fit = None
             if cfg.memory != "off":
                 mem = measure_memory(cfg, bar)
@@ -610,7 +616,11 @@ def format_report(result: dict) -> str:
     ]
     train = result.get("training")
     if train:
-        out += ["", f"Training step (fwd+bwd, batch 1), median of {cfg['repeats']} interleaved repeats:"]
+        compiled = ", both models torch.compile'd" if cfg.get("compile") else ""
+        out += [
+            "",
+            f"Training step (fwd+bwd, batch 1{compiled}), median of {cfg['repeats']} interleaved repeats:",
+        ]
         rows = []
         for r in train["results"]:
             rn, tf = r["retnet"], r["transformer"]

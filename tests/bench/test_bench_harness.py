@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench import __main__ as cli
 from bench import memprobe
@@ -168,3 +169,35 @@ def test_models_are_built_with_their_settings(monkeypatch):
     harness.run_benchmark(cfg, ["--quick"])
     assert built["retnet"].config.chunk_size == 8
     assert built["retnet"].config.intermediate_size == harness.matched_retnet_intermediate(cfg)
+
+
+def test_compile_wraps_the_timed_models(monkeypatch):
+    """--compile times torch.compile'd models (here the quick ``eager`` backend) and needs a warm-up step."""
+    import bench.harness as harness
+
+    compiled = []
+    real_compile = torch.compile
+
+    def spy(model):
+        compiled.append(type(model).__name__)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(harness.torch, "compile", spy)
+    cfg = BenchConfig(
+        lengths=[16],
+        hidden_size=32,
+        layers=1,
+        heads=2,
+        chunk_size=8,
+        repeats=1,
+        memory="off",
+        skip_decode=True,
+        threads=1,
+        progress=False,
+        compile=True,
+    )
+    result = harness.run_benchmark(cfg, ["--compile"])
+    assert sorted(compiled) == ["RetNetForCausalLM", "TransformerForCausalLM"]
+    assert result["config"]["compile"] and "torch.compile" in harness.format_report(result)
+    with pytest.raises(ValueError, match="warmup"):
+        BenchConfig(compile=True, warmup=0)

@@ -152,6 +152,41 @@ def test_padded_batch_equals_one_by_one(model_type, side):
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_torch_compile_matches_eager(model_type, padded):
+    """torch.compile traces the model (forward and backward through AOTAutograd; the ``aot_eager`` backend skips
+    only inductor's code generation) with the eager loss and gradients, and the graph breaks only where an op
+    is deliberately left eager (``torch.compiler.disable``), never on data-dependent Python branches."""
+    import torch._dynamo as dynamo
+
+    model = causal_lm(model_type).train()
+    ids = tokens(2, 24)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :5] = 0
+    kwargs = {"attention_mask": mask} if padded else {}
+
+    def loss_and_grads(m):
+        model.zero_grad(set_to_none=True)
+        loss = m(ids, labels=ids, use_cache=False, **kwargs).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager_loss, eager_grads = loss_and_grads(model)
+    dynamo.reset()
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(model, backend="aot_eager"))
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+    dynamo.reset()
+    explained = dynamo.explain(lambda i: model(i, labels=i, use_cache=False, **kwargs).loss)(ids)
+    reasons = [str(b.reason).splitlines()[0] for b in explained.break_reasons]
+    unexpected = [r for r in reasons if "torch.compiler.disable" not in r]
+    assert not unexpected, unexpected
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
 def test_packed_documents_equal_separate(model_type):
     model = causal_lm(model_type)
     docs = [tokens(1, n, seed=10 + i)[0] for i, n in enumerate([6, 9, 4])]

@@ -57,8 +57,11 @@ def build_attention_mask(
     never used.
     """
     kv_len = past_len + q_len
-    needs_mask = padding_mask is not None and not bool(padding_mask.all())
-    needs_mask |= doc_ids is not None and bool((doc_ids != doc_ids[:, :1]).any())
+    # Whether padding or several documents are present depends on the data; a compiled graph cannot branch on
+    # that without breaking, so under torch.compile a given padding mask or doc_ids always builds the mask.
+    compiling = torch.compiler.is_compiling()
+    needs_mask = padding_mask is not None and (compiling or not bool(padding_mask.all()))
+    needs_mask |= doc_ids is not None and (compiling or bool((doc_ids != doc_ids[:, :1]).any()))
     needs_mask |= sliding_window is not None and kv_len > sliding_window
     needs_mask |= causal and past_len > 0 and q_len > 1
     if not needs_mask:

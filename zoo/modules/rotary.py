@@ -109,9 +109,14 @@ def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     """Rotate ``x`` ``(B, T, H, D)`` with adjacent pairs; ``cos``/``sin`` ``(B, T, D)`` repeat each angle twice.
 
     In float32/float64 each pair is one complex number and the rotation one complex product (a single pass
-    forward and backward); other dtypes use the real form ``x cos + rotate_every_two(x) sin``, equal to it.
+    forward and backward); other dtypes, and torch.compile (inductor generates no code for complex numbers,
+    and fuses the real form with its neighbours), use the real form ``x cos + rotate_every_two(x) sin``.
     """
-    if x.dtype in (torch.float32, torch.float64) and x.shape[-1] % 2 == 0:
+    if (
+        x.dtype in (torch.float32, torch.float64)
+        and x.shape[-1] % 2 == 0
+        and not torch.compiler.is_compiling()
+    ):
         phase = torch.complex(cos[..., ::2].to(x.dtype), sin[..., ::2].to(x.dtype)).unsqueeze(
             2
         )  # (B, T, 1, D/2)

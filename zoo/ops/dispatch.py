@@ -51,7 +51,7 @@ def resolve_backend(op: str, backend: str | None, device: torch.device | None = 
             "is imported to run the kernels on the CPU"
         )
     key = (op, backend)
-    if key not in _logged:
+    if key not in _logged and not torch.compiler.is_compiling():  # logging would break a compiled graph
         _logged.add(key)
         logger.info("zoo.ops.%s: using the %s backend (chosen by %s)", op, backend, source)
     return backend

@@ -79,12 +79,23 @@ def xpos_scale(head_dim: int) -> torch.Tensor:
     return ((half + 0.4 * head_dim) / (1.4 * head_dim)).repeat_interleave(2)
 
 
-@functools.lru_cache(maxsize=64)
+def _table(fn):
+    """Memoised in eager mode; under torch.compile computed in the graph (where it folds to a constant)."""
+    cached = functools.lru_cache(maxsize=64)(fn)
+
+    @functools.wraps(fn)
+    def lookup(*args):
+        return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    return lookup
+
+
+@_table
 def _log_gammas(gammas: tuple[float, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(gammas, dtype=torch.float64, device=device).log()
 
 
-@functools.lru_cache(maxsize=64)
+@_table
 def _angles(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
     return retnet_angles(head_dim, theta).to(device)
 
@@ -93,17 +104,29 @@ def _angles(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
 class PositionTerms:
     """What every layer derives from the positions, computed once per forward (all layers share the config).
 
-    ``q_phase``, ``k_phase``: what multiplies each channel pair of q and of k, as one complex number per pair
-    (B, T, 1, Dk/2), complex64 (complex128 for float64): the rotation, times the xPos scale (zeta^(n/base) for
-    q, its inverse for k) with ``position_encoding="xpos"``, so that rotation and scaling are one product;
-    ``row_scale``: the inverse square root of the decay mask's row sums (B, T, H, 1), the paper's first
-    normalisation.
+    Each channel pair of q and of k is multiplied by one complex number: the rotation e^(i n theta), times the
+    xPos scale with ``position_encoding="xpos"`` (zeta^(n/base) for q, its inverse for k), so that rotation and
+    scaling are one product. ``angle`` (B, T, 1, Dk/2) and ``q_scale``/``k_scale`` (the same shape, or None:
+    no scaling) hold them in real form, ``q_phase``/``k_phase`` as complex numbers (complex64, complex128 for
+    float64; eager mode only: under torch.compile the real form is used). ``row_scale``: the inverse square
+    root of the decay mask's row sums (B, T, H, 1), the paper's first normalisation.
     """
 
     positions: torch.Tensor
+    angle: torch.Tensor | None = None
+    q_scale: torch.Tensor | None = None
+    k_scale: torch.Tensor | None = None
     q_phase: torch.Tensor | None = None
     k_phase: torch.Tensor | None = None
     row_scale: torch.Tensor | None = None
+
+    def real_form(self, which: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the rotation of q or k times its scale, each repeated for its pair: (B, T, Dk)."""
+        scale = self.q_scale if which == "q" else self.k_scale
+        cos, sin = self.angle.cos(), self.angle.sin()
+        if scale is not None:
+            cos, sin = cos * scale, sin * scale
+        return tuple(x.repeat_interleave(2, -1)[:, :, 0].to(dtype) for x in (cos, sin))
 
 
 def position_terms(config: RetNetConfig, positions: torch.Tensor, dtype: torch.dtype) -> PositionTerms:
@@ -111,14 +134,17 @@ def position_terms(config: RetNetConfig, positions: torch.Tensor, dtype: torch.d
     device, acc = positions.device, torch.promote_types(dtype, torch.float32)
     if config.position_encoding != "none":
         angle = _angles(config.head_dim, config.rope_theta, device).to(acc)
-        half = positions[..., None].to(acc) * angle[::2]  # (B, T, Dk/2): one angle per channel pair
+        terms.angle = (positions[..., None].to(acc) * angle[::2])[:, :, None]  # one angle per channel pair
         if config.position_encoding == "xpos":  # the scales are per pair too
-            power = positions[..., None].to(acc) / config.xpos_scale_base  # (B, T, 1)
+            power = positions[..., None, None].to(acc) / config.xpos_scale_base  # (B, T, 1, 1)
             zeta = xpos_scale(config.head_dim)[::2].to(device, acc)
-            terms.q_phase = torch.polar(zeta.pow(power), half)[:, :, None]
-            terms.k_phase = torch.polar(zeta.pow(-power), half)[:, :, None]
-        else:
-            terms.q_phase = terms.k_phase = torch.polar(torch.ones_like(half), half)[:, :, None]
+            terms.q_scale, terms.k_scale = zeta.pow(power), zeta.pow(-power)
+        if not torch.compiler.is_compiling():  # inductor generates no code for complex numbers
+            ones = torch.ones_like(terms.angle)
+            terms.q_phase = torch.polar(ones if terms.q_scale is None else terms.q_scale, terms.angle)
+            terms.k_phase = (
+                terms.q_phase if terms.k_scale is None else torch.polar(terms.k_scale, terms.angle)
+            )
     if config.normalize and config.decay == "fixed":
         gamma = _log_gammas(tuple(config.gammas()), device).exp()  # (H,)
         mask_sum = (1 - gamma ** (positions[..., None].double() + 1)) / (1 - gamma)  # (B, T, H)
@@ -156,17 +182,15 @@ class MultiScaleRetention(nn.Module):
 
     def rotate(self, q, k, terms: PositionTerms):
         """Rotation (and xPos scaling) of q and k; q may be in another dtype than the terms (autocast)."""
-        if terms.q_phase is None:
+        if terms.angle is None:
             return q, k
-        if q.dtype in (torch.float32, torch.float64):
+        if q.dtype in (torch.float32, torch.float64) and terms.q_phase is not None:
             cdtype = torch.complex128 if q.dtype == torch.float64 else torch.complex64
             return rotate_pairs(q, terms.q_phase.to(cdtype)), rotate_pairs(k, terms.k_phase.to(cdtype))
-        # low-precision q (a bf16 model, or autocast): the real form
-        return tuple(
-            apply_rotary_interleaved(
-                x, *(part.repeat_interleave(2, -1)[:, :, 0].to(x.dtype) for part in (phase.real, phase.imag))
-            )
-            for x, phase in ((q, terms.q_phase), (k, terms.k_phase))
+        # low-precision q (a bf16 model, or autocast), or torch.compile: the real form
+        return (
+            apply_rotary_interleaved(q, *terms.real_form("q", q.dtype)),
+            apply_rotary_interleaved(k, *terms.real_form("k", k.dtype)),
         )
 
     def retention_op(self, q, k, v, log_decay, state, cu_seqlens, output_final_state, row_sum):
@@ -349,7 +373,7 @@ class RetNetModel(RetNetPreTrainedModel):
         if position_ids is not None and cache is None and T > 1 and bool((position_ids[:, 1:] == 0).any()):
             cu_seqlens = cu_seqlens_from_positions(position_ids)
         pad_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
             pad_mask = attention_mask[:, -T:]
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past_len, B, T, inputs_embeds.device)

@@ -237,6 +237,13 @@ class ChunkRetention(torch.autograd.Function):
         )
 
 
+@torch.compiler.disable
+def _apply(*args):
+    """The op runs eagerly inside a ``torch.compile``d model (the graph breaks around it): tracing it would unroll
+    its loops over chunks, which takes minutes to compile at long T and runs slower than the eager op."""
+    return ChunkRetention.apply(*args)
+
+
 def chunk_retention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -267,7 +274,5 @@ def chunk_retention(
             Dv = v.shape[-1] + int(row_sum)
             state = q.new_zeros(B, H, Dk, Dv, dtype=acc) if initial_state is None else initial_state.to(acc)
         return (out, state, q.new_zeros(B, 0, H, dtype=v.dtype)) if row_sum else (out, state)
-    out, state, sums = ChunkRetention.apply(
-        q, k, v, g, initial_state, scale, chunk_size, output_final_state, row_sum
-    )
+    out, state, sums = _apply(q, k, v, g, initial_state, scale, chunk_size, output_final_state, row_sum)
     return (out, state, sums) if row_sum else (out, state)

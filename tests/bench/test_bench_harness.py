@@ -140,6 +140,13 @@ def test_retnet_ffn_matched_by_default_equal_on_request():
         BenchConfig(retnet_ffn="wide")
 
 
+def _one_length_training_only(**overrides) -> BenchConfig:
+    """A one-layer pair timed once at T = 16: training only, no memory probe, no decoding."""
+    settings = dict(lengths=[16], hidden_size=32, layers=1, heads=2, chunk_size=8, repeats=1)
+    settings.update(memory="off", skip_decode=True, threads=1, progress=False)
+    return BenchConfig(**{**settings, **overrides})
+
+
 def test_models_are_built_with_their_settings(monkeypatch):
     """The timed models get the RetNet-only settings too (chunk size, matched feed-forward)."""
     import bench.harness as harness
@@ -152,20 +159,7 @@ def test_models_are_built_with_their_settings(monkeypatch):
         return built[name]
 
     monkeypatch.setattr(harness, "build_model", spy)
-    cfg = BenchConfig(
-        lengths=[16],
-        hidden_size=32,
-        layers=1,
-        heads=2,
-        chunk_size=8,
-        repeats=1,
-        warmup=0,
-        memory="off",
-        skip_decode=True,
-        threads=1,
-        progress=False,
-        retnet_ffn="matched",
-    )
+    cfg = _one_length_training_only(warmup=0, retnet_ffn="matched")
     harness.run_benchmark(cfg, ["--quick"])
     assert built["retnet"].config.chunk_size == 8
     assert built["retnet"].config.intermediate_size == harness.matched_retnet_intermediate(cfg)
@@ -183,19 +177,7 @@ def test_compile_wraps_the_timed_models(monkeypatch):
         return real_compile(model, backend="eager")
 
     monkeypatch.setattr(harness.torch, "compile", spy)
-    cfg = BenchConfig(
-        lengths=[16],
-        hidden_size=32,
-        layers=1,
-        heads=2,
-        chunk_size=8,
-        repeats=1,
-        memory="off",
-        skip_decode=True,
-        threads=1,
-        progress=False,
-        compile=True,
-    )
+    cfg = _one_length_training_only(compile=True)
     result = harness.run_benchmark(cfg, ["--compile"])
     assert sorted(compiled) == ["RetNetForCausalLM", "TransformerForCausalLM"]
     assert result["config"]["compile"] and "torch.compile" in harness.format_report(result)

@@ -88,6 +88,26 @@ def test_forward_backward(backend, T, chunk_size, decay_kind):
     )
 
 
+@pytest.mark.parametrize("decay_kind", DECAYS)
+@pytest.mark.parametrize("keep", [True, False])
+def test_torch_backward_with_kept_or_recomputed_states(monkeypatch, decay_kind, keep):
+    """The torch op's backward gives the same gradients whether it reuses the forward's chunk states or
+    recomputes them (what ``keep_chunk_states`` decides from the head sizes)."""
+    from zoo.ops.retention import chunk
+
+    monkeypatch.setattr(chunk, "keep_chunk_states", lambda *sizes: keep)
+    inputs = make_inputs(150, decay_kind)
+    check_forward_backward(op("torch", 16), naive_op(), inputs, dtype=torch.float64, what=f"keep={keep}")
+
+
+def test_chunk_states_are_kept_only_while_no_larger_than_qkv():
+    from zoo.ops.retention.chunk import keep_chunk_states
+
+    assert keep_chunk_states(64, 128, 64)  # 8192 numbers per chunk and head against 64 * 256
+    assert not keep_chunk_states(256, 512, 64)  # 131072 against 64 * 1024
+    assert keep_chunk_states(256, 512, 128)  # exactly equal: kept
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_chunk_size_not_dividing(backend):
     """T = 100 in chunks of 32 for triton, and of 37 (not a power of 2) for torch."""

@@ -28,7 +28,8 @@ o_i depends on B_i only through q_i e^{B_i} and on B_j through k_j e^{-B_j}, so 
 
 Layout: chunk-major (N, B*H, C, D), so that the state of chunk n is one contiguous block. A fixed per-head decay
 (an [H] decay broadcast over batch and time) shares one (C, C) decay block across all chunks. Memory is
-O(T * C + T / C * Dk * Dv): linear in T.
+O(T * C + T / C * Dk * Dv): linear in T. The per-chunk states are kept for the backward only while they are no
+larger than q, k and v (``keep_chunk_states``); otherwise the backward recomputes them.
 """
 
 from __future__ import annotations
@@ -102,6 +103,23 @@ def _baddbmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return out
 
 
+def keep_chunk_states(Dk: int, Dv: int, chunk_size: int) -> bool:
+    """Whether the backward reuses the forward's per-chunk states (True) or recomputes them (False): kept when
+    they take no more memory per token than q, k and v."""
+    return Dk * Dv <= chunk_size * (2 * Dk + Dv)
+
+
+def _chunk_states(K_end: torch.Tensor, V: torch.Tensor, d: _Decays, S0: torch.Tensor | None) -> torch.Tensor:
+    """The state after each chunk, (N, BH, Dk, Dv): each chunk's own update K_end^T V, scanned in place,
+    S[n] = exp(b_C) S[n - 1] + U[n], with S[-1] the initial state ``S0`` (or zero)."""
+    S = _bmm(K_end.transpose(-1, -2), V)
+    if S0 is not None:
+        S[0].addcmul_(S0, _at(d.chunk, 0))
+    for n in range(1, S.shape[0]):
+        S[n].addcmul_(S[n - 1], _at(d.chunk, n))
+    return S
+
+
 class ChunkRetention(torch.autograd.Function):
     """Chunkwise retention with a hand-written backward (formulas in the module docstring)."""
 
@@ -130,25 +148,25 @@ class ChunkRetention(torch.autograd.Function):
 
         A = _bmm(Q, K.transpose(-1, -2)).mul_(d.mask)  # (N, BH, C, C)
         K_end = K * d.k
-        # each chunk's own update, then scanned in place into the state after each chunk:
-        # S_out[n] = exp(b_C) S_out[n - 1] + U[n], with S_out[-1] the initial state
-        S_out = _bmm(K_end.transpose(-1, -2), V)  # (N, BH, Dk, Dv)
         S0 = None if initial_state is None else initial_state.reshape(B * H, Dk, Dv).to(acc)
-        if S0 is not None:
-            S_out[0].addcmul_(S0, _at(d.chunk, 0))
-        for n in range(1, N):
-            S_out[n].addcmul_(S_out[n - 1], _at(d.chunk, n))
+        S_out = _chunk_states(K_end, V, d, S0)
 
         Q_start = Q * d.q
         O = _bmm(A, V)  # (N, BH, C, Dv); chunk n > 0 reads the state S_out[n - 1] left by chunk n - 1
         _baddbmm_(O[1:], Q_start[1:], S_out[:-1])
         if S0 is not None:
             O[0].baddbmm_(Q_start[0], S0)
-        ctx.save_for_backward(Q, K, V, A, S_out, b, S0)
+        # The states cost Dk * Dv / C numbers per token and head. They are kept for the backward when that is no
+        # more than q, k and v cost (2 Dk + Dv); beyond (large heads, small chunks: Dk = 256, Dv = 512, C = 64
+        # would be 2048 against 1024) the backward recomputes them, one more matmul and scan, so that memory
+        # stays a small multiple of the inputs'.
+        ctx.kept_states = keep_chunk_states(Dk, Dv, C)
+        ctx.save_for_backward(Q, K, V, A, b, S0, S_out if ctx.kept_states else None)
         ctx.meta = (B, T, H, scale, q.dtype, k.dtype, v.dtype, Dv)
         ctx.row_sum = row_sum
         out = _from_chunks(O, B, T, H, v.dtype)
-        final = S_out[N - 1].view(B, H, Dk, Dv) if output_final_state else None
+        # a copy: a view would keep every chunk's state alive for as long as the caller keeps the final one
+        final = S_out[N - 1].view(B, H, Dk, Dv).clone() if output_final_state else None
         if not row_sum:
             return out, final, None
         # the output for a value of ones, from the same score blocks: intra-chunk row sums of A, plus q against
@@ -173,10 +191,13 @@ class ChunkRetention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, d_out, d_final):
-        Q, K, V, A, S_out, b, S0 = ctx.saved_tensors
+        Q, K, V, A, b, S0, S_out = ctx.saved_tensors
         B, T, H, scale, q_dtype, k_dtype, v_dtype, Dv = ctx.meta
         N, BH, C, Dk = Q.shape
         d = _Decays(b, scale)
+        K_end = K * d.k
+        if S_out is None:
+            S_out = _chunk_states(K_end, V, d, S0)
         dO = _to_chunks(d_out, N, C, Q.dtype)
         dS = (
             None if d_final is None else d_final[..., :Dv].reshape(BH, Dk, Dv).to(Q.dtype)
@@ -197,7 +218,6 @@ class ChunkRetention(torch.autograd.Function):
         dQ = _bmm(dA, K)
         dK = _bmm(dA.transpose(-1, -2), Q)
         del dA
-        K_end = K * d.k
         dV = _bmm(A.transpose(-1, -2), dO)
         if N > 1:
             rest_q, head_k = _rows(d.q, 1, N), _rows(d.k, 0, N - 1)

@@ -25,6 +25,38 @@ def test_rms_norm_forward_and_gradient(per_row_eps):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("needs", ["both", "x", "weight"])
+def test_rms_norm_weight_inside_the_function(needs):
+    """The weight is applied inside the autograd.Function (float32/64): gradients of x and of the weight, each
+    alone or together, equal plain autograd's."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=needs in ("both", "x"))
+    w = torch.randn(7, dtype=torch.float64, requires_grad=needs in ("both", "weight"))
+    eps = torch.rand(3, 5, 1, dtype=torch.float64)
+    torch.autograd.gradcheck(lambda a, b: rms_norm(a, eps, b), (x, w))
+    dy = torch.randn(3, 5, 7, dtype=torch.float64)
+    inputs = [t for t in (x, w) if t.requires_grad]
+    got = torch.autograd.grad(rms_norm(x, eps, w), inputs, dy)
+    want = torch.autograd.grad(w * reference_rms_norm(x, eps), inputs, dy)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e)
+
+
+def test_rms_norm_low_precision_training_path():
+    """bfloat16 x: normalised in float32, cast back, then scaled by the weight (transformers' Llama order)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(16, dtype=torch.bfloat16, requires_grad=True)
+    y = rms_norm(x, 1e-6, w)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, w * reference_rms_norm(x.float(), 1e-6).bfloat16())
+    y.float().sum().backward()
+    xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    (wf * reference_rms_norm(xf, 1e-6)).sum().backward()
+    torch.testing.assert_close(x.grad.float(), xf.grad, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(w.grad.float(), wf.grad, atol=5e-2, rtol=5e-2)
+
+
 def test_per_row_eps_folds_a_row_scale():
     """rms_norm(f * x, eps) == rms_norm(x, eps / f^2): how RetNet folds its normaliser into the group norm."""
     x = torch.randn(4, 6, 16, dtype=torch.float64)

@@ -2,7 +2,7 @@
 
 from zoo.modules.attention import Attention, alibi_slopes, build_attention_mask, document_ids
 from zoo.modules.cache import RecurrentCache
-from zoo.modules.mlp import MLP, GatedMLP, build_mlp
+from zoo.modules.mlp import MLP, GatedMLP, act_mul, build_mlp
 from zoo.modules.norms import RMSNorm, build_norm, rms_norm
 from zoo.modules.rotary import (
     RotaryEmbedding,
@@ -24,6 +24,7 @@ __all__ = [
     "apply_rotary",
     "apply_rotary_interleaved",
     "build_attention_mask",
+    "act_mul",
     "build_mlp",
     "build_norm",
     "document_ids",

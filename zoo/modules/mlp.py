@@ -6,8 +6,41 @@ Projection names follow transformers (``gate_proj``, ``up_proj``, ``down_proj``)
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+
+SILU_NAMES = ("silu", "swish")
+
+
+class _SiluMul(torch.autograd.Function):
+    """``silu(a) * b`` keeping only ``a`` and ``b`` for the backward: silu(a) is recomputed there instead of being
+    stored (one activation-sized tensor less per gate; the same number of passes over memory)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return F.silu(a).mul_(b)
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor):
+        a, b = ctx.saved_tensors
+        da = torch.ops.aten.silu_backward(d_out * b, a) if ctx.needs_input_grad[0] else None
+        db = F.silu(a).mul_(d_out) if ctx.needs_input_grad[1] else None
+        return da, db
+
+
+def act_mul(act: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``act(a) * b``, the gated product of SwiGLU and of RetNet's output gate; silu/swish through ``_SiluMul``
+    when gradients are needed (a and b of one dtype), any other transformers activation by name otherwise."""
+    if (
+        act in SILU_NAMES
+        and a.dtype == b.dtype
+        and torch.is_grad_enabled()
+        and (a.requires_grad or b.requires_grad)
+    ):
+        return _SiluMul.apply(a, b)
+    return ACT2FN[act](a) * b
 
 
 class GatedMLP(nn.Module):
@@ -18,10 +51,11 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        self.act_fn = ACT2FN[act]
+        ACT2FN[act]  # unknown names fail here, at construction
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(act_mul(self.act, self.gate_proj(x), self.up_proj(x)))
 
 
 class MLP(nn.Module):

@@ -12,23 +12,33 @@ def _inverse_rms(x: torch.Tensor, eps) -> torch.Tensor:
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """``x * rsqrt(mean(x^2) + eps)`` over the last dim, with a hand-written backward.
+    """``x * rsqrt(mean(x^2) + eps)`` over the last dim, times an optional ``weight``, with a hand-written backward.
 
-    With r = rsqrt(mean(x^2) + eps): dx = r dy - x r^3 mean(dy x). One reduction and one fused pass each way,
-    where autograd would keep a chain of full-size temporaries (square, mean, rsqrt, product).
+    With r = rsqrt(mean(x^2) + eps) and dy the gradient reaching the normalised x (times the weight):
+    dx = r dy - x r^3 mean(dy x), dweight = sum over rows of dout * x r. Only x and r are kept for the backward
+    (the normalised x is recomputed for the weight's gradient), where autograd would keep a chain of full-size
+    temporaries (square, mean, rsqrt, product, and the normalised x for the weight).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, eps):
+    def forward(ctx, x: torch.Tensor, eps, weight: torch.Tensor | None):
         r = _inverse_rms(x, eps)
-        ctx.save_for_backward(x, r)
-        return x * r
+        ctx.save_for_backward(x, r, weight)
+        y = x * r
+        return y if weight is None else y.mul_(weight)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, r = ctx.saved_tensors
-        mean_dy_x = torch.linalg.vecdot(dy, x, dim=-1).unsqueeze(-1).div_(x.shape[-1])
-        return torch.addcmul(dy * r, x, r.pow(3).mul_(mean_dy_x), value=-1), None
+    def backward(ctx, d_out: torch.Tensor):
+        x, r, weight = ctx.saved_tensors
+        d_weight = None
+        if weight is not None and ctx.needs_input_grad[2]:
+            d_weight = (d_out * x).mul_(r).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        dy = d_out if weight is None else d_out * weight
+        dx = None
+        if ctx.needs_input_grad[0]:
+            mean_dy_x = torch.linalg.vecdot(dy, x, dim=-1).unsqueeze(-1).div_(x.shape[-1])
+            dx = torch.addcmul(dy * r, x, r.pow(3).mul_(mean_dy_x), value=-1)
+        return dx, None, d_weight
 
 
 def rms_norm(x: torch.Tensor, eps: float | torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,18 +46,21 @@ def rms_norm(x: torch.Tensor, eps: float | torch.Tensor, weight: torch.Tensor | 
 
     ``eps`` is a float, or a tensor broadcastable to ``x[..., :1]`` for a per-row epsilon (it gets no
     gradient). A per-row epsilon folds a detached per-row scale f into the norm: ``rms_norm(f * x, eps)`` equals
-    ``rms_norm(x, eps / f**2)`` for f > 0.
+    ``rms_norm(x, eps / f**2)`` for f > 0. In float32/64 the weight is applied inside one autograd.Function;
+    in lower precision the normalised x is cast back first and then scaled, as transformers' Llama does.
     """
     dtype = x.dtype
     acc = torch.promote_types(dtype, torch.float32)
     if isinstance(eps, torch.Tensor):
         eps = eps.detach().to(acc)
-    x = x.to(acc)
-    if torch.is_grad_enabled() and x.requires_grad:
-        y = _RMSNormFunction.apply(x, eps)
-    else:  # inference: the same arithmetic without the autograd.Function's call overhead
-        y = x * _inverse_rms(x, eps)
-    y = y.to(dtype)
+    grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+    if not grad:  # inference: the same arithmetic without the autograd.Function's call overhead
+        xa = x.to(acc)
+        y = (xa * _inverse_rms(xa, eps)).to(dtype)
+        return y if weight is None else weight * y
+    if dtype == acc:
+        return _RMSNormFunction.apply(x, eps, weight)
+    y = _RMSNormFunction.apply(x.to(acc), eps, None).to(dtype)
     return y if weight is None else weight * y
 
 

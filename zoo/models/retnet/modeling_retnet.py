@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -58,6 +57,7 @@ from zoo.modules import (
     GatedMLP,
     RecurrentCache,
     RMSNorm,
+    act_mul,
     apply_rotary_interleaved,
     build_norm,
     rms_norm,
@@ -175,7 +175,6 @@ class MultiScaleRetention(nn.Module):
         if config.decay == "data_dependent":
             self.decay_proj = nn.Linear(C, H, bias=True)
         self.group_norm = RMSNorm(self.value_head_dim, eps=config.group_norm_eps, elementwise_affine=False)
-        self.gate_fn = ACT2FN[config.hidden_act]
 
     def log_gammas(self, device) -> torch.Tensor:
         return _log_gammas(tuple(self.config.gammas()), torch.device(device))
@@ -280,7 +279,7 @@ class MultiScaleRetention(nn.Module):
             o = self.group_norm(o)
         # 6. swish gate, output projection
         o = o.reshape(B, T, H * Dv)
-        return self.out_proj(self.gate_fn(g) * o)
+        return self.out_proj(act_mul(self.config.hidden_act, g, o))
 
 
 class RetNetBlock(GradientCheckpointingLayer):

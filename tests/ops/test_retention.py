@@ -90,14 +90,18 @@ def test_forward_backward(backend, T, chunk_size, decay_kind):
 
 @pytest.mark.parametrize("decay_kind", DECAYS)
 @pytest.mark.parametrize("keep", [True, False])
-def test_torch_backward_with_kept_or_recomputed_states(monkeypatch, decay_kind, keep):
-    """The torch op's backward gives the same gradients whether it reuses the forward's chunk states or
-    recomputes them (what ``keep_chunk_states`` decides from the head sizes)."""
-    from zoo.ops.retention import chunk
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_backward_with_kept_or_recomputed_states(monkeypatch, backend, decay_kind, keep):
+    """The backward gives the same gradients whether it reuses the forward's chunk states or recomputes them
+    (what ``keep_chunk_states`` decides from the head sizes), with an initial state and final-state gradient."""
+    import importlib
 
-    monkeypatch.setattr(chunk, "keep_chunk_states", lambda *sizes: keep)
-    inputs = make_inputs(150, decay_kind)
-    check_forward_backward(op("torch", 16), naive_op(), inputs, dtype=torch.float64, what=f"keep={keep}")
+    module = importlib.import_module(f"zoo.ops.retention.{'chunk' if backend == 'torch' else 'triton'}")
+    monkeypatch.setattr(module, "keep_chunk_states", lambda *sizes: keep)
+    inputs = make_inputs(150 if backend == "torch" else 70, decay_kind)
+    check_forward_backward(
+        op(backend, 16), naive_op(), inputs, dtype=BACKEND_DTYPE[backend], what=f"{backend} keep={keep}"
+    )
 
 
 def test_chunk_states_are_kept_only_while_no_larger_than_qkv():

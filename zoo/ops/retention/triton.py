@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from zoo.ops.retention.chunk import keep_chunk_states
 from zoo.ops.retention.naive import state_dtype
 
 
@@ -244,6 +245,24 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
+def _states_entering_chunks(q, k, v, g, h0, cu_seqlens, chunk_offsets, scale, chunk_size) -> torch.Tensor:
+    """The state entering every chunk, (NC, H, K, V) float32, from one more run of the forward kernel (its
+    outputs other than the states go to scratch buffers)."""
+    _, _, H, K = q.shape
+    V = v.shape[-1]
+    N = cu_seqlens.numel() - 1
+    hs = q.new_empty(int(chunk_offsets[-1]), H, K, V, dtype=torch.float32)
+    ht = q.new_empty(N, H, K, V, dtype=torch.float32)
+    unused = q.new_empty(0, dtype=torch.float32)
+    _retention_fwd_kernel[(N * H,)](
+        q, k, v, g, torch.empty_like(v), h0 if h0 is not None else ht, ht, hs, unused, unused, unused,
+        cu_seqlens, chunk_offsets, scale,
+        H=H, K=K, V=V, BT=chunk_size, BK=_block(K), BV=_block(V),
+        USE_H0=h0 is not None, STORE_HS=True, ROW_SUM=False, PRECISION=_precision(q.dtype),
+    )  # fmt: skip
+    return hs
+
+
 class _ChunkRetention(torch.autograd.Function):
     """Packed retention: q, k (1, TT, H, K); v (1, TT, H, V); g (1, TT, H); states (N, H, K, V)."""
 
@@ -252,8 +271,11 @@ class _ChunkRetention(torch.autograd.Function):
         _, _, H, K = q.shape
         V = v.shape[-1]
         N = cu_seqlens.numel() - 1
-        # The per-chunk states are kept only when a backward will need them (not under no_grad / inference).
-        store_hs = any(ctx.needs_input_grad)
+        # The per-chunk states are kept only when a backward will need them (not under no_grad / inference), and
+        # only while they are no larger than q, k and v (as in the torch op); otherwise the backward runs the
+        # forward kernel once more to recompute them.
+        needs_grad = any(ctx.needs_input_grad)
+        store_hs = needs_grad and keep_chunk_states(K, V, chunk_size)
         chunk_offsets = _chunk_offsets(cu_seqlens, chunk_size)
         n_total = int(chunk_offsets[-1])
         q, k, v, g = (x.contiguous() for x in (q, k, v, g))
@@ -273,7 +295,9 @@ class _ChunkRetention(torch.autograd.Function):
             H=H, K=K, V=V, BT=chunk_size, BK=_block(K), BV=_block(V),
             USE_H0=h0 is not None, STORE_HS=store_hs, ROW_SUM=row_sum, PRECISION=_precision(q.dtype),
         )  # fmt: skip
-        ctx.save_for_backward(q, k, v, g, hs, ht, cu_seqlens, chunk_offsets)
+        recompute_h0 = h0 if needs_grad and not store_hs else None
+        ctx.save_for_backward(q, k, v, g, hs, ht, cu_seqlens, chunk_offsets, recompute_h0)
+        ctx.recompute = needs_grad and not store_hs
         ctx.scale, ctx.chunk_size, ctx.row_sum = scale, chunk_size, row_sum
         ctx.h0_dtype = None if initial_state is None else initial_state.dtype
         ctx.set_materialize_grads(False)
@@ -285,9 +309,11 @@ class _ChunkRetention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht, _drs):
-        q, k, v, g, hs, ht, cu_seqlens, chunk_offsets = ctx.saved_tensors
+        q, k, v, g, hs, ht, cu_seqlens, chunk_offsets, h0 = ctx.saved_tensors
         _, _, H, K = q.shape
         V = v.shape[-1]
+        if ctx.recompute:
+            hs = _states_entering_chunks(q, k, v, g, h0, cu_seqlens, chunk_offsets, ctx.scale, ctx.chunk_size)
         if dht is not None and ctx.row_sum:  # the key-sum column carries no gradient
             dht = dht[..., :V]
         N = cu_seqlens.numel() - 1

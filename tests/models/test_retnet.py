@@ -197,3 +197,21 @@ def test_decoding_state_does_not_grow_with_context():
     assert sizes[0] == sizes[1]
     head_state = math.prod((1, 2, 16, 32 + 1))  # (B, H, Dk, Dv + normaliser channel)
     assert sizes[0] == 2 * head_state
+
+
+@pytest.mark.parametrize("position_encoding", ["xpos", "none"])
+@pytest.mark.parametrize("decay", ["fixed", "data_dependent"])
+def test_prefix_then_tokens_equals_full_forward(position_encoding, decay):
+    """Decoding token by token from a prefix gives the full forward's logits with every position option
+    (the shared suite covers the default rotation)."""
+    model = _model(position_encoding=position_encoding, decay=decay)
+    model.config.retention_mode = "chunk"
+    ids = torch.randint(3, 259, (2, 23))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :11], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(11, 23):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)

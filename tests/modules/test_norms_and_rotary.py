@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoo.modules import RMSNorm, apply_rotary_interleaved, rms_norm, rotate_every_two
+from zoo.modules import RMSNorm, apply_rotary_interleaved, gated_rms_norm, rms_norm, rotate_every_two
 
 
 def reference_rms_norm(x: torch.Tensor, eps) -> torch.Tensor:
@@ -55,6 +55,37 @@ def test_rms_norm_low_precision_training_path():
     (wf * reference_rms_norm(xf, 1e-6)).sum().backward()
     torch.testing.assert_close(x.grad.float(), xf.grad, atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(w.grad.float(), wf.grad, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("needs", ["both", "x", "gate"])
+@pytest.mark.parametrize("per_row_eps", [False, True])
+def test_gated_rms_norm_equals_norm_then_gate(needs, per_row_eps):
+    """silu(gate) * rms_norm(x): the fused Function's output and gradients equal plain autograd's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=needs in ("both", "x"))
+    gate = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=needs in ("both", "gate"))
+    eps = torch.rand(2, 5, 3, 1, dtype=torch.float64) if per_row_eps else 1e-3
+    torch.autograd.gradcheck(lambda a, b: gated_rms_norm(a, b, eps), (x, gate))
+    want_fn = lambda a, b: torch.nn.functional.silu(b) * reference_rms_norm(a, eps)
+    inputs = [t for t in (x, gate) if t.requires_grad]
+    dy = torch.randn_like(x)
+    torch.testing.assert_close(gated_rms_norm(x, gate, eps), want_fn(x, gate))
+    got = torch.autograd.grad(gated_rms_norm(x, gate, eps), inputs, dy)
+    want = torch.autograd.grad(want_fn(x, gate), inputs, dy)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_gated_rms_norm_other_activation_and_low_precision():
+    x, gate = torch.randn(4, 8), torch.randn(4, 8)
+    torch.testing.assert_close(
+        gated_rms_norm(x, gate, 1e-6, act="gelu"),
+        torch.nn.functional.gelu(gate) * reference_rms_norm(x, 1e-6),
+    )
+    xb, gb = x.bfloat16().requires_grad_(), gate.bfloat16().requires_grad_()
+    out = gated_rms_norm(xb, gb, 1e-6)  # bfloat16: norm in float32, then the gate, as separate steps
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), gated_rms_norm(x, gate, 1e-6), atol=3e-2, rtol=3e-2)
 
 
 def test_per_row_eps_folds_a_row_scale():

@@ -3,7 +3,7 @@
 from zoo.modules.attention import Attention, alibi_slopes, build_attention_mask, document_ids
 from zoo.modules.cache import RecurrentCache
 from zoo.modules.mlp import MLP, GatedMLP, act_mul, build_mlp
-from zoo.modules.norms import RMSNorm, build_norm, rms_norm
+from zoo.modules.norms import RMSNorm, build_norm, gated_rms_norm, rms_norm
 from zoo.modules.rotary import (
     RotaryEmbedding,
     apply_rotary,
@@ -28,6 +28,7 @@ __all__ = [
     "build_mlp",
     "build_norm",
     "document_ids",
+    "gated_rms_norm",
     "rotate_every_two",
     "rms_norm",
     "rotate_half",

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from zoo.modules.mlp import SILU_NAMES, act_mul
 
 
 def _inverse_rms(x: torch.Tensor, eps) -> torch.Tensor:
@@ -34,11 +37,33 @@ class _RMSNormFunction(torch.autograd.Function):
         if weight is not None and ctx.needs_input_grad[2]:
             d_weight = (d_out * x).mul_(r).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         dy = d_out if weight is None else d_out * weight
-        dx = None
-        if ctx.needs_input_grad[0]:
-            mean_dy_x = torch.linalg.vecdot(dy, x, dim=-1).unsqueeze(-1).div_(x.shape[-1])
-            dx = torch.addcmul(dy * r, x, r.pow(3).mul_(mean_dy_x), value=-1)
+        dx = _rms_input_grad(x, r, dy) if ctx.needs_input_grad[0] else None
         return dx, None, d_weight
+
+
+def _rms_input_grad(x: torch.Tensor, r: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """d/dx of x * r with r = rsqrt(mean(x^2) + eps), given dy: r dy - x r^3 mean(dy x)."""
+    mean_dy_x = torch.linalg.vecdot(dy, x, dim=-1).unsqueeze(-1).div_(x.shape[-1])
+    return torch.addcmul(dy * r, x, r.pow(3).mul_(mean_dy_x), value=-1)
+
+
+class _GatedRMSNormFunction(torch.autograd.Function):
+    """``silu(gate) * x * rsqrt(mean(x^2) + eps)``: a norm and its swish output gate in one (RetNet's group norm
+    and gate), keeping x, the gate and the inverse RMS for the backward, where the separate steps would also
+    keep the normalised x and silu(gate)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, eps):
+        r = _inverse_rms(x, eps)
+        ctx.save_for_backward(x, gate, r)
+        return F.silu(gate).mul_(x).mul_(r)
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor):
+        x, gate, r = ctx.saved_tensors
+        d_gate = torch.ops.aten.silu_backward(d_out * x * r, gate) if ctx.needs_input_grad[1] else None
+        dx = _rms_input_grad(x, r, F.silu(gate).mul_(d_out)) if ctx.needs_input_grad[0] else None
+        return dx, d_gate, None
 
 
 def rms_norm(x: torch.Tensor, eps: float | torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,6 +87,23 @@ def rms_norm(x: torch.Tensor, eps: float | torch.Tensor, weight: torch.Tensor | 
         return _RMSNormFunction.apply(x, eps, weight)
     y = _RMSNormFunction.apply(x.to(acc), eps, None).to(dtype)
     return y if weight is None else weight * y
+
+
+def gated_rms_norm(
+    x: torch.Tensor, gate: torch.Tensor, eps: float | torch.Tensor, act: str = "silu"
+) -> torch.Tensor:
+    """``act(gate) * rms_norm(x, eps)`` with ``gate`` shaped like ``x``: a normalised output times its gate.
+
+    For silu/swish in float32/64 with gradients this is one autograd.Function that keeps only x, the gate and
+    the inverse RMS (two activation-sized tensors fewer than norm then gate); otherwise the two steps.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    fused = act in SILU_NAMES and x.dtype == gate.dtype == acc and x.shape == gate.shape
+    if fused and torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad):
+        if isinstance(eps, torch.Tensor):
+            eps = eps.detach().to(acc)
+        return _GatedRMSNormFunction.apply(x, gate, eps)
+    return act_mul(act, gate, rms_norm(x, eps))
 
 
 class RMSNorm(nn.Module):

@@ -57,10 +57,9 @@ from zoo.modules import (
     GatedMLP,
     RecurrentCache,
     RMSNorm,
-    act_mul,
     apply_rotary_interleaved,
     build_norm,
-    rms_norm,
+    gated_rms_norm,
     rotate_pairs,
 )
 from zoo.ops.retention import naive as retention_naive
@@ -270,16 +269,15 @@ class MultiScaleRetention(nn.Module):
             cache.set(self.layer_idx, state=new_state)
         # 5. the paper's normalisations: decay-mask rows by 1/sqrt(row sum), scores by max(|row sum|, 1); both
         # are one detached factor per position and head; then the per-head group norm
+        eps = self.group_norm.eps
         if normalize:
             row_scale = terms.row_scale.to(row_sum.dtype)  # (B, T, H, 1)
             factor = row_scale / (row_sum.detach() * row_scale).abs().clamp(min=1.0)
             # group_norm(factor * o) == rms_norm(o, eps / factor^2): the factor folds into a per-row epsilon
-            o = rms_norm(o, self.group_norm.eps / factor.square())
-        else:
-            o = self.group_norm(o)
-        # 6. swish gate, output projection
-        o = o.reshape(B, T, H * Dv)
-        return self.out_proj(act_mul(self.config.hidden_act, g, o))
+            eps = eps / factor.square()
+        # 6. swish gate (one Function with the group norm), output projection
+        o = gated_rms_norm(o, g.reshape(B, T, H, Dv), eps, self.config.hidden_act)
+        return self.out_proj(o.reshape(B, T, H * Dv))
 
 
 class RetNetBlock(GradientCheckpointingLayer):

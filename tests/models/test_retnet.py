@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from tests.models.decoding import full_and_incremental_logits
 from zoo.models.retnet import RetNetConfig, RetNetForCausalLM
 from zoo.models.retnet.convert_retnet import from_torchscale, torchscale_to_zoo
 from zoo.modules import RecurrentCache
@@ -206,12 +207,5 @@ def test_prefix_then_tokens_equals_full_forward(position_encoding, decay):
     (the shared suite covers the default rotation)."""
     model = _model(position_encoding=position_encoding, decay=decay)
     model.config.retention_mode = "chunk"
-    ids = torch.randint(3, 259, (2, 23))
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        out = model(ids[:, :11], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for t in range(11, 23):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+    full, incremental, _ = full_and_incremental_logits(model, torch.randint(3, 259, (2, 23)), prefix=11)
+    torch.testing.assert_close(incremental, full, rtol=1e-9, atol=1e-9)

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import zoo
+from tests.models.decoding import full_and_incremental_logits
 from tests.models.tiny_configs import TINY, tiny_config
 from zoo.models import default_lora_targets
 
@@ -118,17 +119,8 @@ def test_generate_with_cache_equals_greedy_without(model_type):
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_prefix_then_token_by_token_equals_full_forward(model_type):
     model = causal_lm(model_type)
-    ids = tokens(2, 12)
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        out = model(ids[:, :5], use_cache=True)
-        steps = [out.logits]
-        cache = out.past_key_values
-        for t in range(5, 12):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+    full, incremental, _ = full_and_incremental_logits(model, tokens(2, 12), prefix=5)
+    torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", ARCHS)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.models.decoding import full_and_incremental_logits
 from zoo.models.transformer import TransformerConfig, TransformerForCausalLM
 from zoo.models.transformer.convert_transformer import from_llama
 
@@ -106,14 +107,8 @@ def test_sliding_window_decoding_is_bounded_and_equals_full_forward(position, pr
     config = TransformerConfig(**SIZES, sliding_window=5, position_embedding_type=position)
     model = TransformerForCausalLM(config).eval()
     ids = torch.randint(3, 259, (2, 21))
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        out = model(ids[:, :prefix], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for t in range(prefix, ids.shape[1], step):
-            out = model(ids[:, t : t + step], past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    full, incremental, cache = full_and_incremental_logits(model, ids, prefix, step)
+    torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-5)
     assert cache.get_seq_length() == ids.shape[1]
     assert all(layer.keys.shape[2] == config.sliding_window - 1 for layer in cache.layers)
 
@@ -141,15 +136,8 @@ def test_sliding_window_generate_with_left_padding():
 def test_position_options_decode_like_full_forward(position):
     torch.manual_seed(0)
     model = TransformerForCausalLM(TransformerConfig(**SIZES, position_embedding_type=position)).eval()
-    ids = torch.randint(3, 259, (1, 12))
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        out = model(ids[:, :4], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for t in range(4, 12):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    full, incremental, _ = full_and_incremental_logits(model, torch.randint(3, 259, (1, 12)), prefix=4)
+    torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-5)
 
 
 def test_alibi_bias_matches_its_definition():

@@ -9,6 +9,11 @@ from torch import nn
 from zoo.modules.mlp import SILU_NAMES, act_mul
 
 
+def _constant_eps(eps, acc: torch.dtype):
+    """A per-row epsilon tensor detached (it gets no gradient) in the computing dtype; a float as it is."""
+    return eps.detach().to(acc) if isinstance(eps, torch.Tensor) else eps
+
+
 def _inverse_rms(x: torch.Tensor, eps) -> torch.Tensor:
     """rsqrt(mean(x^2) + eps) over the last dim, keepdim; one reduction, no full-size temporary."""
     return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
@@ -76,8 +81,7 @@ def rms_norm(x: torch.Tensor, eps: float | torch.Tensor, weight: torch.Tensor | 
     """
     dtype = x.dtype
     acc = torch.promote_types(dtype, torch.float32)
-    if isinstance(eps, torch.Tensor):
-        eps = eps.detach().to(acc)
+    eps = _constant_eps(eps, acc)
     grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
     if not grad:  # inference: the same arithmetic without the autograd.Function's call overhead
         xa = x.to(acc)
@@ -100,9 +104,7 @@ def gated_rms_norm(
     acc = torch.promote_types(x.dtype, torch.float32)
     fused = act in SILU_NAMES and x.dtype == gate.dtype == acc and x.shape == gate.shape
     if fused and torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad):
-        if isinstance(eps, torch.Tensor):
-            eps = eps.detach().to(acc)
-        return _GatedRMSNormFunction.apply(x, gate, eps)
+        return _GatedRMSNormFunction.apply(x, gate, _constant_eps(eps, acc))
     return act_mul(act, gate, rms_norm(x, eps))
 
 

@@ -117,9 +117,6 @@ def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         and x.shape[-1] % 2 == 0
         and not torch.compiler.is_compiling()
     ):
-        phase = torch.complex(cos[..., ::2].to(x.dtype), sin[..., ::2].to(x.dtype)).unsqueeze(
-            2
-        )  # (B, T, 1, D/2)
-        pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
-        return torch.view_as_real(pairs * phase).flatten(-2)
+        phase = torch.complex(cos[..., ::2].to(x.dtype), sin[..., ::2].to(x.dtype))  # (B, T, D/2)
+        return rotate_pairs(x, phase.unsqueeze(2))
     return x * cos.unsqueeze(2) + rotate_every_two(x) * sin.unsqueeze(2)

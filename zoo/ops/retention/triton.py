@@ -295,9 +295,8 @@ class _ChunkRetention(torch.autograd.Function):
             H=H, K=K, V=V, BT=chunk_size, BK=_block(K), BV=_block(V),
             USE_H0=h0 is not None, STORE_HS=store_hs, ROW_SUM=row_sum, PRECISION=_precision(q.dtype),
         )  # fmt: skip
-        recompute_h0 = h0 if needs_grad and not store_hs else None
-        ctx.save_for_backward(q, k, v, g, hs, ht, cu_seqlens, chunk_offsets, recompute_h0)
-        ctx.recompute = needs_grad and not store_hs
+        # without stored states the backward needs the initial state to recompute them
+        ctx.save_for_backward(q, k, v, g, hs, ht, cu_seqlens, chunk_offsets, None if store_hs else h0)
         ctx.scale, ctx.chunk_size, ctx.row_sum = scale, chunk_size, row_sum
         ctx.h0_dtype = None if initial_state is None else initial_state.dtype
         ctx.set_materialize_grads(False)
@@ -312,7 +311,7 @@ class _ChunkRetention(torch.autograd.Function):
         q, k, v, g, hs, ht, cu_seqlens, chunk_offsets, h0 = ctx.saved_tensors
         _, _, H, K = q.shape
         V = v.shape[-1]
-        if ctx.recompute:
+        if hs.numel() == 0:  # not stored in the forward (a backward runs only when gradients were needed)
             hs = _states_entering_chunks(q, k, v, g, h0, cu_seqlens, chunk_offsets, ctx.scale, ctx.chunk_size)
         if dht is not None and ctx.row_sum:  # the key-sum column carries no gradient
             dht = dht[..., :V]

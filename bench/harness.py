@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from zoo.models.utils import CACHE_NAME, output_cache
+
 SCHEMA_VERSION = 1
 MODELS = ("retnet", "transformer")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -398,7 +400,7 @@ def measure_memory(cfg: BenchConfig, bar: tqdm | None = None) -> dict[tuple[str,
 @torch.inference_mode()
 def _prefill(model: torch.nn.Module, ids: torch.Tensor):
     out = model(input_ids=ids, use_cache=True)
-    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return output_cache(out), out.logits[:, -1:].argmax(-1)
 
 
 @torch.inference_mode()
@@ -408,10 +410,10 @@ def _decode_block(model: torch.nn.Module, state: dict, steps: int) -> list[float
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, use_cache=True, **{CACHE_NAME: cache})
         token = out.logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - start)
-        cache = out.past_key_values
+        cache = output_cache(out)
     state["cache"], state["token"] = cache, token
     state["context"] += steps
     return times

@@ -21,11 +21,19 @@ from typing import Protocol
 import torch
 
 from eval.tasks.base import encode
+from zoo.models.utils import CACHE_NAME, output_cache
 
 logger = logging.getLogger(__name__)
 
+# The prompt of the decoding self-check: ordinary text, so that any tokenizer encodes it.
+SELF_CHECK_PROMPT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
+
 # ``--rope-scaling METHOD:FACTOR`` when zoo.positional is absent: METHOD -> transformers' rope_type.
 ROPE_TYPES = {"linear": "linear", "pi": "linear", "dynamic": "dynamic", "yarn": "yarn"}
+
+
+class DecodingCheckFailed(RuntimeError):
+    """A model's cached decoding disagrees with its full forward: every generated answer would be garbage."""
 
 
 class Predictor(Protocol):
@@ -56,6 +64,54 @@ class HFPredictor:
 
     def _context_ids(self, text: str) -> list[int]:
         return self.bos + encode(self.tokenizer, text)
+
+    @torch.inference_mode()
+    def check_decoding(self, prompt: str = SELF_CHECK_PROMPT, new_tokens: int = 8, rtol: float = 1e-3) -> dict:
+        """Checks, before anything is scored, that the paths the suite scores through agree with the full forward.
+
+        On a short prompt: greedy ``generate()`` with the cache gives the tokens of greedy decoding by full
+        forwards without one, and the logits of a cached prefill followed by one-token steps (the path of the
+        multiple-choice scorer) are within ``rtol`` (relative, over all logits) of the full forward's. Raises
+        :class:`DecodingCheckFailed` naming what differs; returns what was measured, for the results record.
+        """
+        if not self._caches:
+            return {"checked": False, "reason": "the model's config has use_cache=False"}
+        prompt_ids = torch.tensor([self._context_ids(prompt)], device=self.device)
+        full_ids = prompt_ids
+        for _ in range(new_tokens):
+            logits = self.model(input_ids=full_ids, use_cache=False).logits[:, -1]
+            full_ids = torch.cat([full_ids, logits.argmax(-1, keepdim=True)], dim=1)
+        full_logits = self.model(input_ids=full_ids, use_cache=False).logits.float()
+        generated = self.model.generate(
+            input_ids=prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=self.pad_id,
+        )
+        split = prompt_ids.shape[1]
+        out = self.model(input_ids=full_ids[:, :split], use_cache=True)
+        pieces, cache = [out.logits], output_cache(out)
+        for t in range(split, full_ids.shape[1]):
+            out = self.model(input_ids=full_ids[:, t : t + 1], use_cache=True, **{CACHE_NAME: cache})
+            pieces.append(out.logits)
+            cache = output_cache(out)
+        stepped = torch.cat(pieces, dim=1).float()
+        error = ((stepped - full_logits).norm() / full_logits.norm().clamp_min(1e-30)).item()
+        tokens_equal = generated.shape == full_ids.shape and bool((generated == full_ids).all())
+        record = {"checked": True, "tokens_equal": tokens_equal, "logits_relative_error": error}
+        if not tokens_equal or not error <= rtol:
+            raise DecodingCheckFailed(
+                f"{type(self.model).__name__}: cached decoding disagrees with the full forward "
+                f"(generate() with the cache {'matches' if tokens_equal else 'differs from'} greedy full-forward "
+                f"decoding: {generated[0, split:].tolist()} vs {full_ids[0, split:].tolist()}; logits of cached "
+                f"one-token steps differ by {error:.2e} relative, limit {rtol:.0e}). Scores would reflect a "
+                "broken decoding path, not the model; nothing was scored. Check that the model accepts the "
+                f"cache as {CACHE_NAME!r} (the installed transformers' name)."
+            )
+        return record
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -122,7 +178,7 @@ class HFPredictor:
         results = []
         for start in range(0, len(requests), self.batch_size):
             batch = requests[start : start + self.batch_size]
-            cache = copy.deepcopy(out.past_key_values)
+            cache = copy.deepcopy(output_cache(out))
             cache.batch_repeat_interleave(len(batch))
             width = max(len(cont) - 1 for _, cont in batch)
             logprobs = None
@@ -136,8 +192,8 @@ class HFPredictor:
                 logits = self.model(
                     input_ids=ids.to(self.device),
                     attention_mask=mask.to(self.device),
-                    past_key_values=cache,
                     use_cache=True,
+                    **{CACHE_NAME: cache},
                 ).logits
                 logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, width, V)
             for row, (_, cont) in enumerate(batch):

@@ -213,6 +213,34 @@ def plot_perplexity(runs: list[dict], task: str, path: Path) -> bool:
     return True
 
 
+def all_zero_tasks(runs: list[dict], tasks: list[str]) -> list[tuple[str, str, str]]:
+    """(run, task, explanation) for every accuracy task a run scored 0 on in every cell it scored.
+
+    A zero everywhere is either a weak model or a broken path (a cache ignored, a tokenizer mismatch); the
+    explanation says which the run can rule out: the decoding self-check the runner records tells whether
+    cached decoding was verified against the full forward.
+    """
+    out = []
+    for run in runs:
+        check = run.get("decoding_check") or {}
+        if check.get("checked"):
+            why = (
+                "cached decoding was verified against the full forward before scoring "
+                f"(relative logit error {check.get('logits_relative_error', float('nan')):.1e}): the model, not "
+                "the decoding path, scored 0"
+            )
+        else:
+            reason = check.get("reason", "this run has no record of it")
+            why = f"**decoding path not verified** ({reason}): a broken path cannot be ruled out"
+        for task in tasks:
+            scores = [
+                s for by_v in run["results"].get(task, {}).values() for s in by_v.values() if s is not None
+            ]
+            if scores and all(s == 0 for s in scores):
+                out.append((str(run.get("label")), task, why))
+    return out
+
+
 def write_report(directories: list[str | Path], out: str | Path) -> Path:
     """Write report.md, model_index.yaml and the plots of the runs in ``directories`` into ``out``."""
     out = Path(out)
@@ -299,6 +327,11 @@ def write_report(directories: list[str | Path], out: str | Path) -> Path:
             ]
             kind = run["tasks"].get(task, {}).get("variant_kind", "variant")
             lines += _table([kind, *(format_length(n) for n in lengths)], rows) + [""]
+
+    zero = all_zero_tasks(runs, acc_tasks)
+    if zero:
+        lines += ["## Tasks scored 0 on every cell", ""]
+        lines += [f"- {label}: {task} — {why}" for label, task, why in zero] + [""]
 
     skipped = [
         f"- {r.get('label')}: {t} @ {n} [{v}]: {reason}"

@@ -8,7 +8,12 @@ already present (scored, or skipped with a reason) is not recomputed. Prediction
      "tasks":   {task: {"metric": ..., "variant_kind": "depth" | "variant", "paper": ...}},
      "results": {task: {"1024": {"0.50": 0.75, ...}, ...}, ...},     # accuracy in [0, 1], or perplexity
      "samples": {task: {"1024": {"0.50": 4}}},                        # samples per cell
-     "skipped": {task: {"1024": {"default": "reason"}}}}              # cells that could not be built
+     "skipped": {task: {"1024": {"default": "reason"}}},              # cells that could not be built
+     "decoding_check": {"checked": true, "tokens_equal": true, "logits_relative_error": 1e-7}}
+
+Before any cell is scored, a predictor that has ``check_decoding`` (``HFPredictor``) checks that its cached
+decoding equals its full forward on a short prompt; when it does not, the run stops with
+``DecodingCheckFailed`` before writing a score.
 """
 
 from __future__ import annotations
@@ -153,6 +158,10 @@ def run_suite(
     settings["tasks"] = list(suite.tasks)
     results = load_results(out, settings, overwrite)
     todo = [c for c in cells(suite) if not is_done(results, c[0].name, c[1], c[2])]
+    if todo and hasattr(predictor, "check_decoding"):
+        # raises before any score is written when the cached path is broken
+        results["decoding_check"] = predictor.check_decoding()
+        logger.info("decoding self-check: %s", results["decoding_check"])
     seed = settings.get("seed", 0)
     torch.manual_seed(seed)
     bar = tqdm(todo, desc="eval", unit="cell", disable=not progress)

@@ -11,8 +11,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# With any of these importable, transformers' own Mamba / linear-attention classes switch to their GPU kernels
+# without a device check, and the CPU parity tests would crash or compare against nothing.
+_GPU_KERNEL_PACKAGES = [name for name in ("fla", "mamba_ssm", "causal_conv1d") if importlib.util.find_spec(name)]
+if _GPU_KERNEL_PACKAGES:
+    raise pytest.UsageError(
+        f"uninstall {', '.join(_GPU_KERNEL_PACKAGES)} from the test environment: transformers would route its "
+        "reference models to their CUDA kernels"
+    )
 
 # Without a GPU, Triton kernels are verified under the interpreter, which must be chosen before triton is imported.
 if not torch.cuda.is_available():

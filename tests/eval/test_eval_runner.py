@@ -143,3 +143,82 @@ def test_run_suite_with_oracle_scores_every_cell_100(tmp_path, monkeypatch):
     ]
     assert scores and all(v == 1.0 for v in scores)
     assert set(seen) == set(suite.tasks)
+
+
+def _tiny_zoo_lm(model_type="zoo_transformer"):
+    import zoo  # noqa: F401
+    from tests.models.tiny_configs import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+
+
+class CacheIgnored(torch.nn.Module):
+    """A causal LM whose forward drops the cache it is given, as zoo's did when transformers renamed it: every
+    decoding step then sees one token with no history."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, input_ids=None, attention_mask=None, use_cache=None, **ignored):
+        return self.inner(input_ids=input_ids, use_cache=use_cache)
+
+    def generate(self, input_ids=None, max_new_tokens=1, **ignored):
+        seq = input_ids
+        for _ in range(max_new_tokens):
+            nxt = self.inner(input_ids=seq[:, -1:], use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+        return seq
+
+
+@pytest.mark.parametrize("model_type", ["zoo_transformer", "zoo_retnet"])
+def test_decoding_self_check_passes_and_is_recorded(model_type, tmp_path):
+    from eval.predictors import HFPredictor
+
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    predictor = HFPredictor(_tiny_zoo_lm(model_type), tokenizer)
+    suite = Suite(tasks=("passkey",), lengths=(256,), depths=(0.5,), num_samples=1)
+    results = run_suite(predictor, tokenizer, suite, tmp_path, {"model": "tiny", "seed": 0}, progress=False)
+    check = results["decoding_check"]
+    assert check["checked"] and check["tokens_equal"] and check["logits_relative_error"] < 1e-5, check
+    assert json.loads((tmp_path / "results.json").read_text())["decoding_check"] == check
+
+
+def test_decoding_self_check_refuses_a_broken_cache_before_scoring(tmp_path):
+    from eval.predictors import DecodingCheckFailed, HFPredictor
+
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    predictor = HFPredictor(CacheIgnored(_tiny_zoo_lm()), tokenizer)
+    suite = Suite(tasks=("passkey",), lengths=(256,), depths=(0.5,), num_samples=1)
+    with pytest.raises(DecodingCheckFailed, match="cached decoding disagrees with the full forward"):
+        run_suite(predictor, tokenizer, suite, tmp_path, {"model": "broken", "seed": 0}, progress=False)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_report_flags_tasks_scored_zero_everywhere(tmp_path):
+    from eval.report import write_report
+
+    def run(name, check):
+        record = {
+            "model": name,
+            "label": name,
+            "settings": {"suite": "quick", "seed": 0, "num_samples": 1},
+            "tasks": {"passkey": {"metric": "accuracy", "variant_kind": "depth"}},
+            "results": {"passkey": {"256": {"0.50": 0.0}, "512": {"0.50": 0.0}}},
+            "samples": {},
+            "skipped": {},
+        }
+        if check is not None:
+            record["decoding_check"] = check
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(record))
+        return tmp_path / name
+
+    verified = run("verified", {"checked": True, "tokens_equal": True, "logits_relative_error": 1e-8})
+    unverified = run("unverified", None)
+    text = write_report([verified, unverified], tmp_path / "report").read_text()
+    section = text.split("## Tasks scored 0 on every cell")[1].split("##")[0]
+    assert "verified: passkey — cached decoding was verified" in section
+    assert "unverified: passkey — **decoding path not verified**" in section

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from zoo.models.utils import CACHE_NAME, output_cache
+
 
 @torch.no_grad()
 def full_and_incremental_logits(model, ids: torch.Tensor, prefix: int, step: int = 1):
@@ -11,9 +13,9 @@ def full_and_incremental_logits(model, ids: torch.Tensor, prefix: int, step: int
     forwards of ``step`` tokens at a time with the cache; returns (full, incremental, cache)."""
     full = model(ids, use_cache=False).logits
     out = model(ids[:, :prefix], use_cache=True)
-    pieces, cache = [out.logits], out.past_key_values
+    pieces, cache = [out.logits], output_cache(out)
     for t in range(prefix, ids.shape[1], step):
-        out = model(ids[:, t : t + step], past_key_values=cache, use_cache=True)
+        out = model(ids[:, t : t + step], use_cache=True, **{CACHE_NAME: cache})
         pieces.append(out.logits)
-        cache = out.past_key_values
+        cache = output_cache(out)
     return full, torch.cat(pieces, dim=1), cache

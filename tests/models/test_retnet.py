@@ -8,6 +8,7 @@ import torch
 from tests.models.decoding import full_and_incremental_logits
 from zoo.models.retnet import RetNetConfig, RetNetForCausalLM
 from zoo.models.retnet.convert_retnet import from_torchscale, torchscale_to_zoo
+from zoo.models.utils import output_cache
 from zoo.modules import RecurrentCache
 
 SIZES = dict(
@@ -191,8 +192,8 @@ def test_decoding_state_does_not_grow_with_context():
         ids = torch.randint(3, 259, (1, length))
         with torch.no_grad():
             out = model(ids, use_cache=True)
-            out = model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
-        cache = out.past_key_values
+            out = model(ids[:, -1:], cache=output_cache(out), use_cache=True)
+        cache = output_cache(out)
         assert isinstance(cache, RecurrentCache) and cache.get_seq_length() == length + 1
         sizes.append(sum(t.numel() for s in cache.states.values() for t in s.values()))
     assert sizes[0] == sizes[1]

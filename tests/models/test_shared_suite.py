@@ -12,6 +12,8 @@ import zoo
 from tests.models.decoding import full_and_incremental_logits
 from tests.models.tiny_configs import TINY, tiny_config
 from zoo.models import default_lora_targets
+from zoo.models.utils import CACHE_NAME, output_cache
+from zoo.modules import RecurrentCache
 
 ARCHS = sorted(zoo.REGISTRY)
 VOCAB_LO = 3  # ids below are special tokens of the byte tokenizer
@@ -179,15 +181,78 @@ def test_torch_compile_matches_eager(model_type, padded):
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
-def test_packed_documents_equal_separate(model_type):
-    model = causal_lm(model_type)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("use_cache", [None, True, False])
+def test_packed_documents_equal_separate(model_type, mode, use_cache):
+    """No state or attention crosses a document boundary, with each model's defaults (``use_cache=None``: the
+    cache is on at inference), in train and eval mode (dropout is 0 in the tiny configs), cache on and off."""
+    model = causal_lm(model_type).train(mode == "train")
     docs = [tokens(1, n, seed=10 + i)[0] for i, n in enumerate([6, 9, 4])]
     ids = torch.cat(docs)[None]
     position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
     with torch.no_grad():
-        packed = model(ids, position_ids=position_ids, use_cache=False).logits[0]
+        packed = model(ids, position_ids=position_ids, use_cache=use_cache).logits[0]
         alone = torch.cat([model(d[None], use_cache=False).logits[0] for d in docs])
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+
+
+def _keeps_only_a_state(model_type) -> bool:
+    with torch.no_grad():
+        cache = output_cache(causal_lm(model_type)(tokens(1, 2), use_cache=True))
+    return isinstance(cache, RecurrentCache)
+
+
+# A KV cache keeps every document's keys, so only models whose cache is a recurrent state can go on decoding
+# after a packed prefill; attention models decode from unpacked prompts.
+STATE_ARCHS = [t for t in ARCHS if _keeps_only_a_state(t)]
+
+
+@pytest.mark.parametrize("model_type", STATE_ARCHS)
+def test_decoding_goes_on_from_the_last_packed_document(model_type):
+    """After a packed prefill with the cache, the next token continues each row's last document only."""
+    model = causal_lm(model_type)
+    docs = [tokens(1, n, seed=20 + i)[0] for i, n in enumerate([5, 7])]
+    nxt = tokens(1, 1, seed=30)
+    ids = torch.cat(docs)[None]
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    with torch.no_grad():
+        out = model(ids, position_ids=position_ids, use_cache=True)
+        step = model(nxt, position_ids=torch.tensor([[len(docs[-1])]]), use_cache=True, cache=output_cache(out))
+        alone = model(torch.cat([docs[-1][None], nxt], 1), use_cache=False).logits[:, -1]
+    torch.testing.assert_close(step.logits[:, -1], alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+@pytest.mark.parametrize("head", ["model", "causal_lm", "sequence_classification"])
+def test_misspelt_keyword_is_a_type_error(model_type, head):
+    """An unknown keyword is never swallowed: a renamed argument upstream must fail loudly, naming it."""
+    cls = getattr(zoo.REGISTRY[model_type], head)
+    torch.manual_seed(0)
+    model = cls(tiny_config(model_type, num_labels=2)).eval()
+    ids = tokens(1, 5)
+    with pytest.raises(TypeError, match="atention_mask.*did you mean 'attention_mask'"):
+        model(ids, atention_mask=torch.ones_like(ids))
+    with pytest.raises(TypeError, match="'cache_positions'"):
+        model(ids, cache_positions=torch.arange(5))
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_cache_under_either_name(model_type):
+    """The cache is accepted as ``cache`` (transformers >= 5.24) and ``past_key_values`` (before), and outputs
+    carry it under the installed transformers' field name."""
+    model = causal_lm(model_type)
+    ids = tokens(1, 9)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits[:, -1]
+        by_name = {}
+        for name in ("cache", "past_key_values"):
+            prefix = model(ids[:, :-1], use_cache=True)
+            by_name[name] = model(ids[:, -1:], use_cache=True, **{name: output_cache(prefix)}).logits[:, -1]
+            torch.testing.assert_close(by_name[name], full, rtol=1e-4, atol=1e-5)
+        prefix = model(ids[:, :-1], use_cache=True)
+        with pytest.raises(TypeError, match="pass the cache once"):
+            model(ids[:, -1:], cache=output_cache(prefix), past_key_values=output_cache(prefix))
+    assert CACHE_NAME in type(prefix).__dataclass_fields__
 
 
 @pytest.mark.parametrize("model_type", ARCHS)

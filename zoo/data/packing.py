@@ -10,8 +10,8 @@ Each block carries three rows of equal length:
 - ``labels``: ``input_ids`` with -100 wherever ``position_ids == 0``. Models shift labels by one inside
   (transformers' convention), so the first token of a document is never predicted from the previous one.
 
-Models that support packed sequences read the boundaries from ``position_ids``:
-:func:`cu_seqlens_from_position_ids` gives the ``cu_seqlens`` of fla and flash-attn's varlen kernels,
+Models that support packed sequences read the boundaries from ``position_ids`` (``zoo.modules.documents``, one
+rule for every consumer): :func:`cu_seqlens_from_position_ids` gives the ``cu_seqlens`` of fla and flash-attn's varlen kernels,
 :func:`document_mask_from_position_ids` a dense block-diagonal causal mask. A last, incomplete block is padded
 with ``pad_token_id`` (labels -100, positions counting from 0 as a document of its own) unless ``drop_last``.
 """
@@ -21,6 +21,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from zoo.modules.documents import cu_seqlens_from_position_ids, document_mask_from_position_ids
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataCollatorForPacked",
+    "cu_seqlens_from_position_ids",
+    "document_mask_from_position_ids",
+    "make_packed_dataset",
+    "pack_documents",
+]
 
 IGNORE_INDEX = -100
 
@@ -86,39 +97,6 @@ def _emit(blocks: dict[str, list[list[int]]], ids: list[int], pos: list[int], ig
     blocks["input_ids"].append(ids)
     blocks["position_ids"].append(pos)
     blocks["labels"].append(labels)
-
-
-def _document_starts(position_ids: torch.Tensor) -> torch.Tensor:
-    """Bool [B, T]: True where a document starts (position 0, and the first column of every row)."""
-    if position_ids.dim() == 1:
-        position_ids = position_ids.unsqueeze(0)
-    if position_ids.dim() != 2:
-        raise ValueError(f"position_ids must be [B, T] (or [T]), got shape {tuple(position_ids.shape)}")
-    starts = position_ids == 0
-    starts[:, 0] = True
-    return starts
-
-
-def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.LongTensor:
-    """Cumulative document lengths over the flattened batch, as fla's ``cu_seqlens``: ``[0, ..., B * T]``.
-
-    A document starts wherever ``position_ids == 0`` and at the start of every row: none spans two rows.
-    For ``[[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]`` it is ``[0, 3, 5, 7, 10]``.
-    """
-    starts = _document_starts(position_ids).flatten()  # (B * T,)
-    idx = torch.nonzero(starts, as_tuple=False).flatten()
-    total = torch.tensor([starts.numel()], device=idx.device)
-    return torch.cat([idx, total]).long()
-
-
-def document_mask_from_position_ids(position_ids: torch.Tensor) -> torch.BoolTensor:
-    """Bool ``[B, T, T]``: True where query ``i`` may attend to key ``j`` (same document and ``j <= i``)."""
-    starts = _document_starts(position_ids)
-    doc = starts.long().cumsum(-1)  # (B, T): document index of each token within its row
-    same_doc = doc.unsqueeze(-1) == doc.unsqueeze(-2)  # (B, T, T)
-    T = doc.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
-    return same_doc & causal
 
 
 def make_packed_dataset(

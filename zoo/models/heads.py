@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
+from zoo.models.utils import model_forward, output_cache, with_cache
+
 
 def last_token_index(
     batch_size: int,
@@ -65,7 +67,7 @@ class CausalLMHead(BackboneHead):
 
     A model's causal LM is ``class XForCausalLM(CausalLMHead, XPreTrainedModel, GenerationMixin)`` with
     ``backbone_class = XModel``. The backbone must expose ``embed_tokens`` and return ``last_hidden_state``,
-    ``past_key_values`` and ``hidden_states``.
+    its cache and ``hidden_states``.
     """
 
     backbone_class: type
@@ -77,25 +79,29 @@ class CausalLMHead(BackboneHead):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @model_forward
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        shift_labels: torch.LongTensor | None = None,
     ) -> CausalLMOutputWithPast:
-        """``labels`` are the input ids (shifted inside); -100 marks positions without a target."""
+        """``labels`` are the input ids (shifted inside), or pass ``shift_labels`` already shifted; -100 marks
+        positions without a target. ``num_items_in_batch``: the target count over all accumulated micro-batches
+        (transformers' loss then sums instead of averaging per micro-batch)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -103,14 +109,19 @@ class CausalLMHead(BackboneHead):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
         loss = None
-        if labels is not None:
+        if labels is not None or shift_labels is not None:
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                shift_labels=shift_labels,
             )
-        return CausalLMOutputWithPast(
+        return with_cache(
+            CausalLMOutputWithPast,
+            output_cache(outputs),
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
         )
 
@@ -131,6 +142,7 @@ class SequenceClassificationHead(BackboneHead):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
+    @model_forward
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -139,7 +151,6 @@ class SequenceClassificationHead(BackboneHead):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,

@@ -1,21 +1,33 @@
-"""What every zoo model shares beyond layers: config validation and input checks.
+"""What every zoo model shares beyond layers: config validation, the forward's keywords, input handling.
 
 ``ZooConfig`` is the base of every zoo ``PretrainedConfig``. It turns the silent acceptance of unknown keyword
 arguments (transformers keeps them as attributes) into a ``ValueError`` that names the field and suggests the
 closest known one, and checks the declared type of every field.
+
+``model_forward`` wraps every zoo ``forward``: the cache arrives under whichever name transformers uses
+(``cache`` from 5.24 on, ``past_key_values`` before; both are accepted), an unknown keyword is a ``TypeError``
+naming it, and outputs carry the cache under the installed transformers' field name (``CACHE_NAME``).
+``backbone_inputs`` is the input handling every backbone shares: embeddings, the cache, position ids, padding
+and packed-document boundaries.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import inspect
 import sys
 import types
 import typing
+from collections.abc import Callable
 
 import torch
 from transformers import PretrainedConfig
 from transformers.generation import GenerationConfig
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from zoo.modules.documents import document_starts
 
 # Keyword arguments that PretrainedConfig itself consumes or that saved configs carry.
 _GENERIC_KWARGS = {
@@ -146,3 +158,124 @@ def default_position_ids(
     if attention_mask is not None:
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
     return torch.arange(past_len, past_len + seq_len, device=device)[None].expand(batch_size, seq_len)
+
+
+# The output field (and generate()'s keyword) that holds the cache: transformers 5.24 renamed
+# ``past_key_values`` / ``cache_params`` to ``cache``.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+_CACHE_ALIASES = ("past_key_values", "cache_params")
+
+
+def model_forward(forward: Callable) -> Callable:
+    """Decorator for every zoo ``forward``, whose own signature names the cache ``cache`` and has no ``**kwargs``.
+
+    - ``past_key_values`` / ``cache_params`` (transformers before 5.24, and user code) are taken as ``cache``;
+    - ``return_dict=False`` returns a tuple; ``output_attentions=True`` is refused (no zoo mixer returns
+      attention weights);
+    - any other keyword the forward does not declare is a ``TypeError`` naming it, with the closest known name,
+      instead of being dropped: a renamed argument upstream must fail loudly.
+    """
+    params = inspect.signature(forward).parameters
+    known = [n for n in params if n != "self"]
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        aliases = [name for name in _CACHE_ALIASES if name in kwargs]
+        if aliases:
+            if len(aliases) > 1 or "cache" in kwargs:
+                raise TypeError(
+                    f"{type(self).__name__}.forward: pass the cache once, got {aliases + ['cache']}"
+                )
+            kwargs["cache"] = kwargs.pop(aliases[0])
+        return_dict = kwargs.pop("return_dict", None)
+        if kwargs.pop("output_attentions", None):
+            raise ValueError(
+                f"{type(self).__name__} does not return attention weights (output_attentions=True)"
+            )
+        unknown = [name for name in kwargs if name not in params]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(
+                f"{type(self).__name__}.forward got an unexpected keyword argument {unknown[0]!r}{hint}"
+            )
+        out = forward(self, *args, **kwargs)
+        return out.to_tuple() if return_dict is False else out
+
+    return wrapper
+
+
+def output_cache(outputs):
+    """The cache a model output carries, under the installed transformers' field name."""
+    return getattr(outputs, CACHE_NAME)
+
+
+def with_cache(output_class, cache, **fields):
+    """``output_class(**fields)`` with ``cache`` under the installed transformers' field name."""
+    return output_class(**fields, **{CACHE_NAME: cache})
+
+
+@dataclasses.dataclass
+class BackboneInputs:
+    """What a backbone's layers need from its inputs, prepared once by :func:`backbone_inputs`.
+
+    ``embeds`` (B, T, C); ``cache`` the cache to read and update, or None; ``past_len`` tokens it holds;
+    ``position_ids`` (B, T) positions of the current tokens (within each document when packed); ``pad_mask``
+    the 2D attention mask over past and current tokens when some token is padding (always under torch.compile,
+    which cannot branch on data), else None; ``doc_starts`` (B, T) True where a packed document starts, given
+    only when the caller passed ``position_ids`` to an empty cache and T > 1, else None.
+    """
+
+    embeds: torch.Tensor
+    cache: typing.Any
+    past_len: int
+    position_ids: torch.LongTensor
+    pad_mask: torch.Tensor | None
+    doc_starts: torch.BoolTensor | None
+
+    @property
+    def packed(self) -> bool:
+        """Whether a row holds more than one document (a data-dependent read: a graph break under compile)."""
+        return self.doc_starts is not None and bool(self.doc_starts[:, 1:].any())
+
+
+def backbone_inputs(
+    model,
+    *,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    cache,
+    use_cache: bool | None,
+    new_cache: Callable[[], typing.Any],
+    cache_class: type | tuple[type, ...] | None = None,
+) -> BackboneInputs:
+    """The input handling every zoo backbone shares.
+
+    Exactly one of ``input_ids`` (checked against the vocabulary) or ``inputs_embeds``. A given ``cache`` is read
+    and updated (it must be a ``cache_class``); with ``use_cache`` (default: at inference) and none given,
+    ``new_cache()`` makes one. Packed documents are recognised by ``position_ids`` that restart at 0, on an empty
+    cache, whether or not a cache is kept: with the cache on (the default at inference) documents must not mix
+    any more than without it. Without ``position_ids``, positions count real tokens, so left padding does not
+    shift them.
+    """
+    embeds = embed_inputs(model, input_ids, inputs_embeds)
+    B, T, _ = embeds.shape
+    if cache is not None and cache_class is not None and not isinstance(cache, cache_class):
+        names = " or ".join(
+            c.__name__ for c in (cache_class if isinstance(cache_class, tuple) else (cache_class,))
+        )
+        raise ValueError(f"{type(model).__name__}: the cache must be a {names}, got {type(cache).__name__}")
+    if cache is None and resolve_use_cache(model, use_cache):
+        cache = new_cache()
+    past_len = cache.get_seq_length() if cache is not None else 0
+    doc_starts = None
+    if position_ids is not None and past_len == 0 and T > 1:
+        doc_starts = document_starts(position_ids)
+    if position_ids is None:
+        position_ids = default_position_ids(attention_mask, past_len, B, T, embeds.device)
+    pad_mask = None
+    if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
+        pad_mask = attention_mask
+    return BackboneInputs(embeds, cache, past_len, position_ids, pad_mask, doc_starts)

@@ -30,13 +30,6 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(power_of_two(closest) + extra)
 
 
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` document index per token: it increases wherever ``position_ids`` restarts at 0."""
-    starts = position_ids == 0
-    starts[:, 0] = True
-    return starts.long().cumsum(-1)
-
-
 def build_attention_mask(
     *,
     batch_size: int,
@@ -130,7 +123,7 @@ class Attention(nn.Module):
         *,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
     ) -> torch.Tensor:
         """``hidden_states`` (B, T, C); ``attention_mask`` from :func:`build_attention_mask` (or None)."""
         B, T, _ = hidden_states.shape
@@ -142,9 +135,9 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         past_len = 0
-        if past_key_values is not None:
-            past_len = past_key_values.get_seq_length(self.layer_idx)
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            past_len = cache.get_seq_length(self.layer_idx)
+            k, v = cache.update(k, v, self.layer_idx)
 
         # A sliding-window cache (transformers' DynamicSlidingWindowLayer) holds only the latest keys: the
         # ``kv_len`` keys here are positions key_start ... past_len + T - 1, the mask's last kv_len columns.

@@ -17,35 +17,23 @@ class RecurrentCache:
 
     Each layer stores a dict of tensors whose first dimension is the batch (for example ``{"state": S, "conv": c}``).
     ``seen_tokens`` counts the tokens already absorbed, which ``generate()`` reads through ``get_seq_length``.
-    Attention layers of hybrid models may keep keys and values here too, with ``update_kv``.
     """
 
     is_compileable = False
 
     def __init__(self, num_layers: int | None = None):
         self.states: dict[int, dict[str, torch.Tensor]] = {}
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.seen_tokens = 0
         self.num_layers = num_layers
 
     def __len__(self) -> int:
-        return len(self.states) + len(self.kv)
+        return len(self.states)
 
     def get(self, layer_idx: int) -> dict[str, torch.Tensor] | None:
         return self.states.get(layer_idx)
 
     def set(self, layer_idx: int, **tensors: torch.Tensor) -> None:
         self.states[layer_idx] = dict(tensors)
-
-    def update_kv(
-        self, k: torch.Tensor, v: torch.Tensor, layer_idx: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append keys/values ``(B, T, H, D)`` and return everything seen so far."""
-        if layer_idx in self.kv:
-            pk, pv = self.kv[layer_idx]
-            k, v = torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)
-        self.kv[layer_idx] = (k, v)
-        return k, v
 
     def advance(self, num_tokens: int) -> None:
         """Called once per model forward, after every layer has updated its state."""
@@ -59,7 +47,6 @@ class RecurrentCache:
 
     def _map(self, fn) -> None:
         self.states = {i: {n: fn(t) for n, t in s.items()} for i, s in self.states.items()}
-        self.kv = {i: (fn(k), fn(v)) for i, (k, v) in self.kv.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from zoo.models.utils import CACHE_NAME, output_cache
+
 
 @torch.no_grad()
 def chunked_forward(
@@ -28,8 +30,8 @@ def chunked_forward(
         raise ValueError(f"chunk_size={chunk_size} must be positive")
     cache, pieces = None, []
     for start in range(0, input_ids.shape[1], chunk_size):
-        out = model(input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids[:, start : start + chunk_size], use_cache=True, **{CACHE_NAME: cache})
+        cache = output_cache(out)
         if logits_callback is not None:
             logits_callback(start, out.logits)
         if return_logits:

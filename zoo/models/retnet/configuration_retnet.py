@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from zoo.models.utils import ZooConfig
+from zoo.models.utils import CACHE_NAME, ZooConfig
 
 
 class RetNetConfig(ZooConfig):
@@ -42,7 +42,7 @@ class RetNetConfig(ZooConfig):
     """
 
     model_type = "zoo_retnet"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE_NAME]
 
     vocab_size: int = 259
     hidden_size: int = 512

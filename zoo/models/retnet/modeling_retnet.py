@@ -52,9 +52,10 @@ from transformers.modeling_outputs import (
 
 from zoo.models.heads import CausalLMHead, SequenceClassificationHead
 from zoo.models.retnet.configuration_retnet import RetNetConfig
-from zoo.models.utils import default_position_ids, embed_inputs, resolve_use_cache
+from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
 from zoo.modules import (
     GatedMLP,
+    PackedDocuments,
     RecurrentCache,
     RMSNorm,
     apply_rotary_interleaved,
@@ -151,14 +152,6 @@ def position_terms(config: RetNetConfig, positions: torch.Tensor, dtype: torch.d
     return terms
 
 
-def cu_seqlens_from_positions(position_ids: torch.Tensor) -> torch.LongTensor:
-    """Boundaries of the documents of a ``(B, T)`` batch flattened to one row: each row starts one too."""
-    starts = position_ids == 0
-    starts[:, 0] = True
-    idx = starts.flatten().nonzero().flatten()
-    return torch.cat([idx, idx.new_tensor([position_ids.numel()])])
-
-
 class MultiScaleRetention(nn.Module):
     def __init__(self, config: RetNetConfig, layer_idx: int):
         super().__init__()
@@ -217,9 +210,17 @@ class MultiScaleRetention(nn.Module):
         args = (q, k, v, log_decay.expand(B, T, H), scale, state, output_final_state, cu_seqlens)
         return retention_naive.with_row_sum(fn, *args) if row_sum else fn(*args)
 
-    def forward(self, x, positions, *, pad_mask=None, cu_seqlens=None, cache: RecurrentCache | None = None):
+    def forward(
+        self,
+        x,
+        positions,
+        *,
+        pad_mask=None,
+        docs: PackedDocuments | None = None,
+        cache: RecurrentCache | None = None,
+    ):
         """``x`` (B, T, C); ``positions`` (B, T) within each document, or their ``PositionTerms``; ``pad_mask``
-        (B, T) 1 = real token."""
+        (B, T) 1 = real token; ``docs``: packed documents, with the batch flattened to one row (B = 1)."""
         B, T, _ = x.shape
         terms = (
             positions
@@ -254,6 +255,7 @@ class MultiScaleRetention(nn.Module):
         cached = cache.get(self.layer_idx) if cache is not None else None
         state = cached["state"] if cached else None
         need_state = cache is not None
+        cu_seqlens = docs.cu_seqlens if docs is not None else None
         if state is not None and T == 1:
             step_decay = log_decay if log_decay.dim() == 1 else log_decay[:, 0]
             v_step = torch.cat([v, v.new_ones(B, T, H, 1)], dim=-1) if normalize else v
@@ -266,7 +268,8 @@ class MultiScaleRetention(nn.Module):
         else:
             o, new_state = self.retention_op(q, k, v, log_decay, state, cu_seqlens, need_state, False)
         if cache is not None:
-            cache.set(self.layer_idx, state=new_state)
+            # packed documents: each row goes on from the state of its last document
+            cache.set(self.layer_idx, state=docs.row_states(new_state) if docs is not None else new_state)
         # 5. the paper's normalisations: decay-mask rows by 1/sqrt(row sum), scores by max(|row sum|, 1); both
         # are one detached factor per position and head; then the per-head group norm
         eps = self.group_norm.eps
@@ -288,13 +291,9 @@ class RetNetBlock(GradientCheckpointingLayer):
         self.mlp_norm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, act=config.hidden_act)
 
-    def forward(self, hidden_states, positions, pad_mask=None, cu_seqlens=None, cache=None):
+    def forward(self, hidden_states, positions, pad_mask=None, docs=None, cache=None):
         hidden_states = hidden_states + self.retention(
-            self.retention_norm(hidden_states),
-            positions,
-            pad_mask=pad_mask,
-            cu_seqlens=cu_seqlens,
-            cache=cache,
+            self.retention_norm(hidden_states), positions, pad_mask=pad_mask, docs=docs, cache=cache
         )
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
@@ -304,7 +303,7 @@ class RetNetPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RetNetBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -340,43 +339,38 @@ class RetNetModel(RetNetPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @model_forward
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: RecurrentCache | None = None,
+        cache: RecurrentCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
     ) -> BaseModelOutputWithPast:
-        inputs_embeds = embed_inputs(self, input_ids, inputs_embeds)
+        inputs = backbone_inputs(
+            self,
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            new_cache=lambda: RecurrentCache(self.config.num_hidden_layers),
+            cache_class=RecurrentCache,
+        )
+        inputs_embeds, position_ids, cache = inputs.embeds, inputs.position_ids, inputs.cache
         if self.config.scale_embedding:
             inputs_embeds = inputs_embeds * math.sqrt(self.config.hidden_size)
         B, T, _ = inputs_embeds.shape
-        use_cache = resolve_use_cache(self, use_cache)
-        if past_key_values is not None and not isinstance(past_key_values, RecurrentCache):
-            raise ValueError(
-                f"past_key_values must be a zoo RecurrentCache, got {type(past_key_values).__name__}"
-            )
-        if use_cache and past_key_values is None:
-            past_key_values = RecurrentCache(self.config.num_hidden_layers)
-        cache = past_key_values if use_cache else None
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-
-        # Packed documents: position ids restarting at 0 (no cache) become cu_seqlens for the op.
-        cu_seqlens = None
-        if position_ids is not None and cache is None and T > 1 and bool((position_ids[:, 1:] == 0).any()):
-            cu_seqlens = cu_seqlens_from_positions(position_ids)
-        pad_mask = None
-        if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
-            pad_mask = attention_mask[:, -T:]
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, past_len, B, T, inputs_embeds.device)
+        # Packed documents become the op's cu_seqlens over the batch flattened to one row.
+        docs = PackedDocuments.from_position_ids(position_ids) if inputs.packed else None
+        pad_mask = inputs.pad_mask[:, -T:] if inputs.pad_mask is not None else None
 
         hidden_states = inputs_embeds
-        if cu_seqlens is not None:
+        if docs is not None:
             # The op packs along time with B == 1; the outputs are reshaped back below.
             hidden_states = hidden_states.reshape(1, B * T, -1)
             position_ids = position_ids.reshape(1, B * T)
@@ -386,14 +380,14 @@ class RetNetModel(RetNetPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden += (hidden_states.reshape(B, T, -1),)
-            hidden_states = layer(hidden_states, terms, pad_mask, cu_seqlens, cache)
+            hidden_states = layer(hidden_states, terms, pad_mask, docs, cache)
         hidden_states = self.norm(hidden_states).reshape(B, T, -1)
         if output_hidden_states:
             all_hidden += (hidden_states,)
         if cache is not None:
             cache.advance(T)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden
+        return with_cache(
+            BaseModelOutputWithPast, cache, last_hidden_state=hidden_states, hidden_states=all_hidden
         )
 
 

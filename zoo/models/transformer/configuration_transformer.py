@@ -6,7 +6,7 @@ from typing import Literal
 
 from transformers.modeling_rope_utils import RopeParameters
 
-from zoo.models.utils import ZooConfig
+from zoo.models.utils import CACHE_NAME, ZooConfig
 
 
 class TransformerConfig(ZooConfig):
@@ -36,7 +36,7 @@ class TransformerConfig(ZooConfig):
     """
 
     model_type = "zoo_transformer"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE_NAME]
 
     vocab_size: int = 259
     hidden_size: int = 512

@@ -17,8 +17,8 @@ from transformers.modeling_outputs import (
 
 from zoo.models.heads import CausalLMHead, SequenceClassificationHead
 from zoo.models.transformer.configuration_transformer import TransformerConfig
-from zoo.models.utils import default_position_ids, embed_inputs, resolve_use_cache
-from zoo.modules import Attention, RotaryEmbedding, build_attention_mask, build_mlp, build_norm, document_ids
+from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
+from zoo.modules import Attention, RotaryEmbedding, build_attention_mask, build_mlp, build_norm
 
 
 class TransformerBlock(GradientCheckpointingLayer):
@@ -42,13 +42,13 @@ class TransformerBlock(GradientCheckpointingLayer):
         self.input_layernorm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None):
         residual = hidden_states
         hidden_states = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
         )
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -59,7 +59,7 @@ class TransformerPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
 
 
@@ -83,32 +83,29 @@ class TransformerModel(TransformerPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @model_forward
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache: DynamicCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
     ) -> BaseModelOutputWithPast:
-        inputs_embeds = embed_inputs(self, input_ids, inputs_embeds)
+        inputs = backbone_inputs(
+            self,
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            new_cache=lambda: DynamicCache(config=self.config),
+        )
+        inputs_embeds, position_ids, cache = inputs.embeds, inputs.position_ids, inputs.cache
         B, T, _ = inputs_embeds.shape
-        use_cache = resolve_use_cache(self, use_cache)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-
-        # Packed documents are recognised by position ids that restart at 0; without explicit ids, positions
-        # count real tokens so that left padding does not shift them.
-        doc_ids = None
-        if position_ids is not None and past_len == 0 and T > 1:
-            doc_ids = document_ids(position_ids)
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, past_len, B, T, inputs_embeds.device)
-
         if self.config.position_embedding_type == "learned":
             limit = self.config.max_position_embeddings
             if int(position_ids.max()) >= limit:
@@ -124,11 +121,11 @@ class TransformerModel(TransformerPreTrainedModel):
         mask = build_attention_mask(
             batch_size=B,
             q_len=T,
-            past_len=past_len,
+            past_len=inputs.past_len,
             device=inputs_embeds.device,
             causal=True,
-            padding_mask=attention_mask,
-            doc_ids=doc_ids,
+            padding_mask=inputs.pad_mask,
+            doc_ids=inputs.doc_starts.long().cumsum(-1) if inputs.doc_starts is not None else None,
             sliding_window=self.config.sliding_window,
         )
         hidden_states = inputs_embeds
@@ -140,15 +137,13 @@ class TransformerModel(TransformerPreTrainedModel):
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=mask,
-                past_key_values=past_key_values,
+                cache=cache,
             )
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=all_hidden,
+        return with_cache(
+            BaseModelOutputWithPast, cache, last_hidden_state=hidden_states, hidden_states=all_hidden
         )
 
 

@@ -66,7 +66,9 @@ class HFPredictor:
         return self.bos + encode(self.tokenizer, text)
 
     @torch.inference_mode()
-    def check_decoding(self, prompt: str = SELF_CHECK_PROMPT, new_tokens: int = 8, rtol: float = 1e-3) -> dict:
+    def check_decoding(
+        self, prompt: str = SELF_CHECK_PROMPT, new_tokens: int = 8, rtol: float = 1e-3
+    ) -> dict:
         """Checks, before anything is scored, that the paths the suite scores through agree with the full forward.
 
         On a short prompt: greedy ``generate()`` with the cache gives the tokens of greedy decoding by full

@@ -18,7 +18,9 @@ import torch  # noqa: E402
 
 # With any of these importable, transformers' own Mamba / linear-attention classes switch to their GPU kernels
 # without a device check, and the CPU parity tests would crash or compare against nothing.
-_GPU_KERNEL_PACKAGES = [name for name in ("fla", "mamba_ssm", "causal_conv1d") if importlib.util.find_spec(name)]
+_GPU_KERNEL_PACKAGES = [
+    name for name in ("fla", "mamba_ssm", "causal_conv1d") if importlib.util.find_spec(name)
+]
 if _GPU_KERNEL_PACKAGES:
     raise pytest.UsageError(
         f"uninstall {', '.join(_GPU_KERNEL_PACKAGES)} from the test environment: transformers would route its "

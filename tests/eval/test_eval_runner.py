@@ -146,9 +146,10 @@ def test_run_suite_with_oracle_scores_every_cell_100(tmp_path, monkeypatch):
 
 
 def _tiny_zoo_lm(model_type="zoo_transformer"):
+    from transformers import AutoModelForCausalLM
+
     import zoo  # noqa: F401
     from tests.models.tiny_configs import tiny_config
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()

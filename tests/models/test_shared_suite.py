@@ -217,7 +217,9 @@ def test_decoding_goes_on_from_the_last_packed_document(model_type):
     position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
     with torch.no_grad():
         out = model(ids, position_ids=position_ids, use_cache=True)
-        step = model(nxt, position_ids=torch.tensor([[len(docs[-1])]]), use_cache=True, cache=output_cache(out))
+        step = model(
+            nxt, position_ids=torch.tensor([[len(docs[-1])]]), use_cache=True, cache=output_cache(out)
+        )
         alone = model(torch.cat([docs[-1][None], nxt], 1), use_cache=False).logits[:, -1]
     torch.testing.assert_close(step.logits[:, -1], alone, rtol=1e-4, atol=1e-5)
 

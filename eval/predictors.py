@@ -20,16 +20,16 @@ from typing import Protocol
 
 import torch
 
+import zoo  # noqa: F401  (registers zoo's architectures with the Auto classes)
 from eval.tasks.base import encode
+from zoo.data.tokenizer import default_tokenizer
 from zoo.models.utils import CACHE_NAME, output_cache
+from zoo.positional import extend_context, rope_parameters_for
 
 logger = logging.getLogger(__name__)
 
 # The prompt of the decoding self-check: ordinary text, so that any tokenizer encodes it.
 SELF_CHECK_PROMPT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
-
-# ``--rope-scaling METHOD:FACTOR`` when zoo.positional is absent: METHOD -> transformers' rope_type.
-ROPE_TYPES = {"linear": "linear", "pi": "linear", "dynamic": "dynamic", "yarn": "yarn"}
 
 
 class DecodingCheckFailed(RuntimeError):
@@ -253,27 +253,6 @@ def parse_rope_scaling(spec: str) -> tuple[str, float]:
     return method.lower(), value
 
 
-def rope_parameters_for(config, method: str, factor: float) -> dict:
-    """transformers-5 ``rope_parameters`` scaling ``config``'s RoPE by ``factor`` with ``method``."""
-    if method not in ROPE_TYPES:
-        raise ValueError(
-            f"rope scaling method={method!r} needs zoo.positional; without it use one of {sorted(ROPE_TYPES)}"
-        )
-    current = dict(getattr(config, "rope_parameters", None) or {})
-    theta = current.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    params = {"rope_type": ROPE_TYPES[method], "factor": factor, "rope_theta": theta}
-    if ROPE_TYPES[method] in ("yarn", "dynamic"):
-        params["original_max_position_embeddings"] = config.max_position_embeddings
-    return params
-
-
-def _import_zoo() -> None:
-    try:
-        import zoo  # noqa: F401  (registers zoo's architectures with the Auto classes)
-    except Exception as err:  # a plain transformers model must still load without zoo
-        logger.warning("import zoo failed (%s); only transformers' own architectures will load", err)
-
-
 def load_tokenizer(path: str):
     """The model's tokenizer; for a checkpoint saved without one, zoo's default byte-level tokenizer."""
     from transformers import AutoTokenizer
@@ -282,49 +261,26 @@ def load_tokenizer(path: str):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as err:
         logger.warning("No tokenizer at %s (%s); using zoo's default byte-level tokenizer", path, err)
-    try:
-        from zoo.data.tokenizer import default_tokenizer
-
-        return default_tokenizer()
-    except ImportError:
-        from transformers import ByT5Tokenizer
-
-        return ByT5Tokenizer(extra_ids=0)
-
-
-def _zoo_positional():
-    """zoo's ``(extend_context, rope_parameters_for)``, or None where zoo.positional is absent."""
-    try:
-        from zoo.positional import extend_context
-        from zoo.positional import rope_parameters_for as zoo_rope_parameters_for
-    except ImportError:
-        return None
-    return extend_context, zoo_rope_parameters_for
+    return default_tokenizer()
 
 
 def load_model(path: str, device: str = "cpu", rope_scaling: str | None = None):
     """``(model, tokenizer)`` for any zoo or transformers causal LM, RoPE rescaled if ``rope_scaling`` is given.
 
-    The scaling goes through ``zoo.positional.extend_context`` when it exists and the model has zoo's rotary
-    modules; otherwise (a transformers model, or no zoo.positional) the model is loaded with the equivalent
-    ``rope_parameters``, computed by zoo when it can and by :func:`rope_parameters_for` here otherwise.
+    The scaling goes through ``zoo.positional.extend_context`` when the model has zoo's rotary modules;
+    otherwise (a transformers model) the model is loaded with the equivalent ``rope_parameters``
+    (``zoo.positional.rope_parameters_for``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _import_zoo()
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     if rope_scaling:
         method, factor = parse_rope_scaling(rope_scaling)
-        zoo_positional = _zoo_positional()
         try:
-            if zoo_positional is None:
-                raise ValueError("zoo.positional is not installed")
-            model = zoo_positional[0](model, method, factor) or model
+            model = extend_context(model, method, factor) or model
         except ValueError as err:
             logger.info("extend_context does not apply (%s); loading with rope_parameters instead", err)
-            config = AutoConfig.from_pretrained(path)
-            make = zoo_positional[1] if zoo_positional is not None else rope_parameters_for
-            params = make(config, method, factor)
+            params = rope_parameters_for(AutoConfig.from_pretrained(path), method, factor)
             model = AutoModelForCausalLM.from_pretrained(path, rope_parameters=params)
     return model.to(device).eval(), tokenizer

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
-from eval.predictors import HFPredictor, load_model, parse_rope_scaling, rope_parameters_for
+from eval.predictors import HFPredictor, load_model, parse_rope_scaling
+from zoo.positional import rope_parameters_for
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_rope_scaling_spec():
     config = LlamaConfig(max_position_embeddings=2048)
     params = rope_parameters_for(config, "yarn", 4.0)
     assert params["rope_type"] == "yarn" and params["original_max_position_embeddings"] == 2048
-    with pytest.raises(ValueError, match="zoo.positional"):
+    with pytest.raises(ValueError, match="xpos"):
         rope_parameters_for(config, "xpos", 2.0)
 
 

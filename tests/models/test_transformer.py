@@ -1,5 +1,7 @@
 """The baseline transformer against transformers' Llama (same weights, equal logits) and its position options."""
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -33,8 +35,14 @@ SIZES = dict(
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16,
         },
+        {
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(8)],
+            "long_factor": [1.5 + 0.25 * i for i in range(8)],
+            "original_max_position_embeddings": 32,
+        },
     ],
-    ids=["default", "linear", "dynamic", "yarn", "llama3"],
+    ids=["default", "linear", "dynamic", "yarn", "llama3", "longrope"],
 )
 @pytest.mark.parametrize("tied", [False, True])
 def test_equal_logits_to_llama(rope, tied):
@@ -157,7 +165,81 @@ def test_learned_positions_have_a_hard_limit():
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="num_key_value_heads"):
         TransformerConfig(**{**SIZES, "num_key_value_heads": 3})
+    with pytest.raises(ValueError, match="num_attention_heads=8 must be positive and divide hidden_size=36"):
+        TransformerConfig(**{**SIZES, "hidden_size": 36, "num_attention_heads": 8, "num_key_value_heads": 8})
+    # with an explicit head width the heads need not divide the residual width
+    assert (
+        TransformerConfig(**{**SIZES, "hidden_size": 36, "num_attention_heads": 8, "head_dim": 8}).head_dim
+        == 8
+    )
     with pytest.raises(ValueError, match="rope_type"):
         TransformerForCausalLM(
             TransformerConfig(**SIZES, rope_parameters={"rope_type": "nope", "rope_theta": 1e4})
         )
+
+
+def _band_inputs():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 259, (3, 20), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0  # left padding
+    pos = torch.cat([torch.arange(8), torch.arange(12)])[None].expand(3, 20).clone()
+    pos[0] = torch.arange(20)
+    return ids, mask, pos
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"sliding_window": 5}, {"position_embedding_type": "alibi"}, {"num_key_value_heads": 4}],
+    ids=["rope", "sliding", "alibi", "mha"],
+)
+def test_attention_implementations_agree(overrides):
+    """``attn_implementation`` picks transformers' kernel: eager (its reference) and sdpa give the same logits
+    with padding, packed documents, sliding windows and ALiBi, and decoding with the cache."""
+    config = TransformerConfig(**{**SIZES, **overrides})
+    torch.manual_seed(0)
+    sdpa = TransformerForCausalLM(config).eval()
+    eager = TransformerForCausalLM._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    eager.load_state_dict(sdpa.state_dict())
+    assert (sdpa.config._attn_implementation, eager.config._attn_implementation) == ("sdpa", "eager")
+    ids, mask, pos = _band_inputs()
+    with torch.no_grad():
+        for kwargs in ({"attention_mask": mask}, {"position_ids": pos[1:]}):
+            rows = slice(1, None) if "position_ids" in kwargs else slice(None)
+            a = sdpa(ids[rows], use_cache=False, **kwargs).logits
+            b = eager(ids[rows], use_cache=False, **kwargs).logits
+            keep = (
+                mask[rows, :, None].bool() if "attention_mask" in kwargs else torch.ones_like(a, dtype=bool)
+            )
+            torch.testing.assert_close(a * keep, b * keep, rtol=1e-5, atol=1e-5)
+    full, incremental, _ = full_and_incremental_logits(eager, ids[1:], prefix=7, step=3)
+    torch.testing.assert_close(incremental, full, rtol=1e-5, atol=1e-5)
+
+
+def test_registered_attention_function_is_honoured():
+    """A kernel registered with transformers' ``AttentionInterface`` runs when named; one that takes no dense
+    mask is refused (with its name) where a mask is needed, instead of attending across padding."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+
+    def counting(module, q, k, v, mask, **kwargs):
+        calls.append(module.layer_idx)
+        return sdpa_attention_forward(module, q, k, v, mask, **kwargs)
+
+    AttentionInterface.register("zoo_test_counting", counting)
+    config = TransformerConfig(**SIZES)
+    torch.manual_seed(0)
+    sdpa = TransformerForCausalLM(config).eval()
+    counted = TransformerForCausalLM._from_config(
+        copy.deepcopy(config), attn_implementation="zoo_test_counting"
+    )
+    counted.eval()
+    counted.load_state_dict(sdpa.state_dict())
+    ids, mask, _ = _band_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(counted(ids).logits, sdpa(ids).logits, rtol=1e-6, atol=1e-6)
+        assert calls == list(range(config.num_hidden_layers))
+        with pytest.raises(ValueError, match="zoo_test_counting.*takes no dense attention mask"):
+            counted(ids, attention_mask=mask)

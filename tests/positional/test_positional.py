@@ -1,9 +1,9 @@
 """Context-extension tools: RoPE scaling against transformers' frequencies, learned tables, random positions."""
 
+import math
+
 import pytest
 import torch
-from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from zoo.models.transformer import TransformerConfig, TransformerForCausalLM
 from zoo.positional import (
@@ -37,18 +37,61 @@ def _angles(config, params, length, batch_positions=None):
     return torch.atan2(sin[..., :half], cos[..., :half]), rotary.attention_scaling
 
 
-@pytest.mark.parametrize("method", ["linear", "ntk", "dynamic", "yarn", "longrope", "llama3"])
-def test_frequencies_match_transformers(method):
+def _expected_rotation(params: dict, dim: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, dim) at positions 0..length-1, from each method's own definition, written out here."""
+    theta, s = params["rope_theta"], params.get("factor", 1.0)
+    L0 = params.get("original_max_position_embeddings", WINDOW)
+    i = torch.arange(0, dim, 2, dtype=torch.float64)
+    inv = theta ** (-i / dim)  # Su et al.: theta^(-2k/d)
+    kind, scale = params["rope_type"], 1.0
+    if kind == "linear":  # Chen et al.: positions divided by s
+        inv = inv / s
+    elif kind == "dynamic" and length > L0:  # dynamic NTK: base grows with the current length
+        base = theta * ((s * length / L0) - (s - 1)) ** (dim / (dim - 2))
+        inv = base ** (-i / dim)
+    elif kind == "yarn":  # Peng et al.: ramp between the correction dims of beta=32 and alpha=1 rotations
+
+        def correction_dim(rotations):
+            return dim * math.log(L0 / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(correction_dim(32)), 0)
+        high = min(math.ceil(correction_dim(1)), dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        keep = 1 - ramp  # 1: extrapolate (high frequencies kept), 0: interpolate (divided by s)
+        inv = inv / s * (1 - keep) + inv * keep
+        scale = 0.1 * math.log(s) + 1.0
+    elif (
+        kind == "llama3"
+    ):  # band-wise: wavelengths past L0 / low_freq_factor interpolated, below L0 / high kept
+        lo, hi = params["low_freq_factor"], params["high_freq_factor"]
+        wavelen = 2 * math.pi / inv
+        smooth = ((L0 / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        banded = torch.where(wavelen > L0 / lo, inv / s, (1 - smooth) * inv / s + smooth * inv)
+        inv = torch.where(wavelen < L0 / hi, inv, banded)
+    elif kind == "longrope":  # Ding et al.: per-dimension factors, the long ones past the original window
+        inv = inv / torch.tensor(
+            params["long_factor" if length > L0 else "short_factor"], dtype=torch.float64
+        )
+        scale = math.sqrt(1 + math.log(s) / math.log(L0))
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos() * scale, angles.sin() * scale
+
+
+@pytest.mark.parametrize("method", ["none", "linear", "ntk", "dynamic", "yarn", "longrope", "llama3"])
+def test_frequencies_follow_each_methods_definition(method):
+    """The rotary tables of every scaling method against its formula written out in this test (independent of
+    transformers' ROPE_INIT_FUNCTIONS, which the rotary module uses), inside and past the original window."""
     config = TransformerConfig(**SIZES)
-    params = rope_parameters_for(config, method, 4.0)
-    length = 4 * WINDOW
+    params = dict(config.rope_parameters) if method == "none" else rope_parameters_for(config, method, 4.0)
     ours = TransformerForCausalLM(TransformerConfig(**{**SIZES, "rope_parameters": params})).model.rotary_emb
-    theirs = LlamaRotaryEmbedding(LlamaConfig(**SIZES, rope_parameters=dict(params)))
-    x = torch.zeros(1, dtype=torch.float64)
+    dim = SIZES["hidden_size"] // SIZES["num_attention_heads"]
     for length in (WINDOW // 2, 4 * WINDOW):
-        pos = torch.arange(length)[None]
-        for a, b in zip(ours(x, pos), theirs(x, pos)):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        cos, sin = ours(torch.zeros(1, dtype=torch.float32), torch.arange(length)[None])
+        want_cos, want_sin = _expected_rotation(params, dim, length)
+        # float32 tables: angles up to 4 * WINDOW radians carry ~3e-5 absolute error
+        torch.testing.assert_close(cos[0].double(), want_cos, rtol=0, atol=1e-4)
+        torch.testing.assert_close(sin[0].double(), want_sin, rtol=0, atol=1e-4)
 
 
 def test_positions_inside_the_window_where_promised():
@@ -126,7 +169,11 @@ def test_learned_table_interpolation():
     assert new.shape == (128, old.shape[1]) and model.config.max_position_embeddings == 128
     torch.testing.assert_close(new[0], old[0])
     torch.testing.assert_close(new[-1], old[-1])
-    # Every new row lies between the two nearest old rows (linear resampling).
+    # Every new row lies between the two nearest old rows (linear resampling, aligned corners).
+    where = torch.linspace(0, old.shape[0] - 1, new.shape[0])
+    below, above = old[where.floor().long()], old[where.ceil().long()]
+    lo, hi = torch.minimum(below, above), torch.maximum(below, above)
+    assert bool(((new >= lo - 1e-6) & (new <= hi + 1e-6)).all())
     assert model(torch.randint(3, 259, (1, 100))).logits.shape == (1, 100, 259)
     copy = TransformerForCausalLM(TransformerConfig(**SIZES, position_embedding_type="learned"))
     interpolate_position_embeddings(copy, 128, mode="copy")

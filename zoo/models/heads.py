@@ -1,11 +1,12 @@
 """Task heads shared by every zoo architecture: the causal LM and sequence classification heads over a
-backbone, last-token pooling, and the classification loss."""
+backbone, and last-token pooling. The losses are transformers' own (``loss_function``,
+``ForSequenceClassificationLoss``)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
 from zoo.models.utils import model_forward, output_cache, with_cache
@@ -31,23 +32,6 @@ def last_token_index(
     # Rows with no real token fall back to the last position.
     idx = torch.where(real, positions, -1).amax(-1)
     return torch.where(idx < 0, seq_len - 1, idx)
-
-
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config) -> torch.Tensor:
-    """Regression (one label), single-label or multi-label classification, chosen as transformers does."""
-    num_labels = logits.shape[-1]
-    if config.problem_type is None:
-        if num_labels == 1:
-            config.problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            config.problem_type = "single_label_classification"
-        else:
-            config.problem_type = "multi_label_classification"
-    if config.problem_type == "regression":
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
-    if config.problem_type == "single_label_classification":
-        return F.cross_entropy(logits.float().view(-1, num_labels), labels.view(-1))
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
 class BackboneHead:
@@ -129,6 +113,11 @@ class CausalLMHead(BackboneHead):
 class SequenceClassificationHead(BackboneHead):
     """Scores the last real token of each sequence with a linear ``score`` head over ``self.model``.
 
+    Kept instead of transformers' ``GenericForSequenceClassification``, which finds the last token from
+    ``pad_token_id`` only (wrong where the pad id is also a real token, as with byte tokenizers) and scores every
+    position: this head reads the attention mask when given and scores one position per row. The loss is
+    transformers' ``ForSequenceClassificationLoss``.
+
     ``class XForSequenceClassification(SequenceClassificationHead, XPreTrainedModel)`` with
     ``backbone_class = XModel``.
     """
@@ -171,5 +160,7 @@ class SequenceClassificationHead(BackboneHead):
             device=hidden_states.device,
         )
         logits = self.score(hidden_states[torch.arange(B, device=hidden_states.device), idx])
-        loss = classification_loss(logits, labels, self.config) if labels is not None else None
+        loss = None
+        if labels is not None:
+            loss = ForSequenceClassificationLoss(labels=labels, pooled_logits=logits, config=self.config)
         return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)

@@ -13,7 +13,6 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
-    AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -25,17 +24,18 @@ class Registered:
     model: type
     causal_lm: type | None = None
     sequence_classification: type | None = None
-    masked_lm: type | None = None
-    lora_targets: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] | str = ()
 
 
 REGISTRY: dict[str, Registered] = {}
 
 
-def register(
-    config, *, model, causal_lm=None, sequence_classification=None, masked_lm=None, lora_targets=()
-) -> None:
-    """Register ``config`` and its model classes; ``lora_targets`` are the default peft LoRA module names."""
+def register(config, *, model, causal_lm=None, sequence_classification=None, lora_targets=()) -> None:
+    """Register ``config`` and its model classes.
+
+    ``lora_targets``: the default peft LoRA module names, or the name of a transformers model type whose entry
+    in peft's own table applies (a zoo model with that model's weight names), so that zoo's defaults are peft's.
+    """
     model_type = config.model_type
     if model_type in CONFIG_MAPPING_NAMES:
         raise ValueError(
@@ -49,18 +49,20 @@ def register(
         AutoModelForCausalLM.register(config, causal_lm)
     if sequence_classification is not None:
         AutoModelForSequenceClassification.register(config, sequence_classification)
-    if masked_lm is not None:
-        AutoModelForMaskedLM.register(config, masked_lm)
-    REGISTRY[model_type] = Registered(
-        config, model, causal_lm, sequence_classification, masked_lm, tuple(lora_targets)
-    )
+    targets = lora_targets if isinstance(lora_targets, str) else tuple(lora_targets)
+    REGISTRY[model_type] = Registered(config, model, causal_lm, sequence_classification, targets)
 
 
 def default_lora_targets(model_or_type) -> list[str]:
     """The module names a LoRA adapter should wrap by default for a zoo model (or its ``model_type``)."""
     model_type = model_or_type if isinstance(model_or_type, str) else model_or_type.config.model_type
-    if model_type not in REGISTRY or not REGISTRY[model_type].lora_targets:
+    targets = REGISTRY[model_type].lora_targets if model_type in REGISTRY else ()
+    if isinstance(targets, str):
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+        targets = PEFT_TARGETS.get(targets, ())
+    if not targets:
         raise ValueError(
             f"no default LoRA targets for model_type {model_type!r}; pass target_modules explicitly"
         )
-    return list(REGISTRY[model_type].lora_targets)
+    return list(targets)

@@ -1,8 +1,17 @@
-"""Multi-head attention on PyTorch SDPA, shared by every zoo model that attends.
+"""Multi-head attention through transformers' attention interface, shared by every zoo model that attends.
 
 Causal or bidirectional, optional sliding window, grouped-query heads (Ainslie et al., 2023, "GQA"), rotary or
 ALiBi (Press et al., 2022, "Train Short, Test Long") positions, a key/value cache, and packed documents: a restart
 of ``position_ids`` to 0 starts a new document that attends to nothing before it.
+
+The kernel is the one ``config._attn_implementation`` names (``attn_implementation=`` in ``from_pretrained`` /
+``from_config``, or ``model.set_attn_implementation``), looked up in transformers' ``ALL_ATTENTION_FUNCTIONS``:
+``sdpa`` (the default), ``eager`` (transformers' reference), ``flash_attention_2`` or any function registered
+with ``transformers.AttentionInterface``. The mask is built here once per forward as a boolean (B, 1, T, kv)
+tensor and handed to each kernel in the form it takes (boolean for sdpa, additive for eager); kernels that take
+no dense mask (flash attention, registered functions) are refused when one is needed (padding, packed documents,
+ALiBi, a sliding window) rather than silently ignoring it. ``flex_attention`` is not offered: transformers' flex
+path crashed the process on this CPU build of torch (2.13).
 """
 
 from __future__ import annotations
@@ -10,10 +19,25 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from zoo.modules.rotary import apply_rotary
+
+# Kernels that take a dense (B, 1, T, kv) mask, and whether it is additive (float) rather than boolean.
+DENSE_MASK_KERNELS = {"sdpa": False, "eager": True}
+
+
+def attention_function(name: str | None):
+    """The attention kernel ``config._attn_implementation`` names (``None``: sdpa)."""
+    name = name or "sdpa"
+    if name == "eager":
+        return eager_attention_forward
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        known = ["eager", *ALL_ATTENTION_FUNCTIONS.keys()]
+        raise ValueError(f"attn_implementation={name!r} is not one of {known}")
+    return ALL_ATTENTION_FUNCTIONS[name]
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -93,8 +117,11 @@ class Attention(nn.Module):
         out_bias: bool | None = None,
         dropout: float = 0.0,
         alibi: bool = False,
+        config=None,
     ):
+        """``config``: the model's config, read at each call for ``_attn_implementation``."""
         super().__init__()
+        self.config = config
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         if num_heads % self.num_kv_heads:
@@ -102,8 +129,10 @@ class Attention(nn.Module):
                 f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
             )
         self.head_dim = head_dim or hidden_size // num_heads
+        self.num_key_value_groups = num_heads // self.num_kv_heads  # read by transformers' kernels
         self.layer_idx = layer_idx
         self.causal = causal
+        self.is_causal = causal  # read by transformers' kernels
         self.sliding_window = sliding_window
         self.dropout = dropout
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias)
@@ -155,27 +184,40 @@ class Attention(nn.Module):
             )
         if mask is not None and mask.shape[-1] != kv_len:
             mask = mask[..., -kv_len:]
-        if self.alibi_slopes is not None:
+        impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        additive = DENSE_MASK_KERNELS.get(impl)
+        if self.alibi_slopes is not None or (additive and mask is None and self.causal and T > 1):
+            # ALiBi is an additive bias, and the eager kernel applies no causal mask of its own: both
+            # need the mask written out
             q_pos = torch.arange(past_len, past_len + T, device=q.device)[:, None]
             k_pos = torch.arange(key_start, past_len + T, device=q.device)[None, :]
+            if mask is None:
+                mask = torch.ones(1, 1, T, kv_len, dtype=torch.bool, device=q.device)
+                if self.causal:
+                    mask = mask & (k_pos <= q_pos)
+        if mask is not None and additive is None:
+            raise ValueError(
+                f"attn_implementation={impl!r} takes no dense attention mask, and this input needs one (padding, "
+                "packed documents, ALiBi or a sliding window); use 'sdpa' or 'eager'"
+            )
+        if self.alibi_slopes is not None:
             dist = (q_pos - k_pos).abs() if not self.causal else (q_pos - k_pos)
             bias = -self.alibi_slopes.to(q.device)[:, None, None] * dist.to(torch.float32)  # (H, T, kv)
-            allowed = mask
-            if allowed is None:
-                allowed = torch.ones(1, 1, T, kv_len, dtype=torch.bool, device=q.device)
-                if self.causal:
-                    allowed = allowed & (k_pos <= q_pos)
-            mask = bias[None].to(q.dtype).masked_fill(~allowed, torch.finfo(q.dtype).min)
+            mask = bias[None].to(q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
+        elif additive and mask is not None:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~mask, torch.finfo(q.dtype).min
+            )
 
-        is_causal = mask is None and self.causal and T > 1 and past_len == 0
-        out = F.scaled_dot_product_attention(
+        out, _ = attention_function(impl)(
+            self,
             q,
             k,
             v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, H, T, D)
-        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+            mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.head_dim**-0.5,
+            is_causal=mask is None and self.causal and T > 1 and past_len == 0,
+        )  # (B, T, H, D)
+        out = out.reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 
 def default_inv_freq(config, device=None, **_) -> tuple[torch.Tensor, float]:
@@ -33,44 +33,29 @@ def rope_init_fn(rope_type: str):
     return ROPE_INIT_FUNCTIONS[rope_type]
 
 
-class RotaryEmbedding(nn.Module):
-    """Produces ``(cos, sin)`` of shape ``(B, T, dim)`` for the given position ids.
+class RotaryEmbedding(LlamaRotaryEmbedding):
+    """transformers' Llama rotary embedding: ``(cos, sin)`` of shape ``(B, T, dim)`` for the given position ids.
 
-    ``config`` must carry ``rope_parameters`` (with ``rope_type`` and ``rope_theta``) and
-    ``max_position_embeddings``; ``head_dim`` overrides the rotated width (models whose key width is not
-    ``hidden_size // num_attention_heads``).
+    Kept as a subclass only for what Llama's does not do: a rotated width other than the config's (``head_dim``,
+    for models whose key width differs), partial rotary in the unscaled type, the original window read from
+    ``rope_parameters`` (longrope and dynamic NTK measure growth against it), and an error naming an unknown
+    ``rope_type``. ``config`` must carry ``rope_parameters`` and ``max_position_embeddings``.
     """
 
-    # transformers' ``PreTrainedModel._init_weights`` recomputes the (non-persistent) frequency buffers after
-    # loading through this hook and ``ROPE_INIT_FUNCTIONS``.
     compute_default_rope_parameters = staticmethod(default_inv_freq)
 
     def __init__(self, config, head_dim: int | None = None):
-        super().__init__()
         config = copy.copy(config)
         config.head_dim = (
             head_dim
             or getattr(config, "head_dim", None)
             or (config.hidden_size // config.num_attention_heads)
         )
-        self.config = config
-        self.rope_type = config.rope_parameters.get("rope_type", "default")
-        self.max_seq_len_cached = config.max_position_embeddings
+        rope_init_fn(config.rope_parameters.get("rope_type", "default"))  # names an unknown type
+        super().__init__(config)
         self.original_max_seq_len = config.rope_parameters.get(
             "original_max_position_embeddings", config.max_position_embeddings
         )
-        inv_freq, self.attention_scaling = rope_init_fn(self.rope_type)(config, None)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
-
-    @torch.no_grad()
-    @dynamic_rope_update
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ chunked state-passing inference. ALiBi and NoPE are position options of the atte
 from zoo.positional.chunked import chunked_forward
 from zoo.positional.learned import interpolate_position_embeddings, interpolate_position_table
 from zoo.positional.randomized import randomize_packed_positions, randomized_position_ids
-from zoo.positional.rope_scaling import METHODS, extend_context, inv_freq_for, rope_parameters_for
+from zoo.positional.rope_scaling import METHODS, extend_context, rope_parameters_for
 
 __all__ = [
     "METHODS",
@@ -13,7 +13,6 @@ __all__ = [
     "extend_context",
     "interpolate_position_embeddings",
     "interpolate_position_table",
-    "inv_freq_for",
     "randomize_packed_positions",
     "randomized_position_ids",
     "rope_parameters_for",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
 from zoo.modules.rotary import RotaryEmbedding
@@ -108,17 +107,3 @@ def extend_context(
         setattr(model.get_submodule(parent) if parent else model, child, new)
     config.max_position_embeddings = max_position_embeddings
     return model
-
-
-def inv_freq_for(config, rope_parameters: dict, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """The inverse frequencies and attention scaling that ``rope_parameters`` gives ``config`` (for tests/plots)."""
-    import copy
-
-    cfg = copy.copy(config)
-    cfg.rope_parameters = rope_parameters
-    rotary = RotaryEmbedding(cfg)
-    if seq_len is None:
-        return rotary.inv_freq, rotary.attention_scaling
-    positions = torch.arange(seq_len)[None]
-    rotary(torch.zeros(1, dtype=torch.float32), positions)
-    return rotary.inv_freq, rotary.attention_scaling

@@ -14,7 +14,7 @@ register(
     model=TransformerModel,
     causal_lm=TransformerForCausalLM,
     sequence_classification=TransformerForSequenceClassification,
-    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    lora_targets="llama",  # Llama's weight names: peft's defaults for Llama
 )
 
 __all__ = [

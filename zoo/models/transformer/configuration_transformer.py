@@ -64,6 +64,12 @@ class TransformerConfig(ZooConfig):
 
     def derive_fields(self) -> None:
         if self.head_dim is None:
+            # checked here: once derived, head_dim can no longer tell whether it was given
+            self._require(
+                self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0,
+                "num_attention_heads",
+                f"must be positive and divide hidden_size={self.hidden_size} (or set head_dim)",
+            )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -78,11 +84,6 @@ class TransformerConfig(ZooConfig):
             "max_position_embeddings",
         ):
             self._require(getattr(self, name) > 0, name, "must be positive")
-        self._require(
-            self.hidden_size % self.num_attention_heads == 0 or self.head_dim is not None,
-            "num_attention_heads",
-            f"must divide hidden_size={self.hidden_size} (or set head_dim)",
-        )
         self._require(
             self.num_attention_heads % self.num_key_value_heads == 0,
             "num_key_value_heads",

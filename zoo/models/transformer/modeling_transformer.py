@@ -37,6 +37,7 @@ class TransformerBlock(GradientCheckpointingLayer):
             bias=config.attention_bias,
             dropout=config.attention_dropout,
             alibi=config.position_embedding_type == "alibi",
+            config=config,
         )
         self.mlp = build_mlp(config.mlp_type, config.hidden_size, config.intermediate_size, config.hidden_act)
         self.input_layernorm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
@@ -61,6 +62,7 @@ class TransformerPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TransformerBlock"]
     _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
+    _supports_flash_attn = True
 
 
 class TransformerModel(TransformerPreTrainedModel):

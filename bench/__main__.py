@@ -3,6 +3,7 @@
     python -m bench                                  # the full run: T = 1K..16K, decode at 1K and 16K
     python -m bench --quick                          # tiny sizes, a few seconds
     python -m bench --lengths 1024 4096 --repeats 5 --out bench/results/mine.json
+    python -m bench --lengths 2048 --packed-documents 32 --memory off --skip-decode   # packed vs unpacked
 
 Prints a table and writes the JSON (default ``bench/results/retnet_vs_transformer_<timestamp>.json``).
 """
@@ -20,6 +21,7 @@ QUICK = {
     "layers": 2,
     "heads": 2,
     "chunk_size": 16,
+    "packed_documents": 4,
     "repeats": 2,
     "warmup": 1,
     "decode_contexts": [64, 256],
@@ -56,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, help="vocabulary (default 259, the byte tokenizer)")
     p.add_argument("--chunk-size", type=int, help="RetNet retention chunk size (default 64)")
     p.add_argument("--repeats", type=int, help="timed repeats per length / context (default 3)")
+    p.add_argument(
+        "--packed-documents",
+        type=int,
+        help="also time each training length as this many packed documents of the same total length "
+        f"(position_ids restarting at 0); 0: off (default {d['packed_documents'].default})",
+    )
     p.add_argument("--warmup", type=int, help="untimed training steps per model and length (default 1)")
     p.add_argument("--decode-contexts", type=int, nargs="+", help="prefill lengths (default 1024 16384)")
     p.add_argument("--decode-steps", type=int, help="timed single-token steps per block (default 32)")

@@ -7,7 +7,9 @@ Three measurements, each reported per sequence length:
   *interleaved*: after ``warmup`` untimed steps each, repeat ``r`` times RetNet then the transformer, the next
   repeat in the opposite order (A B, B A, ...). The ratio is taken per repeat from the two steps measured next to
   each other, then the median over repeats: a machine that slows down or speeds up (other jobs on the CPU) moves
-  both halves of a pair together.
+  both halves of a pair together. With ``packed_documents`` the same tokens are also timed as that many packed
+  documents (``position_ids`` restarting at 0, as packed training batches come), inside the same repeats (R T Rp
+  Tp, then Tp Rp T R, ...), so that packed/unpacked is a per-repeat ratio as well.
 * **peak memory of a training step** -- measured in a fresh child process (see :mod:`bench.memprobe`): build the
   model, reset the kernel's peak-RSS counter (``/proc/self/clear_refs``), run one step, read ``VmHWM`` and
   subtract the resident set before the step. The child runs with a fixed glibc mmap threshold so that freed
@@ -88,6 +90,9 @@ class BenchConfig:
     chunk_size: int = 64
     repeats: int = 3
     warmup: int = 1
+    # the packed-batch workload: each length also trained as this many packed documents of near-equal length
+    # (position_ids restarting at 0; at most one per token); 0: off
+    packed_documents: int = 32
     decode_contexts: list[int] = field(default_factory=lambda: [1024, 16384])
     decode_steps: int = 32
     decode_warmup: int = 4
@@ -115,6 +120,8 @@ class BenchConfig:
             if any(v < 2 for v in values):
                 raise ValueError(f"{name} must be >= 2, got {values}")
             setattr(self, name, sorted(set(values)))
+        if self.packed_documents == 1 or self.packed_documents < 0:
+            raise ValueError(f"packed_documents must be 0 (off) or >= 2, got {self.packed_documents}")
         if self.repeats < 1 or self.warmup < 0 or self.decode_steps < 1:
             raise ValueError("repeats and decode_steps must be >= 1, warmup >= 0")
         if self.compile and self.warmup < 1:
@@ -185,9 +192,16 @@ def random_ids(vocab_size: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (1, length), generator=gen)
 
 
-def train_step(model: torch.nn.Module, ids: torch.Tensor) -> None:
+def packed_position_ids(length: int, documents: int) -> torch.Tensor:
+    """(1, length) positions of ``documents`` packed documents of near-equal lengths, each restarting at 0 (as
+    ``zoo.data.packing`` writes them); the models find the document boundaries from them."""
+    bounds = [i * length // documents for i in range(documents + 1)]
+    return torch.cat([torch.arange(hi - lo) for lo, hi in zip(bounds, bounds[1:])])[None]
+
+
+def train_step(model: torch.nn.Module, ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> None:
     """Forward + backward of the causal-LM loss; gradients released afterwards."""
-    out = model(input_ids=ids, labels=ids, use_cache=False)
+    out = model(input_ids=ids, labels=ids, position_ids=position_ids, use_cache=False)
     out.loss.backward()
     model.zero_grad(set_to_none=True)
 
@@ -297,6 +311,25 @@ def _gc_paused():
             gc.enable()
 
 
+def _step_stats(length: int, times: list[float], faults: list[int]) -> dict:
+    step = median(times)
+    return {
+        "step_s": times,
+        "step_s_median": step,
+        "tokens_per_s_median": length / step,
+        # pages the kernel had to map in during the step: memory the allocator had returned to the OS
+        "minor_faults": faults,
+    }
+
+
+def _speedup(row: dict, times: dict[str, list[float]]) -> None:
+    if "retnet" in times and "transformer" in times:
+        # transformer time / RetNet time = RetNet's tokens/s over the transformer's, per adjacent pair
+        paired = [t / r for t, r in zip(times["transformer"], times["retnet"])]
+        row["speedup_paired"] = paired
+        row["speedup_median"] = median(paired)
+
+
 def time_training(
     models: dict[str, torch.nn.Module], cfg: BenchConfig, bar: tqdm | None = None
 ) -> list[dict]:
@@ -304,41 +337,49 @@ def time_training(
     results = []
     for length in cfg.lengths:
         ids = random_ids(cfg.vocab_size, length, cfg.seed + length)
+        # the workloads: one sequence (no position_ids), and the same tokens as packed documents
+        documents = min(cfg.packed_documents, length)
+        workloads = {"unpacked": None}
+        if documents:
+            workloads["packed"] = packed_position_ids(length, documents)
+        runs = [(name, workload) for workload in workloads for name in names]
+        label = lambda name, workload: name + (" packed" if workload == "packed" else "")
         for model in models.values():
             model.train()
         for _ in range(cfg.warmup):
-            for name in names:
-                _describe(bar, f"train T={length} warmup {name}")
-                train_step(models[name], ids)
+            for name, workload in runs:
+                _describe(bar, f"train T={length} warmup {label(name, workload)}")
+                train_step(models[name], ids, workloads[workload])
                 _tick(bar)
-        times: dict[str, list[float]] = {name: [] for name in names}
-        faults: dict[str, list[int]] = {name: [] for name in names}
+        times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+        faults: dict[tuple[str, str], list[int]] = {run: [] for run in runs}
         gc.collect()
         with _gc_paused():
             for r in range(cfg.repeats):
-                for name in _pair_order(r, names):
-                    _describe(bar, f"train T={length} {name} {r + 1}/{cfg.repeats}")
+                for name, workload in _pair_order(r, runs):
+                    _describe(bar, f"train T={length} {label(name, workload)} {r + 1}/{cfg.repeats}")
                     faults_before = _minor_faults()
                     start = time.perf_counter()
-                    train_step(models[name], ids)
-                    times[name].append(time.perf_counter() - start)
-                    faults[name].append(_minor_faults() - faults_before)
+                    train_step(models[name], ids, workloads[workload])
+                    times[name, workload].append(time.perf_counter() - start)
+                    faults[name, workload].append(_minor_faults() - faults_before)
                     _tick(bar)
         row: dict = {"seq_len": length}
+        unpacked = {name: times[name, "unpacked"] for name in names}
         for name in names:
-            step = median(times[name])
-            row[name] = {
-                "step_s": times[name],
-                "step_s_median": step,
-                "tokens_per_s_median": length / step,
-                # pages the kernel had to map in during the step: memory the allocator had returned to the OS
-                "minor_faults": faults[name],
-            }
-        if "retnet" in times and "transformer" in times:
-            # transformer time / RetNet time = RetNet's tokens/s over the transformer's, per adjacent pair
-            paired = [t / r for t, r in zip(times["transformer"], times["retnet"])]
-            row["speedup_paired"] = paired
-            row["speedup_median"] = median(paired)
+            row[name] = _step_stats(length, unpacked[name], faults[name, "unpacked"])
+        _speedup(row, unpacked)
+        if "packed" in workloads:
+            packed_times = {name: times[name, "packed"] for name in names}
+            packed: dict = {"documents": documents}
+            for name in names:
+                packed[name] = _step_stats(length, packed_times[name], faults[name, "packed"])
+            _speedup(packed, packed_times)
+            # packed step time / unpacked step time of the same model, per repeat
+            ratios = {name: [p / u for p, u in zip(packed_times[name], unpacked[name])] for name in names}
+            packed["packed_over_unpacked_paired"] = ratios
+            packed["packed_over_unpacked_median"] = {name: median(r) for name, r in ratios.items()}
+            row["packed"] = packed
         results.append(row)
         del ids
         gc.collect()
@@ -483,7 +524,8 @@ def _tick(bar: tqdm | None, n: int = 1) -> None:
 def _total_steps(cfg: BenchConfig) -> int:
     total = 0
     if not cfg.skip_train:
-        total += len(cfg.lengths) * len(MODELS) * (cfg.warmup + cfg.repeats)
+        workloads = 2 if cfg.packed_documents else 1
+        total += len(cfg.lengths) * len(MODELS) * workloads * (cfg.warmup + cfg.repeats)
         if cfg.memory != "off":
             total += len(cfg.lengths) * len(MODELS)
     if not cfg.skip_decode:
@@ -642,6 +684,30 @@ def format_report(result: dict) -> str:
         header = ["T", "RetNet tok/s", "TF tok/s", "RetNet/TF", "RetNet peak MiB", "TF peak MiB",
                   "RetNet KiB/tok", "RetNet saved MiB", "TF saved MiB"]  # fmt: skip
         out += _table(header, rows)
+        packed_rows = [r for r in train["results"] if "packed" in r]
+        if packed_rows:
+            out += [
+                "",
+                "Packed documents (the same tokens, position_ids restarting at 0), step time over the unpacked "
+                "step's, median of per-repeat ratios:",
+            ]
+            rows = []
+            for r in packed_rows:
+                p = r["packed"]
+                rows.append(
+                    [
+                        str(r["seq_len"]),
+                        str(p["documents"]),
+                        f"{p['retnet']['tokens_per_s_median']:.0f}",
+                        f"{p['transformer']['tokens_per_s_median']:.0f}",
+                        f"{p['packed_over_unpacked_median']['retnet']:.2f}x",
+                        f"{p['packed_over_unpacked_median']['transformer']:.2f}x",
+                        f"{p['speedup_median']:.2f}x",
+                    ]
+                )
+            header = ["T", "documents", "RetNet tok/s", "TF tok/s", "RetNet packed/unpacked",
+                      "TF packed/unpacked", "RetNet/TF packed"]  # fmt: skip
+            out += _table(header, rows)
         fits = train.get("memory_fit")
         if fits:
             for name, fit in fits.items():
@@ -698,6 +764,7 @@ __all__ = [
     "evaluate_targets",
     "format_report",
     "linear_fit",
+    "packed_position_ids",
     "run_benchmark",
     "write_json",
 ]

@@ -9,7 +9,14 @@ import torch
 
 from bench import __main__ as cli
 from bench import memprobe
-from bench.harness import BenchConfig, evaluate_targets, format_report, linear_fit, model_settings
+from bench.harness import (
+    BenchConfig,
+    evaluate_targets,
+    format_report,
+    linear_fit,
+    model_settings,
+    packed_position_ids,
+)
 
 TINY = [
     "--quick",
@@ -183,3 +190,38 @@ def test_compile_wraps_the_timed_models(monkeypatch):
     assert result["config"]["compile"] and "torch.compile" in harness.format_report(result)
     with pytest.raises(ValueError, match="warmup"):
         BenchConfig(compile=True, warmup=0)
+
+
+def test_packed_workload(run):
+    """--quick also trains each length as 4 packed documents, timed in the same repeats as the unpacked steps."""
+    for row in run["training"]["results"]:
+        packed = row["packed"]
+        assert packed["documents"] == 4
+        for name in ("retnet", "transformer"):
+            assert len(packed[name]["step_s"]) == 2 and packed[name]["tokens_per_s_median"] > 0
+            assert len(packed["packed_over_unpacked_paired"][name]) == 2
+            assert packed["packed_over_unpacked_median"][name] > 0
+        assert len(packed["speedup_paired"]) == 2
+    assert "RetNet packed/unpacked" in format_report(run)
+
+
+def test_packed_position_ids_restart_per_document():
+    from zoo.modules.documents import cu_seqlens_from_position_ids
+
+    pos = packed_position_ids(10, 3)
+    assert pos.tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3]]
+    assert cu_seqlens_from_position_ids(pos).tolist() == [0, 3, 6, 10]
+    assert packed_position_ids(2048, 32).shape == (1, 2048)
+
+
+def test_packed_workload_is_optional_and_capped_by_the_length():
+    """--packed-documents 0 turns the workload off; a length shorter than the count gets one token a document."""
+    import bench.harness as harness
+
+    off = harness.run_benchmark(_one_length_training_only(packed_documents=0), [])
+    assert "packed" not in off["training"]["results"][0]
+    assert "packed" not in format_report(off)
+    capped = harness.run_benchmark(_one_length_training_only(packed_documents=32, warmup=0), [])
+    assert capped["training"]["results"][0]["packed"]["documents"] == 16
+    with pytest.raises(ValueError, match="packed_documents"):
+        BenchConfig(packed_documents=1)

@@ -365,3 +365,113 @@ def test_row_sums_state_shape_is_checked():
     inputs = make_inputs(6, "fixed")  # a (Dk, Dv) state, no key-sum column
     with pytest.raises(ValueError, match=r"initial_state has shape .*\[N, H, Dk, Dv \+ 1\]"):
         retention(**inputs, output_row_sum=True, backend="torch")
+
+
+# ------------------------------------------------------------------------------------------- packed documents
+
+# With chunk 16: documents shorter than a chunk, three starting inside chunk 0 (at 0, 5, 6), starts exactly at
+# chunk boundaries (16, 32, 48), length-1 documents, documents spanning two or three chunks, and a padded tail
+# (T = 107).
+PACKED_LENGTHS = (5, 1, 10, 3, 3, 10, 16, 1, 30, 2, 17, 9)
+
+
+def packed_inputs(
+    lengths: tuple[int, ...], decay_kind: str, *, initial_state: bool, row_sum: bool = False, gate_scale=1.0
+) -> dict:
+    """One packed row (B = 1) of documents of the given lengths, with one initial state per document."""
+    inputs = make_inputs(sum(lengths), decay_kind, B=1, initial_state=False, gate_scale=gate_scale)
+    inputs.pop("initial_state")
+    if initial_state:
+        inputs["initial_state"] = torch.randn(len(lengths), H, DK, DV + int(row_sum), dtype=torch.float64)
+    inputs["cu_seqlens"] = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    return inputs
+
+
+def packed_reference(row_sum: bool):
+    """The oracle, one document at a time; with ``row_sum`` its row sums and key-sum state from a ones channel."""
+    return row_sum_reference if row_sum else naive_op()
+
+
+@pytest.mark.parametrize("initial_state", [True, False], ids=["h0", "no_h0"])
+@pytest.mark.parametrize("row_sum", [False, True], ids=["plain", "row_sum"])
+@pytest.mark.parametrize("decay_kind", DECAYS)
+@pytest.mark.parametrize("chunk_size", [16, 37, 64])
+def test_packed_documents_equal_the_oracle(chunk_size, decay_kind, row_sum, initial_state):
+    """torch, packed documents in one pass: output, per-document final states, row sums, and the gradients of
+    q, k, v, the decay and the per-document initial states against the naive oracle run per document."""
+    inputs = packed_inputs(PACKED_LENGTHS, decay_kind, initial_state=initial_state, row_sum=row_sum)
+    fn = functools.partial(op("torch", chunk_size), output_row_sum=row_sum)
+    what = f"packed C={chunk_size} {decay_kind} row_sum={row_sum} h0={initial_state}"
+    check_forward_backward(fn, packed_reference(row_sum), inputs, what=what)
+    outputs = fn(**inputs)
+    assert outputs[1].shape == (len(PACKED_LENGTHS), H, DK, DV + int(row_sum))
+
+
+@pytest.mark.parametrize("row_sum", [False, True], ids=["plain", "row_sum"])
+@pytest.mark.parametrize("decay_kind", DECAYS)
+def test_packed_documents_equal_separate_calls(decay_kind, row_sum):
+    """The same documents packed and run separately through the torch backend: outputs, final states, grads."""
+    shared = make_inputs(1, decay_kind, B=1)["decay"]
+    sequences = []
+    for T in PACKED_LENGTHS:
+        seq = make_inputs(T, decay_kind, B=1)
+        if row_sum:
+            seq = with_key_sum_column(seq)
+        if decay_kind == "fixed":
+            seq["decay"] = shared
+        sequences.append(seq)
+    fn = functools.partial(op("torch", 16), output_row_sum=row_sum)
+    check_varlen(fn, sequences, seq_dims=seq_dims(decay_kind), tol=TOLERANCE[torch.float64], what="torch")
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_packed_backward_with_kept_or_recomputed_states(monkeypatch, keep):
+    """The recomputed chunk states of the backward include the initial states of documents starting mid-chunk."""
+    from zoo.ops.retention import chunk
+
+    monkeypatch.setattr(chunk, "keep_chunk_states", lambda *sizes: keep)
+    inputs = packed_inputs(PACKED_LENGTHS, "gated", initial_state=True)
+    check_forward_backward(op("torch", 16), naive_op(), inputs, what=f"packed keep={keep}")
+
+
+def test_packed_empty_documents():
+    """Empty documents (repeated cu_seqlens) pass their initial state on as their final state."""
+    inputs = packed_inputs((0, 7, 0, 20, 1, 0), "gated", initial_state=True)
+    check_forward_backward(op("torch", 16), naive_op(), inputs, what="packed, empty documents")
+
+
+@pytest.mark.parametrize("decay_kind", DECAYS)
+def test_packed_documents_without_states(decay_kind):
+    """Packed training as a model runs it: no initial state, no final state, row sums on."""
+    inputs = packed_inputs(PACKED_LENGTHS, decay_kind, initial_state=False)
+    fn = functools.partial(op("torch", 16, output_final_state=False), output_row_sum=True)
+
+    def ref(**kw):
+        out, _, sums = row_sum_reference(**kw)
+        return out, None, sums
+
+    check_forward_backward(fn, ref, inputs, what="packed, no states")
+
+
+def test_packed_strongly_decaying_gates_stay_finite():
+    """Log-gates down to -60 per token across document boundaries: the masked exponents must not overflow."""
+    inputs = packed_inputs(PACKED_LENGTHS, "gated", initial_state=True, gate_scale=30.0)
+    inputs["decay"][:, ::7] = -60.0
+    errors = check_forward_backward(op("torch", 16), naive_op(), inputs, what="packed, strong decay")
+    assert all(e == e for e in errors.values())
+
+
+def test_packed_documents_are_one_pass(monkeypatch):
+    """The torch backend does not fall back to one call per document for packed sequences."""
+    from zoo.ops.retention import chunk, naive
+
+    def no_loop(*args, **kwargs):
+        raise AssertionError("per-document loop")
+
+    monkeypatch.setattr(naive, "per_sequence", no_loop)
+    monkeypatch.setattr(chunk, "per_sequence", no_loop, raising=False)
+    inputs = packed_inputs(PACKED_LENGTHS, "fixed", initial_state=True, row_sum=True)
+    out, state, sums = retention(
+        **inputs, backend="torch", chunk_size=16, output_final_state=True, output_row_sum=True
+    )
+    assert out.shape == (1, sum(PACKED_LENGTHS), H, DV) and state.shape[0] == len(PACKED_LENGTHS)

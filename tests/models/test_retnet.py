@@ -145,10 +145,8 @@ def _torchscale_reference(sd, config, ids, xpos_base=None):
     return rms(x, sd["layer_norm.weight"]) @ sd["output_projection.weight"].T
 
 
-@pytest.mark.parametrize("xpos", [False, True])
-def test_torchscale_layout_maps_by_renaming(xpos):
+def _torchscale_state_dict(config):
     torch.manual_seed(0)
-    config = RetNetConfig(**SIZES)
     C, V, F = config.hidden_size, config.value_dim, config.intermediate_size
     sd = {
         "embed_tokens.weight": torch.randn(259, C),
@@ -171,7 +169,13 @@ def test_torchscale_layout_maps_by_renaming(xpos):
                 p + "ffn.fc2.weight": 0.2 * torch.randn(C, F),
             }
         )
-    sd = {k: v.double() for k, v in sd.items()}
+    return {k: v.double() for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("xpos", [False, True])
+def test_torchscale_layout_maps_by_renaming(xpos):
+    config = RetNetConfig(**SIZES)
+    sd = _torchscale_state_dict(config)
     assert set(torchscale_to_zoo(sd)) == {k for k in RetNetForCausalLM(config).state_dict()}
     extra = dict(position_encoding="xpos", xpos_scale_base=16.0) if xpos else {}
     model = (
@@ -183,6 +187,27 @@ def test_torchscale_layout_maps_by_renaming(xpos):
     expected = _torchscale_reference(sd, config, ids, xpos_base=16.0 if xpos else None)
     for mode in ("parallel", "chunk", "recurrent"):
         torch.testing.assert_close(_logits(model, ids, mode), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_convert_entry_point_reads_a_torchscale_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from zoo.convert import convert
+
+    config = RetNetConfig(**SIZES)
+    sd = _torchscale_state_dict(config)
+    torch.save({"model": {"decoder." + k: v.float() for k, v in sd.items()}}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="--heads"):
+        convert(tmp_path / "checkpoint.pt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    convert(tmp_path / "checkpoint.pt", tmp_path / "out", heads=2)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").double().eval()
+    ids = torch.randint(3, 259, (1, 11))
+    expected = _torchscale_reference(sd, config, ids)
+    torch.testing.assert_close(_logits(model, ids, "parallel"), expected, rtol=1e-6, atol=1e-6)
+    torch.save({"model": {"not.a.retnet": torch.zeros(1)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a torchscale RetNet"):
+        convert(tmp_path / "other.pt", tmp_path / "out2", heads=2)
 
 
 def test_decoding_state_does_not_grow_with_context():

@@ -243,3 +243,23 @@ def test_registered_attention_function_is_honoured():
         assert calls == list(range(config.num_hidden_layers))
         with pytest.raises(ValueError, match="zoo_test_counting.*takes no dense attention mask"):
             counted(ids, attention_mask=mask)
+
+
+def test_convert_entry_point_llama_both_ways(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from zoo.convert import convert
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**SIZES, pad_token_id=0)).eval()
+    llama.save_pretrained(tmp_path / "llama")
+    convert(tmp_path / "llama", tmp_path / "zoo")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "zoo").eval()
+    assert type(ours) is TransformerForCausalLM
+    convert(tmp_path / "zoo", tmp_path / "back")
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+    ids = torch.randint(3, 259, (1, 19))
+    with torch.no_grad():
+        expected = llama(ids).logits
+        torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(back(ids).logits, expected, rtol=0, atol=0)

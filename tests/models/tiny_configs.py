@@ -22,6 +22,14 @@ TINY = {
         num_attention_heads=2,
         chunk_size=8,
     ),
+    "zoo_mamba": dict(
+        vocab_size=259,
+        hidden_size=32,
+        state_size=8,
+        num_hidden_layers=2,
+        expand=2,
+        conv_kernel=4,
+    ),
 }
 
 

@@ -40,6 +40,11 @@ def rename_torchscale_key(key: str) -> str:
     raise ValueError(f"torchscale key {key!r} has no zoo counterpart")
 
 
+def is_torchscale_state_dict(state_dict: dict) -> bool:
+    """Whether ``state_dict`` looks like a torchscale RetNet decoder's (its retention projection names)."""
+    return any(re.match(r"^(decoder\.)?layers\.\d+\.retention\.q_proj\.weight$", k) for k in state_dict)
+
+
 def torchscale_to_zoo(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {
         rename_torchscale_key(k): v

@@ -58,6 +58,26 @@ def from_llama(llama_model) -> TransformerForCausalLM:
     return model.to(next(llama_model.parameters()).dtype)
 
 
+def to_llama(model: TransformerForCausalLM):
+    """A transformers ``LlamaForCausalLM`` holding the weights of a zoo transformer (RoPE models only)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = model.config
+    llama_like = dict(
+        position_embedding_type="rope", sliding_window=None, norm_type="rmsnorm", mlp_type="swiglu"
+    )
+    differ = {k: getattr(cfg, k) for k, v in llama_like.items() if getattr(cfg, k) != v}
+    if differ:
+        raise ValueError(f"this zoo_transformer has no Llama counterpart: {differ} (Llama has {llama_like})")
+    kwargs = {name: getattr(cfg, name) for name in _SHARED_FIELDS}
+    llama = LlamaForCausalLM(LlamaConfig(**kwargs, rope_parameters=dict(cfg.rope_parameters)))
+    missing, unexpected = llama.load_state_dict(model.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"weights do not map: missing {missing}, unexpected {unexpected}")
+    return llama.to(next(model.parameters()).dtype)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -1,0 +1,115 @@
+"""``python -m zoo.convert SRC DST``: one entry point for every converter of zoo.
+
+The source is recognised, and the conversion dispatched to the architecture's ``convert_<arch>.py``:
+
+- a transformers folder (its ``config.json``): ``llama`` -> ``zoo_transformer``, ``mamba`` -> ``zoo_mamba``;
+- a zoo folder (``model_type: zoo_*``) -> the transformers class of the same architecture, where one exists
+  (``zoo_transformer`` -> ``LlamaForCausalLM``, ``zoo_mamba`` -> ``MambaForCausalLM``);
+- a checkpoint file (``.pt``) whose keys are torchscale RetNet's -> ``zoo_retnet`` (``--heads`` required: the
+  head count is not stored in the weights).
+
+The converted model is saved with ``save_pretrained`` (safetensors), with the source's tokenizer when it has one.
+Nothing is written when the source is not recognised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _to_zoo(model_type: str):
+    """transformers model_type -> (transformers class name, converter to zoo)."""
+    if model_type == "llama":
+        from zoo.models.transformer.convert_transformer import from_llama
+
+        return "LlamaForCausalLM", from_llama
+    if model_type == "mamba":
+        from zoo.models.mamba.convert_mamba import from_transformers
+
+        return "MambaForCausalLM", from_transformers
+    return None
+
+
+def _from_zoo(model_type: str):
+    """zoo model_type -> converter to transformers."""
+    if model_type == "zoo_transformer":
+        from zoo.models.transformer.convert_transformer import to_llama
+
+        return to_llama
+    if model_type == "zoo_mamba":
+        from zoo.models.mamba.convert_mamba import to_transformers
+
+        return to_transformers
+    return None
+
+
+def convert(src: str | Path, dst: str | Path, *, heads: int | None = None):
+    """Convert ``src`` into ``dst`` (see the module docstring); returns the converted model."""
+    import torch
+    import transformers
+
+    import zoo  # noqa: F401  (registers zoo's architectures)
+
+    src, dst = Path(src), Path(dst)
+    if src.is_dir():
+        config_path = src / "config.json"
+        if not config_path.exists():
+            raise ValueError(f"{src} is a folder without config.json: not a transformers or zoo model")
+        model_type = json.loads(config_path.read_text()).get("model_type")
+        if model_type and model_type.startswith("zoo_"):
+            back = _from_zoo(model_type)
+            if back is None:
+                raise ValueError(f"{model_type!r} has no transformers counterpart to convert to")
+            model = back(transformers.AutoModelForCausalLM.from_pretrained(src))
+        else:
+            entry = _to_zoo(model_type)
+            if entry is None:
+                raise ValueError(
+                    f"no zoo converter for transformers model_type {model_type!r} (known: llama, mamba)"
+                )
+            class_name, to_zoo = entry
+            model = to_zoo(getattr(transformers, class_name).from_pretrained(src))
+    elif src.is_file():
+        from zoo.models.retnet.convert_retnet import from_torchscale, is_torchscale_state_dict
+
+        blob = torch.load(src, map_location="cpu", weights_only=True)
+        state_dict = blob.get("model", blob)
+        if not is_torchscale_state_dict(state_dict):
+            raise ValueError(
+                f"{src}: keys are not a torchscale RetNet's (e.g. {next(iter(state_dict), None)!r})"
+            )
+        if heads is None:
+            raise ValueError("a torchscale RetNet checkpoint needs --heads (decoder_retention_heads)")
+        model = from_torchscale(state_dict, heads)
+    else:
+        raise ValueError(f"{src} does not exist")
+    model.save_pretrained(dst)
+    try:
+        transformers.AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    except (OSError, ValueError, TypeError):
+        pass  # sources without a tokenizer (bare checkpoints, tests)
+    return model
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m zoo.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", help="transformers or zoo folder, or a torchscale RetNet checkpoint file")
+    parser.add_argument("dst", help="output folder")
+    parser.add_argument("--heads", type=int, help="retention heads of a torchscale RetNet checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        model = convert(args.src, args.dst, heads=args.heads)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"{type(model).__name__} -> {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Conversion between transformers' ``MambaForCausalLM`` and zoo's Mamba, both ways, by renaming:
+
+    transformers                                   zoo
+    backbone.embeddings.weight                 <-> model.embed_tokens.weight
+    backbone.layers.{i}.norm.weight            <-> model.layers.{i}.norm.weight
+    backbone.layers.{i}.mixer.{A_log, D, conv1d.*, in_proj.*, x_proj.*, dt_proj.*, out_proj.*}
+                                               <-> model.layers.{i}.mixer.(the same)
+    backbone.norm_f.weight                     <-> model.norm.weight
+    lm_head.weight                             <-> lm_head.weight
+
+``python -m zoo.convert MAMBA_DIR OUT_DIR`` dispatches here for ``model_type: mamba``.
+"""
+
+from __future__ import annotations
+
+from zoo.models.mamba.configuration_mamba import ZooMambaConfig
+from zoo.models.mamba.modeling_mamba import MambaForCausalLM
+
+# Fields with the same name and meaning in both configs.
+_SHARED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "state_size",
+    "num_hidden_layers",
+    "expand",
+    "conv_kernel",
+    "time_step_rank",
+    "time_step_scale",
+    "time_step_min",
+    "time_step_max",
+    "time_step_init_scheme",
+    "time_step_floor",
+    "use_bias",
+    "use_conv_bias",
+    "hidden_act",
+    "layer_norm_epsilon",
+    "residual_in_fp32",
+    "rescale_prenorm_residual",
+    "initializer_range",
+    "tie_word_embeddings",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+_RENAMES = (
+    ("backbone.embeddings.", "model.embed_tokens."),
+    ("backbone.norm_f.", "model.norm."),
+    ("backbone.", "model."),
+)
+
+
+def _rename(state_dict: dict, pairs) -> dict:
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in pairs:
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        out[key] = value
+    return out
+
+
+def _load(model, state_dict: dict):
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"weights do not map: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def config_from_transformers(config) -> ZooMambaConfig:
+    if config.model_type != "mamba":
+        raise ValueError(
+            f"expected a transformers Mamba config (model_type 'mamba'), got {config.model_type!r}"
+        )
+    return ZooMambaConfig(**{name: getattr(config, name) for name in _SHARED_FIELDS})
+
+
+def from_transformers(hf_model) -> MambaForCausalLM:
+    """A zoo ``MambaForCausalLM`` holding the weights of a transformers ``MambaForCausalLM``."""
+    model = MambaForCausalLM(config_from_transformers(hf_model.config))
+    _load(model, _rename(hf_model.state_dict(), _RENAMES))
+    return model.to(next(hf_model.parameters()).dtype)
+
+
+def to_transformers(model: MambaForCausalLM):
+    """A transformers ``MambaForCausalLM`` holding the weights of a zoo Mamba."""
+    from transformers import MambaConfig as HFMambaConfig
+    from transformers import MambaForCausalLM as HFMambaForCausalLM
+
+    hf = HFMambaForCausalLM(HFMambaConfig(**{n: getattr(model.config, n) for n in _SHARED_FIELDS}))
+    back = tuple((new, old) for old, new in _RENAMES)
+    # "model." last so that the embedding and final-norm names are matched first
+    _load(hf, _rename(model.state_dict(), back))
+    return hf.to(next(model.parameters()).dtype)

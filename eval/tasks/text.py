@@ -1,20 +1,19 @@
 """Raw material of the task generators: word lists, pseudo-words, filler sentences, real text, and needle insertion.
 
 Real text comes from zoo's embedded corpus (``zoo.data.corpus.default_corpus("test")``, documents no model trained
-on); where zoo's data package is unavailable, from the Python language reference shipped with every interpreter
-(``pydoc_data.topics``), so that the suite always runs offline.
+on); only where zoo's data package cannot be imported, from the Python language reference shipped with every
+interpreter (``pydoc_data.topics``), with a ``RuntimeWarning``. :func:`real_text_corpus` names the one in use. Any
+other failure of the corpus (a broken cache, an empty split) is an error: the scores would silently change meaning.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import random
 import re
+import warnings
 
 from eval.tasks.base import decode, encode, fit_to_length
-
-logger = logging.getLogger(__name__)
 
 NOUNS = (
     "apple", "anchor", "badger", "banjo", "barrel", "beacon", "bridge", "candle", "canyon", "castle", "cedar",
@@ -71,23 +70,43 @@ def passkey_filler(min_chars: int) -> str:
     return PASSKEY_FILLER * (min_chars // len(PASSKEY_FILLER) + 1)
 
 
+ZOO_CORPUS = "zoo.data.corpus:test"
+PYTHON_REFERENCE = "pydoc_data.topics"
+
+
 @functools.lru_cache(maxsize=1)
-def real_text_documents() -> tuple[str, ...]:
-    """Held-out real English documents: zoo's corpus test split, else the Python language reference."""
+def _real_text() -> tuple[str, tuple[str, ...]]:
     try:
         from zoo.data.corpus import default_corpus
-
-        documents = tuple(default_corpus("test"))
-        if documents:
-            return documents
-    except Exception as err:  # zoo's data package absent or broken: the suite must still run
-        logger.warning(
-            "zoo.data.corpus unavailable (%s); using the Python language reference as real text", err
+    except ImportError as err:
+        warnings.warn(
+            f"zoo.data.corpus cannot be imported ({err}); real-text haystacks and perplexity use the Python"
+            f" language reference ({PYTHON_REFERENCE}) instead, so scores are not comparable with zoo's corpus",
+            RuntimeWarning,
+            stacklevel=3,
         )
-    import pydoc_data.topics
+        import pydoc_data.topics
 
-    topics = pydoc_data.topics.topics
-    return tuple(topics[key] for key in sorted(topics))
+        topics = pydoc_data.topics.topics
+        return PYTHON_REFERENCE, tuple(topics[key] for key in sorted(topics))
+    documents = tuple(default_corpus("test"))
+    if not documents:
+        raise RuntimeError(
+            "zoo.data.corpus: the test split of the default corpus is empty; delete its cache"
+            " ($ZOO_CACHE/corpus, default ~/.cache/zoo/corpus) to rebuild it"
+        )
+    return ZOO_CORPUS, documents
+
+
+def real_text_documents() -> tuple[str, ...]:
+    """Held-out real English documents: zoo's corpus test split (see :func:`real_text_corpus`)."""
+    return _real_text()[1]
+
+
+def real_text_corpus() -> str:
+    """Which corpus :func:`real_text_documents` reads: :data:`ZOO_CORPUS`, or :data:`PYTHON_REFERENCE` when
+    zoo's data package is absent."""
+    return _real_text()[0]
 
 
 def real_text(rng: random.Random, min_chars: int) -> str:

@@ -287,3 +287,43 @@ def test_string_match_normalises():
     assert string_match("\n\n12 345", ["12345"]) == 0.0
     assert string_match("kabe, ROFI and zu", ["rofi", "kabe", "lomu"]) == pytest.approx(2 / 3)
     assert string_match("x", ["x y"]) == 0.0
+
+
+@pytest.fixture
+def fresh_real_text():
+    from eval.tasks import text
+
+    text._real_text.cache_clear()
+    yield text
+    text._real_text.cache_clear()
+
+
+def test_real_text_corpus_failures_are_never_silent(fresh_real_text, monkeypatch):
+    import sys
+
+    import zoo.data.corpus
+
+    text = fresh_real_text
+    monkeypatch.setattr(zoo.data.corpus, "default_corpus", lambda split: ["a held-out document"])
+    assert text.real_text_documents() == ("a held-out document",)
+    assert text.real_text_corpus() == text.ZOO_CORPUS
+
+    # A broken corpus fails instead of swapping in another one.
+    def broken(split):
+        raise OSError("corpus cache unreadable")
+
+    text._real_text.cache_clear()
+    monkeypatch.setattr(zoo.data.corpus, "default_corpus", broken)
+    with pytest.raises(OSError, match="corpus cache unreadable"):
+        text.real_text_documents()
+    text._real_text.cache_clear()
+    monkeypatch.setattr(zoo.data.corpus, "default_corpus", lambda split: [])
+    with pytest.raises(RuntimeError, match="test split of the default corpus is empty"):
+        text.real_text_documents()
+
+    # Only an absent zoo data package falls back, with a warning, and says which corpus it used.
+    text._real_text.cache_clear()
+    monkeypatch.setitem(sys.modules, "zoo.data.corpus", None)
+    with pytest.warns(RuntimeWarning, match="Python language reference"):
+        assert len(text.real_text_documents()) > 10
+    assert text.real_text_corpus() == text.PYTHON_REFERENCE

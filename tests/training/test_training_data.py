@@ -6,12 +6,12 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
-import zoo  # noqa: F401
-from zoo.data.packing import pack_documents
+import zoo
+from tests.models.tiny_configs import tiny_config
 from zoo.data.tokenizer import default_tokenizer
-from zoo.training.data import BlockSampler, eval_batches, load_text_splits, packed_dataset
+from zoo.training.data import BlockSampler, eval_batches, get_batch, load_text_splits, packed_dataset
 from zoo.training.recipe import DataConfig, RecipeError
 
 DOCS = [f"document number {i}: " + "lorem ipsum " * (i % 5 + 1) for i in range(40)]
@@ -57,6 +57,9 @@ def test_hub_source_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(RecipeError, match="data.train: could not load Hub dataset 'someone/nothing-here'"):
         load_text_splits(DataConfig(train="someone/nothing-here"), seed=0)
+    # A missing local folder is not a failed download.
+    with pytest.raises(RecipeError, match="data.train: no such file or folder 'no/such/folder'"):
+        load_text_splits(DataConfig(train="no/such/folder"), seed=0)
 
 
 def test_packed_dataset_is_cached(tmp_path):
@@ -94,47 +97,47 @@ def test_eval_batches_split_evenly():
     assert len(list(eval_batches(10, 3, 1, 1, 0))) == 1
 
 
-def test_packed_batch_equals_documents_alone():
+@pytest.mark.parametrize("model_type", sorted(zoo.REGISTRY))
+def test_packed_batch_equals_documents_alone(model_type, tmp_path):
+    """Through the trainer's data path (packed_dataset, get_batch) and its loss: every architecture reads a packed
+    block as its documents alone, in logits, loss and gradients."""
     torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "zoo_transformer",
-        vocab_size=259,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    model = AutoModelForCausalLM.from_config(config).eval()
+    # eval(): no dropout, so that packed and separate forwards are the same function.
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
     tokenizer = default_tokenizer()
     texts = ["the cat sat", "on a mat and purred", "dogs bark", "a much longer document " * 3, "end"]
-    docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    blocks = pack_documents(docs, block_size=48, eos_token_id=tokenizer.eos_token_id, drop_last=True)
-    batch = {k: torch.tensor(v) for k, v in blocks.items()}
+    text = datasets.Dataset.from_dict({"text": texts})
+    packed = packed_dataset(text, tokenizer, 48, DataConfig(cache_dir=str(tmp_path / "cache")), "train")
+    batch = get_batch(packed, list(range(len(packed))), torch.device("cpu"))
     assert batch["input_ids"].shape[0] >= 2
-    with torch.no_grad():
-        packed_logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-    checked = 0
+    out = model(**batch)
+    out.loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    loss_sum, n_tokens, checked = 0.0, 0, 0
     for row in range(batch["input_ids"].shape[0]):
-        starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist() + [
-            batch["input_ids"].shape[1]
-        ]
-        for a, b in zip(starts[:-1], starts[1:]):
-            ids = batch["input_ids"][row, a:b]
-            labels = batch["labels"][row, a:b]
+        starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist()
+        for a, b in zip(starts, starts[1:] + [batch["input_ids"].shape[1]]):
+            ids, labels = batch["input_ids"][row, a:b], batch["labels"][row, a:b]
             assert labels[0] == -100
-            with torch.no_grad():
-                alone = model(input_ids=ids[None], labels=ids[None])
-            torch.testing.assert_close(packed_logits[row, a:b], alone.logits[0], atol=1e-5, rtol=1e-5)
-            if b - a > 1:
-                packed_loss = F.cross_entropy(packed_logits[row, a : b - 1], labels[1:])
-                torch.testing.assert_close(packed_loss, alone.loss, atol=1e-5, rtol=1e-5)
+            alone = model(input_ids=ids[None]).logits[0]
+            torch.testing.assert_close(out.logits[row, a:b], alone, atol=1e-5, rtol=1e-4)
+            targets = labels[1:]
+            if (targets != -100).any():
+                loss_sum = loss_sum + F.cross_entropy(alone[:-1], targets, reduction="sum")
+                n_tokens += int((targets != -100).sum())
                 checked += 1
     assert checked >= 4
-    # And the model's own loss on the packed batch is the token-weighted mean of the documents' losses.
-    with torch.no_grad():
-        loss = model(**batch).loss
-    logits = packed_logits[:, :-1].reshape(-1, packed_logits.shape[-1])
-    torch.testing.assert_close(
-        loss, F.cross_entropy(logits, batch["labels"][:, 1:].reshape(-1)), atol=1e-5, rtol=1e-5
-    )
+    # The packed loss is the token-weighted mean of the documents' losses, and so are its gradients.
+    separate = loss_sum / n_tokens
+    torch.testing.assert_close(out.loss, separate, atol=1e-5, rtol=1e-5)
+    separate.backward()
+    assert packed_grads and packed_grads.keys() == {
+        n for n, p in model.named_parameters() if p.grad is not None
+    }
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(
+                packed_grads[name], param.grad, atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+            )

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 import zoo  # noqa: F401
 from zoo.data.tokenizer import default_tokenizer
+from zoo.models import default_lora_targets
 from zoo.training import load_recipe, train
 from zoo.training.cli import EXIT_DIVERGED, EXIT_PUSH_FAILED, main
 from zoo.training.loop import Hooks, TrainingDiverged, resolve_mixed_precision
@@ -111,9 +112,8 @@ def test_lora_finetune_merge_and_reload_adapter(tmp_path):
 
     out = tmp_path / "out"
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert sorted(adapter_config["target_modules"]) == sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    # The architecture's registered defaults.
+    assert sorted(adapter_config["target_modules"]) == sorted(default_lora_targets("zoo_transformer"))
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     x = torch.randint(3, 259, (2, 16))
@@ -214,3 +214,24 @@ def test_randomized_positions_option(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo.models.transformer.TransformerForCausalLM, "forward", spy)
     train(load_recipe(write_recipe(tmp_path, training={"randomized_positions": 1024, "max_steps": 3})))
     assert seen and max(seen) > 64, "training saw positions past the block length"
+
+
+def test_lora_default_targets_follow_peft():
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from zoo.training.lora import apply_lora, default_target_modules
+    from zoo.training.recipe import FinetuneConfig, RecipeError
+
+    def llama():
+        config = LlamaConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+        return LlamaForCausalLM(config)
+
+    # peft knows Llama: its own table decides, not a copy of it here.
+    assert default_target_modules(llama()) is None
+    adapted = apply_lora(llama(), FinetuneConfig(method="lora", r=2))
+    assert adapted.peft_config["default"].target_modules == set(PEFT_TARGETS["llama"])
+    with pytest.raises(RecipeError, match=r"finetune.target_modules: .*nothing_like_this"):
+        apply_lora(llama(), FinetuneConfig(method="lora", target_modules=["nothing_like_this"]))

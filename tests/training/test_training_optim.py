@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import zoo  # noqa: F401
-from zoo.training.optim import LRMultiplier, build_optimizer, build_scheduler, decay_parameter_names
+from zoo.training.optim import build_optimizer, build_scheduler, decay_parameter_names
 from zoo.training.recipe import OptimConfig, ScheduleConfig
 
 
@@ -41,19 +41,39 @@ def test_tied_embeddings_are_not_decayed():
     assert not any("embed" in n or "lm_head" in n for n in decay_parameter_names(model))
 
 
+def lr_trace(schedule: ScheduleConfig, max_steps: int, steps: int) -> list[float]:
+    """The learning-rate multiplier in effect at optimizer steps 0..steps-1 (base lr 1)."""
+    opt = build_optimizer(torch.nn.Linear(2, 2), OptimConfig(lr=1.0))
+    sched = build_scheduler(opt, schedule, max_steps)
+    trace = []
+    for _ in range(steps):
+        trace.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return trace
+
+
 def test_cosine_schedule():
-    f = LRMultiplier("cosine", max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.55)
-    assert f(100) == pytest.approx(0.1) and f(200) == pytest.approx(0.1)
-    assert all(f(s) >= f(s + 1) for s in range(10, 120))
+    f = lr_trace(ScheduleConfig("cosine", warmup_steps=10, min_lr_ratio=0.1), max_steps=100, steps=101)
+    # transformers' schedule one step ahead: the first step trains at lr / warmup_steps.
+    assert f[0] == pytest.approx(0.1) and f[4] == pytest.approx(0.5) and f[9] == pytest.approx(1.0)
+    assert f[54] == pytest.approx(0.55) and f[99] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[9:100], f[10:100]))
 
 
 def test_wsd_schedule():
-    f = LRMultiplier("wsd", max_steps=100, warmup_steps=10, min_lr_ratio=0.0, decay_ratio=0.2)
-    assert f(4) == pytest.approx(0.5)
-    assert all(f(s) == 1.0 for s in range(10, 81))
-    assert f(90) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+    f = lr_trace(ScheduleConfig("wsd", warmup_steps=10, min_lr_ratio=0.0, decay_ratio=0.2), 100, 100)
+    assert f[4] == pytest.approx(0.5)
+    assert all(v == 1.0 for v in f[9:80])
+    assert f[89] == pytest.approx(0.5) and f[99] == pytest.approx(0.0)
+    # A warmup longer than the stable phase: straight from warmup into the decay, never a jump.
+    g = lr_trace(ScheduleConfig("wsd", warmup_steps=90, min_lr_ratio=0.0, decay_ratio=0.2), 100, 100)
+    assert g[89] == pytest.approx(1.0) and g[99] == pytest.approx(0.5)
+
+
+def test_constant_schedule():
+    f = lr_trace(ScheduleConfig("constant", warmup_steps=4), 20, 20)
+    assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and set(f[3:]) == {1.0}
 
 
 def test_scheduler_state_round_trips():

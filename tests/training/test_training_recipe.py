@@ -51,7 +51,7 @@ def write_recipe(tmp_path: Path, **sections) -> Path:
         ({"training": {"max_steps": 2.5}}, "training.max_steps: expected an integer"),
         ({"training": {"compile": "yes"}}, "training.compile: expected true or false"),
         ({"model": {**TINY_MODEL, "hidden_size": "big"}}, "model.hidden_size: expected a number"),
-        ({"data": {"train": "no/such/file.txt"}}, "data.train: data path 'no/such/file.txt' does not exist"),
+        ({"data": {"train": "no/such/file.txt"}}, "data.train: no such file or folder 'no/such/file.txt'"),
         (
             {"data": {"train": "synthetic:cpy"}},
             "data.train: unknown synthetic task 'cpy' (did you mean 'copy'?)",
@@ -60,6 +60,48 @@ def write_recipe(tmp_path: Path, **sections) -> Path:
         ({"hub": {"push": True}}, "hub.repo_id: required"),
         ({"checkpointing": {"resume": "/no/such/ckpt"}}, "checkpointing.resume:"),
         ({"model": {"type": "zoo_transformer", "pretrained": "x"}}, "model: give exactly one of"),
+        # Values that used to pass validation and failed (or silently misbehaved) later.
+        ({"optim": {"lr": float("nan")}}, "optim.lr: expected a finite number, got nan"),
+        ({"optim": {"lr": float("inf")}}, "optim.lr: expected a finite number, got inf"),
+        ({"optim": {"weight_decay": -0.1}}, "optim.weight_decay: must be >= 0, got -0.1"),
+        ({"optim": {"eps": 0.0}}, "optim.eps: must be > 0, got 0.0"),
+        (
+            {"optim": {"max_grad_norm": 0.0}},
+            "optim.max_grad_norm: must be > 0 (or null for no clipping), got 0.0",
+        ),
+        ({"schedule": {"warmup_steps": -5}}, "schedule.warmup_steps: must be >= 0, got -5"),
+        (
+            {"eval": {"batch_size": 0}},
+            "eval.batch_size: must be >= 1 (or null for training.batch_size), got 0",
+        ),
+        ({"logging": {"sample_tokens": 0}}, "logging.sample_tokens: must be >= 1, got 0"),
+        ({"logging": {"sample_prompt": ""}}, "logging.sample_prompt: must not be empty"),
+        ({"training": {"seed": -1}}, "training.seed: must be >= 0, got -1"),
+        ({"finetune": {"method": "lora", "dropout": 1.5}}, "finetune.dropout: must be in [0, 1), got 1.5"),
+        (
+            {"model": {**TINY_MODEL, "position_embedding_type": "learned"}, "training": {"block_size": 128}},
+            "training.block_size: 128 is past model.max_position_embeddings = 64",
+        ),
+        (
+            {
+                "model": {**TINY_MODEL, "position_embedding_type": "learned"},
+                "training": {"block_size": 64, "randomized_positions": 256},
+            },
+            "training.randomized_positions: 256 is past model.max_position_embeddings = 64",
+        ),
+        (
+            {"data": {"train": "synthetic:copy", "synthetic": {"n": 10, "min_lenn": 3}}},
+            "data.synthetic.min_lenn: not an option of synthetic:copy (did you mean 'min_len'?);"
+            " valid: alphabet, max_len, min_len, n, n_validation",
+        ),
+        (
+            {"data": {"train": "synthetic:copy", "synthetic": {"min_len": 9, "max_len": 3}}},
+            "data.synthetic: synthetic:copy rejects these options",
+        ),
+        (
+            {"data": {"train": "synthetic:copy", "synthetic": {"n": 0}}},
+            "data.synthetic.n: must be >= 1, got 0",
+        ),
     ],
 )
 def test_bad_recipes_name_the_dotted_key(raw, message):
@@ -109,26 +151,49 @@ def test_shipped_recipes_validate(capsys):
         assert "model:" in capsys.readouterr().out
 
 
-def _no_latest_checkpoint(out: Path) -> bool:
-    ckpts = out / "checkpoints"
-    return not ckpts.exists() or not any(p.name.startswith("checkpoint-") for p in ckpts.iterdir())
+def _pretrained(tmp_path: Path, **config) -> Path:
+    """A tiny saved zoo_transformer with zoo's byte tokenizer beside it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import zoo  # noqa: F401
+    from zoo.data.tokenizer import default_tokenizer
+
+    folder = tmp_path / "pretrained"
+    kwargs = {**{k: v for k, v in TINY_MODEL.items() if k != "type"}, "vocab_size": 259, **config}
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("zoo_transformer", **kwargs)).save_pretrained(
+        folder
+    )
+    default_tokenizer().save_pretrained(folder)
+    return folder
 
 
-@pytest.mark.parametrize(
-    "case, expected",
-    [
-        ("malformed_yaml", "malformed YAML"),
-        ("unknown_key", "training.max_step: unknown key (did you mean 'max_steps'?)"),
-        ("missing_data", "data.train: data path"),
-        (
-            "vocab_mismatch",
-            "model.vocab_size: the tokenizer has 259 tokens but the model's vocab_size is 100",
-        ),
-        ("unwritable_output", "training.output_dir: cannot write to"),
-        ("missing_config", "--config: recipe file"),
-    ],
-)
-def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path, capsys, case, expected):
+BAD_INPUTS = {
+    "malformed_yaml": "malformed YAML",
+    "unknown_key": "training.max_step: unknown key (did you mean 'max_steps'?)",
+    "missing_data": "data.train: no such file or folder",
+    "missing_relative_folder": "data.train: no such file or folder 'no/such/folder'",
+    "partly_existing_path": "data.train: no such file or folder 'data/missing'",
+    "dot_path": "data.train: no such file or folder '.data'",
+    "hub_offline": "data.train: could not load Hub dataset 'someone/nothing-here'",
+    "vocab_mismatch": "model.vocab_size: the tokenizer has 259 tokens but the model's vocab_size is 100",
+    "text_column": "data.text_column: 'body' is not a column of data.train",
+    "one_document": "has 1 document(s); need 2+ to hold one out",
+    "tokenizer_missing": "tokenizer.name: could not load tokenizer",
+    "broken_pretrained_tokenizer": "tokenizer.name: null, so model.pretrained's tokenizer is used",
+    "pretrained_learned_overflow": "training.block_size: 128 is past model.max_position_embeddings = 64",
+    "learned_sample_overflow": "logging.sample_tokens: the prompt 'The ' (4 tokens) plus 80 new tokens",
+    "synthetic_typo": "data.synthetic.min_lenn: not an option of synthetic:copy",
+    "lora_dropout": "finetune.dropout: must be in [0, 1), got 1.5",
+    "sample_tokens": "logging.sample_tokens: must be >= 1, got -1",
+    "unwritable_output": "training.output_dir: cannot write to",
+    "missing_config": "--config: recipe file",
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_cli_bad_input_exits_nonzero_before_writing_anything(tmp_path, capsys, monkeypatch, case):
+    # Relative data paths resolve against the working directory.
+    monkeypatch.chdir(tmp_path)
     path = write_recipe(tmp_path)
     args = ["--config", str(path)]
     if case == "malformed_yaml":
@@ -137,8 +202,40 @@ def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path, capsys, case, 
         args.append("training.max_step=3")
     elif case == "missing_data":
         args.append(f"data.train={tmp_path / 'missing.jsonl'}")
+    elif case == "missing_relative_folder":
+        args.append("data.train=no/such/folder")
+    elif case == "partly_existing_path":
+        (tmp_path / "data").mkdir()
+        args.append("data.train=data/missing")
+    elif case == "dot_path":
+        args.append("data.train=.data")
+    elif case == "hub_offline":
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+        args.append("data.train=someone/nothing-here")
     elif case == "vocab_mismatch":
         args.append("model.vocab_size=100")
+    elif case == "text_column":
+        args.append("data.text_column=body")
+    elif case == "one_document":
+        (tmp_path / "tiny.txt").write_text("a single paragraph\n")
+        args.append(f"data.train={tmp_path / 'tiny.txt'}")
+    elif case == "tokenizer_missing":
+        args.append(f"tokenizer.name={tmp_path / 'no-tokenizer'}")
+    elif case == "broken_pretrained_tokenizer":
+        folder = _pretrained(tmp_path)
+        (folder / "tokenizer_config.json").write_text("{not json")
+        args.append(f"model={{pretrained: {folder}}}")
+    elif case == "pretrained_learned_overflow":
+        folder = _pretrained(tmp_path, position_embedding_type="learned")
+        args += [f"model={{pretrained: {folder}}}", "training.block_size=128"]
+    elif case == "learned_sample_overflow":
+        args += ["model.position_embedding_type=learned", "logging.sample_tokens=80"]
+    elif case == "synthetic_typo":
+        args.append("data.synthetic.min_lenn=3")
+    elif case == "lora_dropout":
+        args += ["finetune.method=lora", "finetune.dropout=1.5"]
+    elif case == "sample_tokens":
+        args.append("logging.sample_tokens=-1")
     elif case == "unwritable_output":
         (tmp_path / "a_file").write_text("not a folder")
         args += ["--output_dir", str(tmp_path / "a_file" / "out")]
@@ -146,17 +243,40 @@ def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path, capsys, case, 
         args = ["--config", str(tmp_path / "nope.yaml")]
     assert main(args) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert expected in err, err
-    assert _no_latest_checkpoint(tmp_path / "out")
+    assert BAD_INPUTS[case] in err, err
+    # Validated before any work: no output folder, so no recipe.yaml, logs or checkpoints either.
+    assert not (tmp_path / "out").exists(), sorted(p.name for p in (tmp_path / "out").iterdir())
 
 
 @pytest.mark.parametrize(
-    "name, kind", [("cpu", "MULTI_GPU"), ("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed", "DEEPSPEED")]
+    "name, kind",
+    [
+        ("cpu", "MULTI_GPU"),
+        ("ddp", "MULTI_GPU"),
+        ("fsdp", "FSDP"),
+        ("fsdp_cpu", "FSDP"),
+        ("deepspeed", "DEEPSPEED"),
+    ],
 )
 def test_accelerate_launch_configs_parse(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
 
     config = load_config_from_file(str(REPO / "configs" / "accelerate" / f"{name}.yaml"))
     assert config.distributed_type.name == kind
-    # The CPU config starts torchrun workers that the loop turns into a gloo group (see its comment).
-    assert config.use_cpu == (name == "cpu")
+    # The CPU configs start torchrun workers that the loop turns into a gloo group (see their comments).
+    assert config.use_cpu == (name in ("cpu", "fsdp_cpu"))
+
+
+def test_pretrained_tokenizer_choice(tmp_path, caplog):
+    from zoo.training.modeling import build_tokenizer
+
+    folder = _pretrained(tmp_path)
+    recipe = recipe_from_dict({"model": {"pretrained": str(folder)}})
+    assert len(build_tokenizer(recipe)) == 259
+    # A folder with no tokenizer files at all: zoo's byte tokenizer, said out loud.
+    for item in folder.iterdir():
+        if item.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            item.unlink()
+    with caplog.at_level("WARNING", logger="zoo.training.modeling"):
+        assert len(build_tokenizer(recipe)) == 259
+    assert "holds no tokenizer files; using zoo's byte-level tokenizer" in caplog.text

@@ -23,7 +23,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from zoo.training.recipe import DataConfig, RecipeError
+from zoo.training.recipe import DataConfig, RecipeError, is_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ def _load_source(spec: str, cfg: DataConfig, seed: int, where: str) -> datasets.
     path = Path(spec).expanduser()
     if path.exists():
         return datasets.DatasetDict(train=_load_files(path, cfg, where))
+    if not spec.startswith("hf:") and is_local_path(spec, Path(".")):
+        raise RecipeError(f"{where}: no such file or folder {spec!r} (a Hub dataset is written hf:<name>)")
     name = spec.removeprefix("hf:")
     try:
         loaded = datasets.load_dataset(name, cfg.hf_config)

@@ -2,12 +2,16 @@
 
 Plain code, top to bottom, in :func:`train`:
 
-1. set up: output folder, ``Accelerator``, seed, tokenizer, model, packed data, optimizer and schedule;
-2. resume from the newest complete checkpoint (``checkpointing.resume: auto``), restoring weights, optimizer,
-   schedule, RNG states and the step; the data order is a pure function of the step (:class:`BlockSampler`);
+1. check, writing nothing: the output folder can be made, ``Accelerator``, seed, tokenizer, model (vocabulary,
+   position limits, LoRA), the greedy-sample prompt, the packed data and the checkpoint to resume from; any
+   problem stops the run here, before the output folder or ``recipe.yaml`` exists;
+2. set up: output folder, ``recipe.yaml``, optimizer and schedule, ``accelerator.prepare``, trackers; resume from
+   the newest complete checkpoint (``checkpointing.resume: auto``), restoring weights, optimizer, schedule, RNG
+   states and the step; the data order is a pure function of the step (:class:`BlockSampler`);
 3. loop over optimizer steps: ``grad_accum`` micro-batches under ``Accelerator.accumulate``, a finite-loss check
    before every backward, clipping, logging, periodic evaluation and atomic checkpoints;
-4. evaluate, save the final model, print a greedy sample, the validation loss and a summary; push to the Hub.
+4. evaluate, save the final model, print a greedy sample (every process takes part when the parameters are
+   sharded), the validation loss and a summary; push to the Hub.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed, str_to_bool
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from zoo.training.checkpoint import CheckpointManager
@@ -79,6 +85,21 @@ def resolve_mixed_precision(value: str) -> str | None:
     return "no"
 
 
+def check_output_dir(path: Path) -> None:
+    """Fail, creating nothing, when ``path`` cannot become a writable folder: its nearest existing ancestor
+    must be a writable folder."""
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{str(existing)!r} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{str(existing)!r} is not writable"
+    else:
+        return
+    raise RecipeError(f"training.output_dir: cannot write to {str(path)!r}: {problem}")
+
+
 def prepare_output_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -87,6 +108,33 @@ def prepare_output_dir(path: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise RecipeError(f"training.output_dir: cannot write to {str(path)!r}: {err}") from None
+
+
+def enable_fsdp_on_cpu() -> None:
+    """Let an FSDP2 launch (``configs/accelerate/fsdp_cpu.yaml``) shard on a machine without an accelerator.
+
+    accelerate turns ``distributed_type: FSDP`` into FSDP only on accelerator devices; on a CPU its torchrun
+    workers become a plain gloo group (MULTI_CPU) and would train unsharded, as DDP. torch's FSDP2 (``fully_shard``)
+    runs over gloo, so the group is relabelled as multi-device before the ``Accelerator`` reads it, which makes
+    accelerate shard the model. FSDP1 is left to accelerate (it trains data-parallel), with a warning.
+    """
+    if torch.accelerator.is_available() or not str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false")):
+        return
+    state = PartialState(cpu=True)
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        logger.warning("FSDP1 does not shard on a CPU; training data-parallel. Use fsdp_version: 2 to shard.")
+        return
+    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
+def params_sharded(accelerator) -> bool:
+    """Whether each process holds only a shard of the parameters, so that every forward is a collective."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin.zero_stage == 3
 
 
 def _flat_hparams(tree: dict, prefix: str = "") -> dict:
@@ -129,13 +177,39 @@ def evaluate(accelerator, model, dataset, batch_size: int, max_batches: int) -> 
     return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
 
 
+def check_sample_prompt(recipe: Recipe, tokenizer, config) -> None:
+    """The final greedy sample must be able to run: a prompt of at least one token, and for a learned position
+    table, prompt plus new tokens within ``max_position_embeddings``."""
+    prompt, new_tokens = recipe.logging.sample_prompt, recipe.logging.sample_tokens
+    n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if n == 0:
+        raise RecipeError(
+            f"logging.sample_prompt: {prompt!r} encodes to no tokens; give some text, e.g. 'The '"
+        )
+    if getattr(config, "position_embedding_type", None) == "learned":
+        limit = config.max_position_embeddings
+        if n + new_tokens > limit:
+            raise RecipeError(
+                f"logging.sample_tokens: the prompt {prompt!r} ({n} tokens) plus {new_tokens} new tokens"
+                f" need {n + new_tokens} positions, past model.max_position_embeddings = {limit} of the learned"
+                f" position table; use logging.sample_tokens <= {limit - n}"
+            )
+
+
 def greedy_sample(accelerator, model, tokenizer, prompt: str, new_tokens: int) -> str:
+    """The greedy continuation of ``prompt``. With sharded parameters call it on every process: each forward
+    gathers the weights from all of them, and ``synced_gpus`` keeps them stepping until the longest is done."""
+    sharded = params_sharded(accelerator)
     model = accelerator.unwrap_model(model, keep_torch_compile=False)
     model.eval()
     encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(accelerator.device)
     with torch.no_grad():
         out = model.generate(
-            **encoded, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            **encoded,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            synced_gpus=sharded,
         )
     return tokenizer.decode(out[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
 
@@ -181,8 +255,9 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
     cfg = recipe.training
     output_dir = Path(cfg.output_dir)
 
-    # 1. set up
-    prepare_output_dir(output_dir)
+    # 1. check: every problem with the recipe or its inputs stops the run here, before anything is written
+    check_output_dir(output_dir)
+    enable_fsdp_on_cpu()
     try:
         accelerator = Accelerator(
             gradient_accumulation_steps=cfg.grad_accum,
@@ -199,32 +274,18 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
     except ValueError as err:
         raise RecipeError(f"training.mixed_precision: {err}") from None
     main = accelerator.is_main_process
-    if main:
-        recipe.save(output_dir / "recipe.yaml")
     set_seed(cfg.seed)
 
     tokenizer = build_tokenizer(recipe)
     model = build_model(recipe, tokenizer)
+    check_sample_prompt(recipe, tokenizer, model.config)
+    arch = type(model).__name__
     total_params, trainable_params = count_parameters(model)
     with accelerator.main_process_first():
         train_text, val_text = load_text_splits(recipe.data, cfg.seed)
         train_data = packed_dataset(train_text, tokenizer, cfg.block_size, recipe.data, "train")
         val_data = packed_dataset(val_text, tokenizer, cfg.block_size, recipe.data, "validation")
-    if cfg.compile:
-        model = torch.compile(model)
-    optimizer = build_optimizer(model, recipe.optim)
-    scheduler = build_scheduler(optimizer, recipe.schedule, cfg.max_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    state = TrainState(num_rows=len(train_data), seed=cfg.seed)
-    accelerator.register_for_checkpointing(state)
-    if recipe.logging.tensorboard:
-        accelerator.init_trackers("zoo", config=_flat_hparams(recipe.to_dict()))
-
-    # 2. resume
     ckpt = CheckpointManager(output_dir / "checkpoints", recipe.checkpointing.keep_last)
-    if main:
-        ckpt.remove_incomplete()
-    accelerator.wait_for_everyone()
     try:
         resume_from = ckpt.resolve_resume(recipe.checkpointing.resume)
     except ValueError as err:
@@ -234,6 +295,23 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
             f"checkpointing.resume: none, but {str(ckpt.root)!r} holds checkpoints of an earlier run;"
             " use resume=auto to continue it or another --output_dir"
         )
+
+    # 2. set up, and resume
+    prepare_output_dir(output_dir)
+    if main:
+        recipe.save(output_dir / "recipe.yaml")
+    if cfg.compile:
+        model = torch.compile(model)
+    optimizer = build_optimizer(model, recipe.optim)
+    scheduler = build_scheduler(optimizer, recipe.schedule, cfg.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = TrainState(num_rows=len(train_data), seed=cfg.seed)
+    accelerator.register_for_checkpointing(state)
+    if recipe.logging.tensorboard:
+        accelerator.init_trackers("zoo", config=_flat_hparams(recipe.to_dict()))
+    if main:
+        ckpt.remove_incomplete()
+    accelerator.wait_for_everyone()
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         if state.num_rows != len(train_data) or state.seed != cfg.seed:
@@ -243,7 +321,6 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
             state.num_rows, state.seed = len(train_data), cfg.seed
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
 
-    arch = type(accelerator.unwrap_model(model, keep_torch_compile=False)).__name__
     accelerator.print(
         f"model: {arch}, {total_params / 1e6:.2f}M parameters"
         f" ({trainable_params / 1e6:.2f}M trainable); data: {len(train_data)} train / {len(val_data)} validation"
@@ -294,6 +371,9 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and recipe.optim.max_grad_norm is not None:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm)
+                    # FSDP2 reports the norm as a DTensor; every process takes part in making it a plain one.
+                    if isinstance(grad_norm, DTensor):
+                        grad_norm = grad_norm.full_tensor()
                     # DeepSpeed clips inside its engine and reports no norm.
                     if grad_norm is not None:
                         _check_finite(accelerator, grad_norm, "the gradient norm", state.step, ckpt)
@@ -367,10 +447,11 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
         "parameters": total_params,
     }
     save_final(accelerator, model, tokenizer, recipe, metrics)
-    if main:
+    if main or params_sharded(accelerator):
         sample = greedy_sample(
             accelerator, model, tokenizer, recipe.logging.sample_prompt, recipe.logging.sample_tokens
         )
+    if main:
         steps_run = state.step - start_step
         print(f"sample (greedy): {recipe.logging.sample_prompt!r} -> {sample!r}")
         print(

@@ -1,7 +1,8 @@
 """LoRA fine-tuning with peft (Hu et al., 2021, arXiv:2106.09685): wrap, and merge for the final save.
 
-Default target modules come from the architecture: zoo models register theirs (``zoo.models.default_lora_targets``),
-transformers' Llama-family names are listed here, and anything else gets peft's ``"all-linear"``.
+Default target modules: zoo architectures register theirs (``zoo.models.default_lora_targets``); for the
+transformers architectures in peft's own table (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``) peft
+chooses; anything else gets peft's ``"all-linear"``.
 """
 
 from __future__ import annotations
@@ -9,23 +10,15 @@ from __future__ import annotations
 import logging
 
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from zoo.training.recipe import FinetuneConfig, RecipeError
 
 logger = logging.getLogger(__name__)
 
-_LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# model_type -> modules to adapt, for architectures that zoo's registry does not describe.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "zoo_transformer": _LLAMA_STYLE,
-    "llama": _LLAMA_STYLE,
-    "mistral": _LLAMA_STYLE,
-    "qwen2": _LLAMA_STYLE,
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-}
 
-
-def default_target_modules(model) -> list[str] | str:
+def default_target_modules(model) -> list[str] | str | None:
+    """The modules to adapt when ``finetune.target_modules`` is null; None leaves the choice to peft."""
     model_type = model.config.model_type
     try:
         from zoo.models import default_lora_targets
@@ -33,7 +26,7 @@ def default_target_modules(model) -> list[str] | str:
         return default_lora_targets(model_type)
     except (ImportError, ValueError):
         pass
-    return DEFAULT_TARGETS.get(model_type, "all-linear")
+    return None if model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING else "all-linear"
 
 
 def apply_lora(model, cfg: FinetuneConfig) -> PeftModel:
@@ -44,8 +37,9 @@ def apply_lora(model, cfg: FinetuneConfig) -> PeftModel:
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as err:
-        raise RecipeError(f"finetune.target_modules: {err}") from None
-    logger.info("LoRA on %s", targets)
+        key = "finetune.target_modules" if "target modules" in str(err).lower() else "finetune"
+        raise RecipeError(f"{key}: peft refused the LoRA settings: {err}") from None
+    logger.info("LoRA on %s", peft_model.peft_config["default"].target_modules)
     return peft_model
 
 

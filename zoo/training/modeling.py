@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from zoo.training.recipe import Recipe, RecipeError
+from zoo.training.recipe import Recipe, RecipeError, check_position_limits
 
 logger = logging.getLogger(__name__)
 
@@ -19,17 +20,46 @@ def _register_zoo() -> None:
         logger.warning("could not import zoo model packages: %s", err)
 
 
+# Files that hold a tokenizer in a saved folder; a folder with none of them has no tokenizer to load.
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
+
+
 def build_tokenizer(recipe: Recipe):
+    """``tokenizer.name`` if given; else the tokenizer saved with ``model.pretrained``; else zoo's byte tokenizer.
+
+    A pretrained model's tokenizer that exists but fails to load is an error, never a silent switch to bytes
+    (the ids would mean something else); only a local folder with no tokenizer files falls back, with a warning.
+    """
+    from zoo.data.tokenizer import load_tokenizer
+
     name = recipe.tokenizer.name
     pretrained = recipe.model.get("pretrained")
     if name is None and pretrained is not None:
+        folder = Path(pretrained).expanduser()
+        if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            logger.warning(
+                "%s holds no tokenizer files; using zoo's byte-level tokenizer (set tokenizer.name to choose)",
+                pretrained,
+            )
+            return load_tokenizer(None)
         try:
-            return AutoTokenizer.from_pretrained(pretrained)
-        except Exception:
-            logger.info("no tokenizer with %s; using zoo's default byte-level tokenizer", pretrained)
+            return load_tokenizer(pretrained)
+        except Exception as err:
+            raise RecipeError(
+                f"tokenizer.name: null, so model.pretrained's tokenizer is used, and it could not be loaded from"
+                f" {pretrained!r}: {err}; repair it, or set tokenizer.name (a tokenizer folder or Hub id, or"
+                " 'byte' for zoo's byte-level tokenizer)"
+            ) from None
     try:
-        from zoo.data.tokenizer import load_tokenizer
-
         return load_tokenizer(name)
     except Exception as err:
         raise RecipeError(f"tokenizer.name: could not load tokenizer {name!r}: {err}") from None
@@ -66,6 +96,7 @@ def build_config(recipe: Recipe, tokenizer):
             f"{key}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size};"
             f" token ids past {config.vocab_size - 1} would index outside the embedding"
         )
+    check_position_limits(config, recipe.training)
     return config
 
 

@@ -1,4 +1,4 @@
-"""AdamW with weight-decay groups, and the learning-rate schedules of a recipe.
+"""AdamW with weight-decay groups, and the learning-rate schedule of a recipe (transformers' ``get_scheduler``).
 
 Weight decay pulls weights toward zero; that is wanted for projection matrices and unwanted for gains and offsets
 (norm weights, biases) and for embedding tables, whose rows are only updated when their token appears.
@@ -6,11 +6,11 @@ Weight decay pulls weights toward zero; that is wanted for projection matrices a
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import functools
 
 import torch
 from torch import nn
+from transformers import get_scheduler
 
 from zoo.training.recipe import OptimConfig, ScheduleConfig
 
@@ -42,35 +42,48 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-@dataclass
-class LRMultiplier:
-    """Learning-rate multiplier at optimizer step ``step`` (a picklable callable for ``LambdaLR``)."""
+def _one_step_ahead(multiplier, step: int) -> float:
+    return multiplier(step + 1)
 
-    name: str
-    max_steps: int
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    decay_ratio: float = 0.2
 
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.name == "constant":
-            return 1.0
-        if self.name == "cosine":
-            span = max(self.max_steps - self.warmup_steps, 1)
-            progress = min((step - self.warmup_steps) / span, 1.0)
-            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        if self.name == "wsd":
-            decay_steps = max(round(self.decay_ratio * self.max_steps), 1)
-            decay_start = self.max_steps - decay_steps
-            if step < decay_start:
-                return 1.0
-            progress = min((step - decay_start) / decay_steps, 1.0)
-            return 1.0 - (1 - self.min_lr_ratio) * progress
-        raise ValueError(f"schedule.name: unknown schedule {self.name!r}; use cosine, wsd or constant")
+def _transformers_multiplier(cfg: ScheduleConfig, max_steps: int):
+    """transformers' learning-rate multiplier, a function of the optimizer step, for the recipe's schedule."""
+    probe = torch.optim.SGD([nn.Parameter(torch.zeros(()))], lr=1.0)
+    if cfg.name == "cosine":
+        scheduler = get_scheduler(
+            "cosine_with_min_lr",
+            probe,
+            num_warmup_steps=cfg.warmup_steps,
+            num_training_steps=max_steps,
+            scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio},
+        )
+    elif cfg.name == "wsd":
+        decay_steps = round(cfg.decay_ratio * max_steps)
+        scheduler = get_scheduler(
+            "warmup_stable_decay",
+            probe,
+            num_warmup_steps=cfg.warmup_steps,
+            # A warmup that overlaps the decay phase shortens the stable phase to zero, never below.
+            num_training_steps=max(max_steps, cfg.warmup_steps + decay_steps),
+            scheduler_specific_kwargs={
+                "num_decay_steps": decay_steps,
+                "decay_type": "linear",
+                "min_lr_ratio": cfg.min_lr_ratio,
+            },
+        )
+    elif cfg.name == "constant":
+        scheduler = get_scheduler("constant_with_warmup", probe, num_warmup_steps=cfg.warmup_steps)
+    else:
+        raise ValueError(f"schedule.name: unknown schedule {cfg.name!r}; use cosine, wsd or constant")
+    return scheduler.lr_lambdas[0]
 
 
 def build_scheduler(optimizer, cfg: ScheduleConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    multiplier = LRMultiplier(cfg.name, max_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    """transformers' schedules: linear warmup over ``warmup_steps``, then ``cosine`` decay to ``min_lr_ratio`` at
+    ``max_steps``, ``wsd`` (constant, then linear decay to ``min_lr_ratio`` over the last ``decay_ratio`` of the
+    steps) or ``constant``."""
+    multiplier = _transformers_multiplier(cfg, max_steps)
+    # One step ahead of transformers': the first optimizer step trains at lr / warmup_steps, theirs spends it at 0.
+    # (A partial, not a closure: LambdaLR's state_dict then stores nothing of it, and a resumed run's own schedule
+    # applies.)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_one_step_ahead, multiplier))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import re
 import types
@@ -72,7 +73,8 @@ class DataConfig:
 
     ``train`` / ``validation`` accept: ``default`` (zoo's embedded corpus), ``synthetic:<task>`` (a generator from
     ``zoo.data.synthetic``), a local ``.txt`` / ``.json`` / ``.jsonl`` / ``.parquet`` file or a folder of them,
-    or a Hub dataset name (``hf:`` prefix optional; needs network). Without ``validation`` the source's own
+    or a Hub dataset name (``hf:`` prefix optional; needs network). A spec that could not be a Hub id or whose
+    first folder exists is a local path, and must exist. Without ``validation`` the source's own
     validation split is used, else ``validation_fraction`` of the training documents is held out.
     """
 
@@ -83,7 +85,8 @@ class DataConfig:
     # How a .txt file is cut into documents: one per line, per blank-line-separated paragraph, or the whole file.
     sample_by: str = "paragraph"
     validation_fraction: float = 0.05
-    # Keyword arguments for synthetic_dataset(name, n, seed, **kw); `n_validation` sizes the held-out set.
+    # Keyword arguments for synthetic_dataset(name, n, seed, **kw), checked against the task's generator;
+    # `n_validation` sizes the held-out set.
     synthetic: dict = field(default_factory=dict)
     # Tokenised and packed datasets are cached here (default: the datasets cache, subfolder zoo-packed).
     cache_dir: str | None = None
@@ -103,9 +106,10 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Learning rate over optimizer steps: linear warmup, then ``cosine`` decay to ``min_lr_ratio * lr``,
-    ``wsd`` (warmup-stable-decay: constant, then linear decay over the last ``decay_ratio`` of steps) or
-    ``constant``."""
+    """Learning rate over optimizer steps (transformers' schedules, one step ahead so that the first step trains at
+    ``lr / warmup_steps``): linear warmup over ``warmup_steps``, then ``cosine`` decay to ``min_lr_ratio * lr``,
+    ``wsd`` (warmup-stable-decay: constant, then linear decay to ``min_lr_ratio * lr`` over the last
+    ``decay_ratio`` of steps) or ``constant``."""
 
     name: str = "cosine"
     warmup_steps: int = 0
@@ -138,7 +142,7 @@ class LoggingConfig:
     every: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
-    # Greedy continuation printed at the end of the run.
+    # Greedy continuation printed at the end of the run: a non-empty prompt, and at least one new token.
     sample_prompt: str = "The "
     sample_tokens: int = 64
 
@@ -268,6 +272,8 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise RecipeError(f"{where}: expected a finite number, got {value}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -348,7 +354,9 @@ def _config_keys(config_class) -> set[str]:
     return keys - {"model_type", "transformers_version", "architectures"}
 
 
-def _validate_model(model: Any) -> dict:
+def _validate_model(model: Any):
+    """The checked ``model`` section, and the configuration it builds (None for ``pretrained:``, whose
+    configuration is only read when the run starts)."""
     if not isinstance(model, dict) or not model:
         raise RecipeError(
             "model: expected a mapping with `type:` (a zoo model_type) or `pretrained:` (path or hub id)"
@@ -360,7 +368,7 @@ def _validate_model(model: Any) -> dict:
         )
     if "pretrained" in model:
         _check_type(model["pretrained"], str, "model.pretrained")
-        return model
+        return model, None
     model_type = _check_type(model["type"], str, "model.type")
     config_class = _model_config_class(model_type)
     keys = _config_keys(config_class)
@@ -368,6 +376,8 @@ def _validate_model(model: Any) -> dict:
     for key, value in kwargs.items():
         if key not in keys:
             raise RecipeError(f"model.{key}: unknown key for {model_type}{_closest(key, keys)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"model.{key}: expected a finite number, got {value}")
         default = getattr(config_class, key, None)
         if isinstance(default, bool) or not isinstance(default, int | float):
             continue
@@ -377,18 +387,42 @@ def _validate_model(model: Any) -> dict:
             raise RecipeError(f"model.{key}: expected an integer like {default!r}, got {value!r}")
     # The configuration class has the last word on values (ranges, divisibility, enumerations).
     try:
-        config_class(**kwargs)
+        config = config_class(**kwargs)
     except (ValueError, TypeError) as err:
         raise RecipeError(f"model: {err}") from None
-    return model
+    return model, config
 
 
-def _looks_like_path(spec: str) -> bool:
-    return (
-        spec.startswith(("/", "./", "../", "~"))
-        or spec.lower().endswith(DATA_SUFFIXES)
-        or os.path.exists(spec)
-    )
+def check_position_limits(config, training: TrainingConfig) -> None:
+    """A learned position table has ``max_position_embeddings`` rows: the positions of a block (and randomized
+    positions) must index inside it, or the first step fails. Other position encodings have no hard limit."""
+    if getattr(config, "position_embedding_type", None) != "learned":
+        return
+    limit = config.max_position_embeddings
+    for key in ("block_size", "randomized_positions"):
+        value = getattr(training, key)
+        if value > limit:
+            raise RecipeError(
+                f"training.{key}: {value} is past model.max_position_embeddings = {limit}, the size of the"
+                f" learned position table (model.position_embedding_type: learned); use training.{key} <= {limit},"
+                " a larger model.max_position_embeddings or another model.position_embedding_type"
+            )
+
+
+def is_local_path(spec: str, base: Path) -> bool:
+    """Whether a data spec names a local file or folder rather than a Hub dataset: it has a data-file suffix,
+    starts with ``/``, ``.`` or ``~``, could not be a Hub id (``name`` or ``namespace/name``; e.g. ``a/b/c``), or
+    exists in part (its first folder exists in the working directory or beside the recipe)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if spec.startswith(("/", ".", "~")) or "\\" in spec or spec.lower().endswith(DATA_SUFFIXES):
+        return True
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return True
+    first = Path(spec).parts[0]
+    return any((root / first).exists() for root in (Path("."), base))
 
 
 def _validate_data_source(spec: str | None, where: str, base: Path) -> str | None:
@@ -402,12 +436,16 @@ def _validate_data_source(spec: str | None, where: str, base: Path) -> str | Non
                     f"{where}: unknown synthetic task {name!r}{_closest(name, SYNTHETIC_TASKS)}"
                 )
         return spec
-    if _looks_like_path(spec):
+    if is_local_path(spec, base):
         path = Path(spec).expanduser()
         if not path.is_absolute() and not path.exists() and (base / path).exists():
             path = base / path
         if not path.exists():
-            raise RecipeError(f"{where}: data path {spec!r} does not exist")
+            looked = "" if path.is_absolute() else f" (looked in {str(Path.cwd())!r} and {str(base)!r})"
+            raise RecipeError(
+                f"{where}: no such file or folder {spec!r}{looked}; give an existing"
+                f" {'/'.join(DATA_SUFFIXES)} file or a folder of them, or hf:<name> for a Hub dataset"
+            )
         if path.is_dir() and not any(
             p.suffix.lower() in DATA_SUFFIXES for p in path.rglob("*") if p.is_file()
         ):
@@ -418,40 +456,96 @@ def _validate_data_source(spec: str | None, where: str, base: Path) -> str | Non
     return spec
 
 
-def _validate(recipe: Recipe, base: Path) -> None:
+def _validate_synthetic(data: DataConfig) -> None:
+    """``data.synthetic`` holds keyword options of the synthetic task(s) in use, plus ``n`` / ``n_validation``;
+    each is checked against the generator's signature, and the values by generating one document."""
+    from zoo.data.synthetic import SYNTHETIC_TASKS, synthetic_documents
+
+    tasks = [s.split(":", 1)[1] for s in (data.train, data.validation) if s and s.startswith("synthetic:")]
+    options = dict(data.synthetic)
+    for key in ("n", "n_validation"):
+        if key in options:
+            value = _check_type(options.pop(key), int, f"data.synthetic.{key}")
+            if value < 1:
+                raise RecipeError(f"data.synthetic.{key}: must be >= 1, got {value}")
+    for name in dict.fromkeys(tasks):
+        params = inspect.signature(SYNTHETIC_TASKS[name]).parameters
+        # `n` and `seed` come from data.synthetic.n and training.seed.
+        valid = sorted({p for p in params if p not in ("n", "seed")} | {"n", "n_validation"})
+        for key in options:
+            if key not in valid:
+                match = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+                hint = f" (did you mean {match[0]!r}?)" if match else ""
+                raise RecipeError(
+                    f"data.synthetic.{key}: not an option of synthetic:{name}{hint}; valid: {', '.join(valid)}"
+                )
+        try:
+            synthetic_documents(name, 1, 0, **options)
+        except (ValueError, TypeError) as err:
+            raise RecipeError(
+                f"data.synthetic: synthetic:{name} rejects these options {options}: {err}"
+            ) from None
+
+
+def _require(ok: bool, dotted: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise RecipeError(f"{dotted}: must be {rule}, got {value!r}")
+
+
+def _validate(recipe: Recipe, base: Path, model_config=None) -> None:
     for dotted, allowed in CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(recipe, section), key)
         if value not in allowed:
             raise RecipeError(f"{dotted}: {value!r} is not one of {', '.join(map(str, allowed))}")
     positive = ["training.max_steps", "training.batch_size", "training.grad_accum", "training.block_size"]
-    positive += ["logging.every", "finetune.r"]
+    positive += ["logging.every", "logging.sample_tokens", "finetune.r", "finetune.alpha"]
     for dotted in positive:
         section, key = dotted.split(".")
-        if getattr(getattr(recipe, section), key) < 1:
-            raise RecipeError(f"{dotted}: must be >= 1, got {getattr(getattr(recipe, section), key)}")
-    for dotted in ["checkpointing.every", "checkpointing.keep_last", "eval.every", "eval.max_batches"]:
+        value = getattr(getattr(recipe, section), key)
+        _require(value >= 1, dotted, ">= 1", value)
+    non_negative = ["checkpointing.every", "checkpointing.keep_last", "eval.every", "eval.max_batches"]
+    non_negative += ["schedule.warmup_steps", "training.seed", "optim.weight_decay"]
+    for dotted in non_negative:
         section, key = dotted.split(".")
-        if getattr(getattr(recipe, section), key) < 0:
-            raise RecipeError(f"{dotted}: must be >= 0, got {getattr(getattr(recipe, section), key)}")
+        value = getattr(getattr(recipe, section), key)
+        _require(value >= 0, dotted, ">= 0", value)
+    eval_batch = recipe.eval.batch_size
+    _require(
+        eval_batch is None or eval_batch >= 1,
+        "eval.batch_size",
+        ">= 1 (or null for training.batch_size)",
+        eval_batch,
+    )
     rp = recipe.training.randomized_positions
     if rp and rp < recipe.training.block_size:
         raise RecipeError(
             f"training.randomized_positions: must be 0 (off) or >= training.block_size "
             f"({recipe.training.block_size}), got {rp}"
         )
-    if recipe.optim.lr <= 0:
-        raise RecipeError(f"optim.lr: must be > 0, got {recipe.optim.lr}")
+    _require(recipe.optim.lr > 0, "optim.lr", "> 0", recipe.optim.lr)
+    _require(recipe.optim.eps > 0, "optim.eps", "> 0", recipe.optim.eps)
+    max_norm = recipe.optim.max_grad_norm
+    _require(
+        max_norm is None or max_norm > 0, "optim.max_grad_norm", "> 0 (or null for no clipping)", max_norm
+    )
     if len(recipe.optim.betas) != 2 or not all(0 <= b < 1 for b in recipe.optim.betas):
         raise RecipeError(f"optim.betas: expected two numbers in [0, 1), got {recipe.optim.betas}")
-    if not 0 < recipe.data.validation_fraction < 1:
+    fraction = recipe.data.validation_fraction
+    _require(0 < fraction < 1, "data.validation_fraction", "in (0, 1)", fraction)
+    _require(
+        0 <= recipe.schedule.decay_ratio <= 1,
+        "schedule.decay_ratio",
+        "in [0, 1]",
+        recipe.schedule.decay_ratio,
+    )
+    ratio = recipe.schedule.min_lr_ratio
+    _require(0 <= ratio <= 1, "schedule.min_lr_ratio", "in [0, 1]", ratio)
+    _require(0 <= recipe.finetune.dropout < 1, "finetune.dropout", "in [0, 1)", recipe.finetune.dropout)
+    if not recipe.logging.sample_prompt:
         raise RecipeError(
-            f"data.validation_fraction: must be in (0, 1), got {recipe.data.validation_fraction}"
+            "logging.sample_prompt: must not be empty (the greedy sample continues it), e.g. 'The '"
         )
-    if not 0 <= recipe.schedule.decay_ratio <= 1:
-        raise RecipeError(f"schedule.decay_ratio: must be in [0, 1], got {recipe.schedule.decay_ratio}")
-    if not 0 <= recipe.schedule.min_lr_ratio <= 1:
-        raise RecipeError(f"schedule.min_lr_ratio: must be in [0, 1], got {recipe.schedule.min_lr_ratio}")
     if recipe.hub.push and not recipe.hub.repo_id:
         raise RecipeError("hub.repo_id: required when hub.push is true (e.g. your-name/zoo-tiny)")
     resume = recipe.checkpointing.resume
@@ -459,8 +553,11 @@ def _validate(recipe: Recipe, base: Path) -> None:
         raise RecipeError(
             f"checkpointing.resume: {resume!r} is neither auto, none nor an existing checkpoint folder"
         )
+    if model_config is not None:
+        check_position_limits(model_config, recipe.training)
     recipe.data.train = _validate_data_source(recipe.data.train, "data.train", base)
     recipe.data.validation = _validate_data_source(recipe.data.validation, "data.validation", base)
+    _validate_synthetic(recipe.data)
 
 
 def recipe_from_dict(raw: Any, *, base: str | os.PathLike = ".", name: str = "run") -> Recipe:
@@ -475,13 +572,14 @@ def recipe_from_dict(raw: Any, *, base: str | os.PathLike = ".", name: str = "ru
             raise RecipeError(f"{key}: unknown section{_closest(str(key), sections)}")
     if "model" not in raw:
         raise RecipeError("model: missing; give `type:` (a zoo model_type) or `pretrained:` (path or hub id)")
-    kwargs = {"model": _validate_model(raw["model"])}
+    model, model_config = _validate_model(raw["model"])
+    kwargs = {"model": model}
     for key in sections - {"model"}:
         kwargs[key] = _build_section(hints[key], raw.get(key), key)
     recipe = Recipe(**kwargs)
     if recipe.training.output_dir is None:
         recipe.training.output_dir = str(Path("outputs") / name)
-    _validate(recipe, Path(base))
+    _validate(recipe, Path(base), model_config)
     return recipe
 
 

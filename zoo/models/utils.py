@@ -27,6 +27,7 @@ from transformers import PretrainedConfig
 from transformers.generation import GenerationConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from zoo.modules.cache import RecurrentCache
 from zoo.modules.documents import document_starts
 
 # Keyword arguments that PretrainedConfig itself consumes or that saved configs carry.
@@ -279,3 +280,56 @@ def backbone_inputs(
     if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
         pad_mask = attention_mask
     return BackboneInputs(embeds, cache, past_len, position_ids, pad_mask, doc_starts)
+
+
+class ZooBackbone:
+    """What every zoo backbone (``XModel``) shares: the embedding accessors and the whole of ``forward`` but the
+    layers. Listed before the ``PreTrainedModel`` base: ``class XModel(ZooBackbone, XPreTrainedModel)``.
+
+    A backbone has ``embed_tokens``, sets ``cache_class`` and defines ``new_cache()`` (the empty cache for
+    decoding) and ``layers_forward(inputs, output_hidden_states)``, its architecture: from the prepared
+    :class:`BackboneInputs` to ``(last_hidden_state, all hidden states or None)``, updating ``inputs.cache``.
+    """
+
+    cache_class: type | tuple[type, ...] | None = None
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def new_cache(self):
+        raise NotImplementedError(f"{type(self).__name__} must define new_cache()")
+
+    def layers_forward(self, inputs: BackboneInputs, output_hidden_states: bool):
+        raise NotImplementedError(f"{type(self).__name__} must define layers_forward()")
+
+    @model_forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> BaseModelOutputWithPast:
+        inputs = backbone_inputs(
+            self,
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            new_cache=self.new_cache,
+            cache_class=self.cache_class,
+        )
+        hidden_states, all_hidden = self.layers_forward(inputs, bool(output_hidden_states))
+        if isinstance(inputs.cache, RecurrentCache):
+            inputs.cache.advance(hidden_states.shape[1])
+        return with_cache(
+            BaseModelOutputWithPast, inputs.cache, last_hidden_state=hidden_states, hidden_states=all_hidden
+        )

@@ -31,11 +31,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from zoo.models.heads import CausalLMHead, SequenceClassificationHead
 from zoo.models.mamba.configuration_mamba import ZooMambaConfig
-from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
+from zoo.models.utils import CACHE_NAME, BackboneInputs, ZooBackbone
 from zoo.modules import PackedDocuments, RecurrentCache, RMSNorm
 from zoo.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
 from zoo.ops.selective_scan import selective_scan, selective_scan_step
@@ -192,7 +191,9 @@ class MambaPreTrainedModel(PreTrainedModel):
             module.out_proj.weight /= math.sqrt(cfg.num_hidden_layers)
 
 
-class MambaModel(MambaPreTrainedModel):
+class MambaModel(ZooBackbone, MambaPreTrainedModel):
+    cache_class = RecurrentCache
+
     def __init__(self, config: ZooMambaConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -201,34 +202,10 @@ class MambaModel(MambaPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
+    def new_cache(self):
+        return RecurrentCache(self.config.num_hidden_layers)
 
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
-    @model_forward
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: RecurrentCache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-    ) -> BaseModelOutputWithPast:
-        inputs = backbone_inputs(
-            self,
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            new_cache=lambda: RecurrentCache(self.config.num_hidden_layers),
-            cache_class=RecurrentCache,
-        )
+    def layers_forward(self, inputs: BackboneInputs, output_hidden_states: bool):
         hidden_states, cache = inputs.embeds, inputs.cache
         B, T, _ = hidden_states.shape
         docs = PackedDocuments.from_position_ids(inputs.position_ids) if inputs.packed else None
@@ -245,11 +222,7 @@ class MambaModel(MambaPreTrainedModel):
         hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype)).reshape(B, T, -1)
         if output_hidden_states:
             all_hidden += (hidden_states,)
-        if cache is not None:
-            cache.advance(T)
-        return with_cache(
-            BaseModelOutputWithPast, cache, last_hidden_state=hidden_states, hidden_states=all_hidden
-        )
+        return hidden_states, all_hidden
 
 
 class MambaForCausalLM(CausalLMHead, MambaPreTrainedModel, GenerationMixin):

@@ -46,13 +46,10 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-)
 
 from zoo.models.heads import CausalLMHead, SequenceClassificationHead
 from zoo.models.retnet.configuration_retnet import RetNetConfig
-from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
+from zoo.models.utils import CACHE_NAME, BackboneInputs, ZooBackbone
 from zoo.modules import (
     GatedMLP,
     PackedDocuments,
@@ -324,7 +321,9 @@ class RetNetPreTrainedModel(PreTrainedModel):
                 init.constant_(module.decay_proj.bias, 4.0)
 
 
-class RetNetModel(RetNetPreTrainedModel):
+class RetNetModel(ZooBackbone, RetNetPreTrainedModel):
+    cache_class = RecurrentCache
+
     def __init__(self, config: RetNetConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -333,34 +332,10 @@ class RetNetModel(RetNetPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
+    def new_cache(self):
+        return RecurrentCache(self.config.num_hidden_layers)
 
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
-    @model_forward
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: RecurrentCache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-    ) -> BaseModelOutputWithPast:
-        inputs = backbone_inputs(
-            self,
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            new_cache=lambda: RecurrentCache(self.config.num_hidden_layers),
-            cache_class=RecurrentCache,
-        )
+    def layers_forward(self, inputs: BackboneInputs, output_hidden_states: bool):
         inputs_embeds, position_ids, cache = inputs.embeds, inputs.position_ids, inputs.cache
         if self.config.scale_embedding:
             inputs_embeds = inputs_embeds * math.sqrt(self.config.hidden_size)
@@ -384,11 +359,7 @@ class RetNetModel(RetNetPreTrainedModel):
         hidden_states = self.norm(hidden_states).reshape(B, T, -1)
         if output_hidden_states:
             all_hidden += (hidden_states,)
-        if cache is not None:
-            cache.advance(T)
-        return with_cache(
-            BaseModelOutputWithPast, cache, last_hidden_state=hidden_states, hidden_states=all_hidden
-        )
+        return hidden_states, all_hidden
 
 
 class RetNetForCausalLM(CausalLMHead, RetNetPreTrainedModel, GenerationMixin):

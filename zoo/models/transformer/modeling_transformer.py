@@ -7,17 +7,13 @@ none), RMSNorm. Every other architecture is measured against it. Weight names ma
 
 from __future__ import annotations
 
-import torch
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-)
 
 from zoo.models.heads import CausalLMHead, SequenceClassificationHead
 from zoo.models.transformer.configuration_transformer import TransformerConfig
-from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
+from zoo.models.utils import CACHE_NAME, BackboneInputs, ZooBackbone
 from zoo.modules import Attention, RotaryEmbedding, build_attention_mask, build_mlp, build_norm
 
 
@@ -65,8 +61,10 @@ class TransformerPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
 
 
-class TransformerModel(TransformerPreTrainedModel):
+class TransformerModel(ZooBackbone, TransformerPreTrainedModel):
     """Embeddings, blocks and the final norm; returns hidden states."""
+
+    cache_class = Cache
 
     def __init__(self, config: TransformerConfig):
         super().__init__(config)
@@ -79,33 +77,10 @@ class TransformerModel(TransformerPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
+    def new_cache(self):
+        return DynamicCache(config=self.config)
 
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
-    @model_forward
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: DynamicCache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-    ) -> BaseModelOutputWithPast:
-        inputs = backbone_inputs(
-            self,
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            new_cache=lambda: DynamicCache(config=self.config),
-        )
+    def layers_forward(self, inputs: BackboneInputs, output_hidden_states: bool):
         inputs_embeds, position_ids, cache = inputs.embeds, inputs.position_ids, inputs.cache
         B, T, _ = inputs_embeds.shape
         if self.config.position_embedding_type == "learned":
@@ -144,9 +119,7 @@ class TransformerModel(TransformerPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
-        return with_cache(
-            BaseModelOutputWithPast, cache, last_hidden_state=hidden_states, hidden_states=all_hidden
-        )
+        return hidden_states, all_hidden
 
 
 class TransformerForCausalLM(CausalLMHead, TransformerPreTrainedModel, GenerationMixin):

@@ -2,9 +2,11 @@
 
 The source is recognised, and the conversion dispatched to the architecture's ``convert_<arch>.py``:
 
-- a transformers folder (its ``config.json``): ``llama`` -> ``zoo_transformer``, ``mamba`` -> ``zoo_mamba``;
+- a transformers folder (its ``config.json``): ``llama`` -> ``zoo_transformer``, ``mamba`` -> ``zoo_mamba``,
+  ``mamba2`` -> ``zoo_mamba2``;
 - a zoo folder (``model_type: zoo_*``) -> the transformers class of the same architecture, where one exists
-  (``zoo_transformer`` -> ``LlamaForCausalLM``, ``zoo_mamba`` -> ``MambaForCausalLM``);
+  (``zoo_transformer`` -> ``LlamaForCausalLM``, ``zoo_mamba`` -> ``MambaForCausalLM``, ``zoo_mamba2`` ->
+  ``Mamba2ForCausalLM``);
 - a checkpoint file (``.pt``) whose keys are torchscale RetNet's -> ``zoo_retnet`` (``--heads`` required: the
   head count is not stored in the weights).
 
@@ -29,6 +31,10 @@ def _to_zoo(model_type: str):
         from zoo.models.mamba.convert_mamba import from_transformers
 
         return "MambaForCausalLM", from_transformers
+    if model_type == "mamba2":
+        from zoo.models.mamba2.convert_mamba2 import from_transformers
+
+        return "Mamba2ForCausalLM", from_transformers
     return None
 
 
@@ -40,6 +46,10 @@ def _from_zoo(model_type: str):
         return to_llama
     if model_type == "zoo_mamba":
         from zoo.models.mamba.convert_mamba import to_transformers
+
+        return to_transformers
+    if model_type == "zoo_mamba2":
+        from zoo.models.mamba2.convert_mamba2 import to_transformers
 
         return to_transformers
     return None
@@ -67,7 +77,7 @@ def convert(src: str | Path, dst: str | Path, *, heads: int | None = None):
             entry = _to_zoo(model_type)
             if entry is None:
                 raise ValueError(
-                    f"no zoo converter for transformers model_type {model_type!r} (known: llama, mamba)"
+                    f"no zoo converter for transformers model_type {model_type!r} (known: llama, mamba, mamba2)"
                 )
             class_name, to_zoo = entry
             model = to_zoo(getattr(transformers, class_name).from_pretrained(src))

@@ -30,6 +30,16 @@ TINY = {
         expand=2,
         conv_kernel=4,
     ),
+    "zoo_mamba2": dict(
+        vocab_size=259,
+        hidden_size=32,
+        num_heads=8,
+        head_dim=8,
+        state_size=8,
+        n_groups=2,
+        num_hidden_layers=2,
+        chunk_size=16,
+    ),
 }
 
 

@@ -42,26 +42,24 @@ _SHARED_FIELDS = (
     "bos_token_id",
     "eos_token_id",
 )
-_RENAMES = (
+# transformers prefix -> zoo prefix, the first that matches (Mamba-2 shares the table)
+RENAMES = (
     ("backbone.embeddings.", "model.embed_tokens."),
     ("backbone.norm_f.", "model.norm."),
     ("backbone.", "model."),
 )
 
 
-def _rename(state_dict: dict, pairs) -> dict:
-    out = {}
+def load_renamed(model, state_dict: dict, pairs):
+    """Load ``state_dict`` into ``model`` with each key's prefix renamed by the first matching ``(old, new)``."""
+    renamed = {}
     for key, value in state_dict.items():
         for old, new in pairs:
             if key.startswith(old):
                 key = new + key[len(old) :]
                 break
-        out[key] = value
-    return out
-
-
-def _load(model, state_dict: dict):
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        renamed[key] = value
+    missing, unexpected = model.load_state_dict(renamed, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(f"weights do not map: missing {missing}, unexpected {unexpected}")
@@ -79,7 +77,7 @@ def config_from_transformers(config) -> ZooMambaConfig:
 def from_transformers(hf_model) -> MambaForCausalLM:
     """A zoo ``MambaForCausalLM`` holding the weights of a transformers ``MambaForCausalLM``."""
     model = MambaForCausalLM(config_from_transformers(hf_model.config))
-    _load(model, _rename(hf_model.state_dict(), _RENAMES))
+    load_renamed(model, hf_model.state_dict(), RENAMES)
     return model.to(next(hf_model.parameters()).dtype)
 
 
@@ -89,7 +87,6 @@ def to_transformers(model: MambaForCausalLM):
     from transformers import MambaForCausalLM as HFMambaForCausalLM
 
     hf = HFMambaForCausalLM(HFMambaConfig(**{n: getattr(model.config, n) for n in _SHARED_FIELDS}))
-    back = tuple((new, old) for old, new in _RENAMES)
     # "model." last so that the embedding and final-norm names are matched first
-    _load(hf, _rename(model.state_dict(), back))
+    load_renamed(hf, model.state_dict(), tuple((new, old) for old, new in RENAMES))
     return hf.to(next(model.parameters()).dtype)

@@ -1,0 +1,94 @@
+"""Mamba-2 against transformers' ``Mamba2ForCausalLM`` (same weights through ``zoo.convert``): logits, greedy
+generation, padded batches, grouped B/C, the conversion back, and the command-line entry point."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Mamba2Config
+from transformers import Mamba2ForCausalLM as HFMamba2ForCausalLM
+
+import zoo  # noqa: F401
+from zoo.convert import convert
+from zoo.models.mamba2 import Mamba2ForCausalLM
+from zoo.models.mamba2.convert_mamba2 import from_transformers, to_transformers
+
+SIZES = dict(
+    vocab_size=259,
+    hidden_size=32,
+    num_heads=8,
+    head_dim=8,
+    state_size=8,
+    n_groups=2,
+    num_hidden_layers=2,
+    expand=2,
+    conv_kernel=4,
+    chunk_size=16,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def hf_mamba2(**overrides):
+    torch.manual_seed(0)
+    model = HFMamba2ForCausalLM(Mamba2Config(**{**SIZES, **overrides})).eval()
+    with torch.no_grad():  # away from initialisation, so that every parameter matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"n_groups": 1}, {"n_groups": 8, "use_bias": True}, {"time_step_limit": (0.0, 0.05)}],
+    ids=["groups2", "groups1", "groups8-bias", "dt-limit"],
+)
+def test_equal_logits_to_transformers(overrides):
+    hf = hf_mamba2(**overrides)
+    ours = from_transformers(hf).eval()
+    assert isinstance(ours, Mamba2ForCausalLM)
+    ids = torch.randint(3, 259, (2, 37))  # not a multiple of the chunk size
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids, use_cache=False).logits
+    assert rel_err(got, expected) < 1e-4, rel_err(got, expected)
+
+
+def test_greedy_generation_equals_transformers():
+    hf = hf_mamba2()
+    ours = from_transformers(hf).eval()
+    ids = torch.randint(3, 259, (2, 9))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(ours.generate(ids, **kw), hf.generate(ids, **kw), rtol=0, atol=0)
+
+
+def test_left_padded_batch_equals_transformers():
+    hf = hf_mamba2()
+    ours = from_transformers(hf).eval()
+    ids = torch.randint(3, 259, (2, 15))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask, use_cache=False).logits
+    assert rel_err(got[0, 6:], expected[0, 6:]) < 1e-4
+    assert rel_err(got[1], expected[1]) < 1e-4
+
+
+def test_convert_entry_point_both_ways(tmp_path):
+    hf = hf_mamba2()
+    hf.save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "zoo")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "zoo").eval()
+    assert type(ours) is Mamba2ForCausalLM
+    convert(tmp_path / "zoo", tmp_path / "back")
+    back = HFMamba2ForCausalLM.from_pretrained(tmp_path / "back").eval()
+    ids = torch.randint(3, 259, (1, 17))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        assert rel_err(ours(ids, use_cache=False).logits, expected) < 1e-4
+        torch.testing.assert_close(back(ids).logits, expected, rtol=0, atol=0)
+    assert rel_err(to_transformers(ours)(ids).logits.detach(), expected) < 1e-6

@@ -1,0 +1,230 @@
+"""Mamba-2: state-space duality (Dao & Gu, 2024, arXiv:2405.21060).
+
+Each block is ``x + mixer(norm(x))``. The mixer, with H heads of width P, N states, G groups of heads sharing
+B and C:
+
+    z, xBC, dt = in_proj(x)                                 gate (Dc), conv input (Dc + 2 G N), one dt per head
+    x, B, C    = split(act(causal_conv1d(xBC)))              (``zoo.ops.causal_conv1d``)
+    dt         = clamp(softplus(dt + dt_bias), time_step_limit)        (B, T, H)
+    S_t        = exp(dt_t A_h) S_{t-1} + B_tᵀ (dt_t x_t)       A_h = -exp(A_log_h), one scalar decay per head
+    y_t        = C_t S_t + D_h x_t
+    out        = out_proj(group_rms_norm(y * silu(z)) * weight)
+
+The recurrence is retention with per-token log-gates (q = C, k = B, v = dt x, scale 1), so it runs on
+``zoo.ops.retention`` (chunked PyTorch on CPU, Triton on GPU, one-token steps for decoding); B and C are expanded
+from their G groups to the H heads before the op. Weight names follow transformers' ``Mamba2ForCausalLM`` under
+zoo's ``model.`` prefix (``convert_mamba2.py``). Padding and packed documents as in zoo's Mamba.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from zoo.models.heads import CausalLMHead, SequenceClassificationHead
+from zoo.models.mamba2.configuration_mamba2 import ZooMamba2Config
+from zoo.models.utils import CACHE_NAME, BackboneInputs, ZooBackbone
+from zoo.modules import PackedDocuments, RecurrentCache, RMSNorm, rms_norm
+from zoo.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
+from zoo.ops.retention import retention, retention_step
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: ZooMamba2Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        C, Dc, H, N, G, K = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_heads,
+            config.state_size,
+            config.n_groups,
+            config.conv_kernel,
+        )
+        self.num_heads, self.head_dim, self.state_size, self.n_groups = H, config.head_dim, N, G
+        self.conv_dim = Dc + 2 * G * N
+        self.in_proj = nn.Linear(C, Dc + self.conv_dim + H, bias=config.use_bias)
+        # nn.Conv1d only to hold the weight in transformers' layout (conv_dim, 1, K); the op does the convolution
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, K, groups=self.conv_dim, padding=K - 1,
+                                bias=config.use_conv_bias)  # fmt: skip
+        self.dt_bias = nn.Parameter(torch.zeros(H))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, H + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm = RMSNorm(Dc, eps=config.layer_norm_epsilon)  # the gated group norm's weight
+        self.out_proj = nn.Linear(Dc, C, bias=config.use_bias)
+        self.act = ACT2FN[config.hidden_act]
+        self.fused_silu = config.hidden_act in ("silu", "swish")
+
+    def gated_group_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """RMS norm of ``y * silu(z)`` within each of the G groups of channels, then the weight."""
+        B, T, Dc = y.shape
+        gated = (y.float() * F.silu(z.float())).view(B, T, self.n_groups, Dc // self.n_groups)
+        return rms_norm(gated, self.norm.eps).view(B, T, Dc) * self.norm.weight
+
+    def forward(
+        self, x, pad_mask=None, docs: PackedDocuments | None = None, cache: RecurrentCache | None = None
+    ):
+        """``x`` (B, T, C); ``pad_mask`` (B, T) 1 = real token; ``docs``: packed documents (B = 1)."""
+        Bsz, T, _ = x.shape
+        H, P, N, G = self.num_heads, self.head_dim, self.state_size, self.n_groups
+        Dc = H * P
+        keep = pad_mask.to(x.dtype)[:, :, None] if pad_mask is not None else None
+        cached = cache.get(self.layer_idx) if cache is not None else None
+        conv_state = cached["conv"] if cached else None
+        ssm_state = cached["ssm"] if cached else None
+        step = cached is not None and T == 1
+        cu_seqlens = docs.cu_seqlens if docs is not None else None
+        want_state = cache is not None
+        # 1. input projection: gate, convolution input, time steps
+        if keep is not None:
+            x = x * keep
+        z, xBC, dt = self.in_proj(x).split([Dc, self.conv_dim, H], dim=-1)
+        # 2. short causal convolution over x, B and C together
+        weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
+        act = "silu" if self.fused_silu else None
+        if step:
+            xBC, conv_state = causal_conv1d_step(xBC[:, 0], weight, bias, conv_state, activation=act)
+            xBC = xBC[:, None]
+        else:
+            xBC, conv_state = causal_conv1d(
+                xBC, weight, bias, activation=act, initial_state=conv_state, output_final_state=want_state,
+                cu_seqlens=cu_seqlens, backend=self.config.backend,
+            )  # fmt: skip
+        if not self.fused_silu:
+            xBC = self.act(xBC)
+        if keep is not None:
+            xBC = xBC * keep
+        u, B_t, C_t = xBC.split([Dc, G * N, G * N], dim=-1)
+        u = u.view(Bsz, T, H, P)
+        # B and C of each group serve its H / G heads
+        B_t = B_t.view(Bsz, T, G, 1, N).expand(Bsz, T, G, H // G, N).reshape(Bsz, T, H, N)
+        C_t = C_t.view(Bsz, T, G, 1, N).expand(Bsz, T, G, H // G, N).reshape(Bsz, T, H, N)
+        # 3. time steps and the per-head, per-token log-decay
+        lo, hi = self.config.time_step_limit
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=lo, max=hi)  # (B, T, H)
+        log_decay = dt * -torch.exp(self.A_log.float())  # (B, T, H), <= 0
+        v = u.float() * dt[..., None]  # (B, T, H, P)
+        # 4. state-space scan as retention: q = C, k = B, v = dt x, scale 1
+        if step:
+            y, ssm_state = retention_step(
+                C_t[:, 0], B_t[:, 0], v[:, 0], log_decay[:, 0], ssm_state, scale=1.0
+            )
+            y = y[:, None]
+        else:
+            y, ssm_state = retention(
+                C_t.float(), B_t.float(), v, log_decay, scale=1.0, initial_state=ssm_state,
+                output_final_state=want_state, cu_seqlens=cu_seqlens, chunk_size=self.config.chunk_size,
+                backend=self.config.backend,
+            )  # fmt: skip
+        y = y + u.float() * self.D.float()[:, None]  # (B, T, H, P)
+        if cache is not None:
+            if docs is not None:  # each row goes on from its last document
+                conv_state, ssm_state = docs.row_states(conv_state), docs.row_states(ssm_state)
+            cache.set(self.layer_idx, conv=conv_state, ssm=ssm_state)
+        # 5. gated group norm, output projection
+        return self.out_proj(self.gated_group_norm(y.reshape(Bsz, T, Dc), z).to(x.dtype))
+
+
+class Mamba2Block(GradientCheckpointingLayer):
+    def __init__(self, config: ZooMamba2Config, layer_idx: int):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = Mamba2Mixer(config, layer_idx)
+
+    def forward(self, hidden_states, pad_mask=None, docs=None, cache=None):
+        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+        out = self.mixer(self.norm(hidden_states.to(self.norm.weight.dtype)), pad_mask, docs, cache)
+        return residual + out
+
+
+class Mamba2PreTrainedModel(PreTrainedModel):
+    config_class = ZooMamba2Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Mamba2Block"]
+    _skip_keys_device_placement = [CACHE_NAME]
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model builds its own RecurrentCache
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if not isinstance(module, Mamba2Mixer):
+            return
+        cfg = self.config
+        H = cfg.num_heads
+        init.copy_(module.A_log, torch.log(torch.arange(1, H + 1, dtype=torch.float32)))
+        init.ones_(module.D)
+        lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
+        dt = torch.exp(torch.rand(H) * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
+        init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        init.ones_(module.norm.weight)
+        init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+        if module.conv1d.bias is not None:
+            init.zeros_(module.conv1d.bias)
+        init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+        if cfg.rescale_prenorm_residual:
+            module.out_proj.weight /= math.sqrt(cfg.num_hidden_layers)
+
+
+class Mamba2Model(ZooBackbone, Mamba2PreTrainedModel):
+    cache_class = RecurrentCache
+
+    def __init__(self, config: ZooMamba2Config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Mamba2Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def new_cache(self):
+        return RecurrentCache(self.config.num_hidden_layers)
+
+    def layers_forward(self, inputs: BackboneInputs, output_hidden_states: bool):
+        hidden_states, cache = inputs.embeds, inputs.cache
+        B, T, _ = hidden_states.shape
+        docs = PackedDocuments.from_position_ids(inputs.position_ids) if inputs.packed else None
+        pad_mask = inputs.pad_mask[:, -T:] if inputs.pad_mask is not None else None
+        if docs is not None:
+            # The ops pack along time with B == 1; the outputs are reshaped back below.
+            hidden_states = hidden_states.reshape(1, B * T, -1)
+            pad_mask = pad_mask.reshape(1, B * T) if pad_mask is not None else None
+        all_hidden = () if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden += (hidden_states.reshape(B, T, -1),)
+            hidden_states = layer(hidden_states, pad_mask, docs, cache)
+        hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype)).reshape(B, T, -1)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+        return hidden_states, all_hidden
+
+
+class Mamba2ForCausalLM(CausalLMHead, Mamba2PreTrainedModel, GenerationMixin):
+    backbone_class = Mamba2Model
+
+
+class Mamba2ForSequenceClassification(SequenceClassificationHead, Mamba2PreTrainedModel):
+    backbone_class = Mamba2Model
+
+
+__all__ = [
+    "Mamba2ForCausalLM",
+    "Mamba2ForSequenceClassification",
+    "Mamba2Mixer",
+    "Mamba2Model",
+    "Mamba2PreTrainedModel",
+]

@@ -1,18 +1,20 @@
-"""``python -m bench.mamba``: zoo's Mamba against transformers' ``MambaForCausalLM`` on the same weights.
+"""``python -m bench.mamba``: zoo's Mamba (or, with ``--arch mamba2``, Mamba-2) against transformers'
+``MambaForCausalLM`` (``Mamba2ForCausalLM``) on the same weights.
 
-Both models hold the same weights (transformers' model converted with ``zoo.convert``'s Mamba converter), and
+Both models hold the same weights (transformers' model converted with ``zoo.convert``'s converter), and
 the run first checks that their logits agree (relative error < 1e-4): a ratio between models that compute
 different things would mean nothing. Then, in one process and interleaved (A B, B A, ...):
 
 * **training step** (forward + backward of the causal-LM loss, batch 1) at each ``--lengths`` T; the ratio is
-  transformers' time over zoo's, per adjacent pair, median over pairs. transformers' CPU path is a Python loop
-  over time steps; ``--reference-max-length`` skips it beyond a length (zoo alone is still timed there, for the
+  transformers' time over zoo's, per adjacent pair, median over pairs. transformers' Mamba-1 CPU path is a
+  Python loop over time steps (its Mamba-2 path is chunked); ``--reference-max-length`` skips it beyond a length (zoo alone is still timed there, for the
   scaling exponent: a least-squares fit of log time against log T).
 * **decoding**: ms per token with the cache after prefills of ``--decode-contexts`` tokens (zoo only; the ratio
   of the longest to the shortest context says whether decoding is O(1) in the context).
 
     python -m bench.mamba                                        # T = 2048 pair, zoo to 16K, decode 1K / 16K
     python -m bench.mamba --quick                                # tiny, seconds
+    python -m bench.mamba --arch mamba2 --lengths 2048 --reference-max-length 2048
     python -m bench.mamba --lengths 2048 --repeats 3 --out bench/results/mamba_cpu2.json
 """
 
@@ -45,16 +47,24 @@ QUICK = dict(
 )
 
 
-def build_models(hidden_size: int, layers: int, state_size: int, seed: int = 0):
-    """transformers' Mamba with random weights, and zoo's Mamba converted from it."""
-    from transformers import MambaConfig, MambaForCausalLM
-
-    from zoo.models.mamba.convert_mamba import from_transformers
+def build_models(arch: str, hidden_size: int, layers: int, state_size: int, seed: int = 0):
+    """transformers' Mamba (or Mamba-2) with random weights, and zoo's converted from it."""
+    import transformers
 
     torch.manual_seed(seed)
-    reference = MambaForCausalLM(
-        MambaConfig(vocab_size=259, hidden_size=hidden_size, num_hidden_layers=layers, state_size=state_size)
-    )
+    sizes = dict(vocab_size=259, hidden_size=hidden_size, num_hidden_layers=layers, state_size=state_size)
+    if arch == "mamba":
+        from zoo.models.mamba.convert_mamba import from_transformers
+
+        reference = transformers.MambaForCausalLM(transformers.MambaConfig(**sizes))
+    else:
+        from zoo.models.mamba2.convert_mamba2 import from_transformers
+
+        head_dim = min(64, 2 * hidden_size)
+        config = transformers.Mamba2Config(
+            **sizes, head_dim=head_dim, num_heads=2 * hidden_size // head_dim, n_groups=1, chunk_size=64
+        )
+        reference = transformers.Mamba2ForCausalLM(config)
     return from_transformers(reference).train(), reference.train()
 
 
@@ -111,6 +121,7 @@ def time_decoding(model, contexts, steps: int, bar) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.mamba", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", choices=("mamba", "mamba2"), default="mamba")
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--state-size", type=int, default=16)
@@ -129,7 +140,7 @@ def main(argv=None) -> int:
         args.reference_max_length = max(args.lengths)
     if args.threads:
         torch.set_num_threads(args.threads)
-    zoo_model, reference = build_models(args.hidden_size, args.layers, args.state_size)
+    zoo_model, reference = build_models(args.arch, args.hidden_size, args.layers, args.state_size)
     error = logits_agree(zoo_model, reference)
     if not error < 1e-4:
         raise SystemExit(
@@ -165,7 +176,9 @@ def main(argv=None) -> int:
         "decoding": decoding,
         "wall_time_s": time.time() - started,
     }
-    lines = [f"zoo vs transformers Mamba ({result['params']:,} parameters, logits agree to {error:.1e})"]
+    lines = [
+        f"zoo vs transformers {args.arch} ({result['params']:,} parameters, logits agree to {error:.1e})"
+    ]
     for row in training:
         ratio = f"{row['speedup_median']:.1f}x" if "speedup_median" in row else "(zoo only)"
         lines.append(f"  train T={row['seq_len']}: zoo {median(row['zoo_step_s']):.3f} s/step  ratio {ratio}")
@@ -174,7 +187,7 @@ def main(argv=None) -> int:
     for d in decoding:
         lines.append(f"  decode @ {d['context']}: {d['ms_per_token_median']:.2f} ms/token")
     print("\n".join(lines))
-    out = args.out or REPO_ROOT / "bench" / "results" / f"mamba_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out or REPO_ROOT / "bench" / "results" / f"{args.arch}_{time.strftime('%Y%m%d-%H%M%S')}.json"
     print("wrote", write_json(result, out))
     return 0
 

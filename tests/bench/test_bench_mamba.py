@@ -2,12 +2,15 @@
 
 import json
 
+import pytest
+
 from bench.mamba import main
 
 
-def test_quick_run_writes_the_comparison(tmp_path, capsys):
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+def test_quick_run_writes_the_comparison(arch, tmp_path, capsys):
     out = tmp_path / "mamba.json"
-    assert main(["--quick", "--out", str(out)]) == 0
+    assert main(["--quick", "--arch", arch, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["logits_relative_error"] < 1e-4
     rows = result["training"]

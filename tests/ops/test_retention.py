@@ -1,12 +1,13 @@
 """Retention (zoo.ops.retention): the torch and triton backends against the naive oracle, via harness.py.
 
-torch runs in float64 (tolerance 1e-5); triton runs in float32 under the CPU interpreter (tolerance 1e-3).
-Both decay kinds: a fixed per-head log gamma [H] (RetNet) and per-token log-gates [B, T, H] (gated).
+torch runs in float64 (tolerance 1e-11, elementwise max |a - b| / max |b|, observed up to ~4e-14); triton runs in
+float32 under the CPU interpreter (tolerance 5e-5, observed up to ~7e-6). Both decay kinds: a fixed per-head log gamma [H] (RetNet) and per-token log-gates [B, T, H] (gated).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -140,8 +141,12 @@ def test_strongly_decaying_gates_stay_finite(backend):
     """Log-gates down to -60 per token: decays far below float range must not become nan or inf."""
     inputs = make_inputs(80, "gated", gate_scale=30.0)
     inputs["decay"][:, ::7] = -60.0
-    errors = check_forward_backward(op(backend, 64), naive_op(), inputs, dtype=BACKEND_DTYPE[backend])
-    assert all(e == e for e in errors.values())
+    # In float32 the cumulative log-gates of a chunk (down to about -1000) are rounded to ~1e-4, and exp(b_i - b_j)
+    # inherits that as relative error (observed 4e-5, the torch backend in float32 alike).
+    dtype = BACKEND_DTYPE[backend]
+    tol = 2e-4 if dtype == torch.float32 else None
+    errors = check_forward_backward(op(backend, 64), naive_op(), inputs, dtype=dtype, tol=tol)
+    assert all(math.isfinite(e) for e in errors.values())
 
 
 @pytest.mark.parametrize("decay_kind", DECAYS)
@@ -200,7 +205,7 @@ def test_step_continues_a_prefix():
         o, state = retention_step(f32["q"][:, t], f32["k"][:, t], f32["v"][:, t], f32["decay"][:, t], state)
         outs.append(o[:, None])
     got = torch.cat(outs, dim=1)
-    assert rel_err(got, full) < 1e-4
+    assert rel_err(got, full) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -214,6 +219,84 @@ def test_low_precision_inputs(backend):
     )
     assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
     assert rel_err(out, ref) < 2e-2 and rel_err(state, ref_state) < 2e-2
+
+
+# ------------------------------------------------------------------------------------------- triton tiles
+
+
+def tiled_inputs(lengths: tuple[int, ...], Dk: int, Dv: int, *, row_sum: bool) -> dict:
+    """Packed sequences (B = 1) with heads of Dk / Dv channels, per-token gates, and one initial state per
+    sequence (with the key-sum column for ``row_sum``)."""
+    T, N = sum(lengths), len(lengths)
+    return {
+        "q": torch.randn(1, T, H, Dk, dtype=torch.float64),
+        "k": torch.randn(1, T, H, Dk, dtype=torch.float64),
+        "v": torch.randn(1, T, H, Dv, dtype=torch.float64),
+        "decay": F.logsigmoid(2 * torch.randn(1, T, H, dtype=torch.float64) + 2),
+        "initial_state": torch.randn(N, H, Dk, Dv + int(row_sum), dtype=torch.float64),
+        "cu_seqlens": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]),
+    }
+
+
+def tiled_row_sum_reference(q, k, v, decay, initial_state, cu_seqlens):
+    """The oracle on v with a channel of ones appended (any Dv): its last output channel is the row sum, its last
+    state column the key sum, both detached as the op returns them."""
+    Dv = v.shape[-1]
+    ones = torch.ones(*v.shape[:-1], 1, dtype=v.dtype)
+    out, state = retention(
+        q, k, torch.cat([v, ones], -1), decay, initial_state=initial_state, output_final_state=True,
+        cu_seqlens=cu_seqlens, backend="naive",
+    )  # fmt: skip
+    return out[..., :Dv], torch.cat([state[..., :Dv], state[..., Dv:].detach()], -1), out[..., Dv].detach()
+
+
+@pytest.mark.parametrize(
+    ("Dk", "Dv", "chunk_size"),
+    [(64, 96, 64), (64, 96, 16), (40, 40, 32)],
+    ids=["2x3-tiles", "masked-value-tile", "masked-tiles"],
+)
+def test_triton_tiled_heads(Dk, Dv, chunk_size):
+    """Heads split across programs as ``launch_config`` picks: Dk 64 in two key tiles and Dv 96 in three value
+    tiles of 32; at chunk 16 Dv 96 in a full and a half-masked tile of 64; Dk = Dv = 40 in a full and a masked
+    tile each.
+    Packed sequences of lengths not a multiple of the chunk, initial states, row sums and every gradient."""
+    import triton
+
+    from zoo.ops.retention.triton import launch_config
+
+    cfg = launch_config(Dk, Dv, chunk_size)
+    assert triton.cdiv(Dk, cfg.BK) > 1 and triton.cdiv(Dv, cfg.BV) > 1, f"not tiled: {cfg}"
+    inputs = tiled_inputs((70, 1, 33), Dk, Dv, row_sum=True)
+    fn = functools.partial(op("triton", chunk_size), output_row_sum=True)
+    check_forward_backward(
+        fn, tiled_row_sum_reference, inputs, dtype=torch.float32, what=f"triton Dk={Dk} Dv={Dv} {cfg}"
+    )
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_triton_small_tiles(monkeypatch, keep):
+    """Tiles of 16 channels (Dk 40 in three key tiles, Dv 24 in two, the last ones masked) with a fixed decay over
+    a regular batch, the chunk states kept or recomputed in the backward (from the initial states)."""
+    from zoo.ops.retention import triton as kernels
+
+    tiles_of_16 = kernels.LaunchConfig(BT=16, BK=16, BV=16, num_warps=4, num_stages=2)
+    monkeypatch.setattr(kernels, "launch_config", lambda *sizes: tiles_of_16)
+    monkeypatch.setattr(kernels, "keep_chunk_states", lambda *sizes: keep)
+    inputs = {
+        "q": torch.randn(2, 45, H, 40, dtype=torch.float64),
+        "k": torch.randn(2, 45, H, 40, dtype=torch.float64),
+        "v": torch.randn(2, 45, H, 24, dtype=torch.float64),
+        "decay": torch.log(1 - 2.0 ** (-5.0 - torch.arange(H, dtype=torch.float64))),
+        "initial_state": torch.randn(2, H, 40, 24, dtype=torch.float64),
+    }
+    check_forward_backward(op("triton", 16), naive_op(), inputs, dtype=torch.float32, what=f"keep={keep}")
+
+
+def test_triton_packed_empty_documents():
+    """Empty documents (repeated cu_seqlens) own no chunk: their initial state is their final state, and its
+    gradient the final state's."""
+    inputs = tiled_inputs((0, 7, 0, 20, 1, 0), DK, DV, row_sum=False)
+    check_forward_backward(op("triton", 16), naive_op(), inputs, dtype=torch.float32, what="empty documents")
 
 
 def test_default_scale_and_explicit_scale():
@@ -458,7 +541,7 @@ def test_packed_strongly_decaying_gates_stay_finite():
     inputs = packed_inputs(PACKED_LENGTHS, "gated", initial_state=True, gate_scale=30.0)
     inputs["decay"][:, ::7] = -60.0
     errors = check_forward_backward(op("torch", 16), naive_op(), inputs, what="packed, strong decay")
-    assert all(e == e for e in errors.values())
+    assert all(math.isfinite(e) for e in errors.values())
 
 
 def test_packed_documents_are_one_pass(monkeypatch):

@@ -1,0 +1,153 @@
+"""Every Triton kernel in zoo.ops compiles for the GPUs models train on, at the head sizes the configs use.
+
+The kernels are compiled ahead of time for sm_80 (A100) and sm_90 (H100) on this CPU (``triton.compile`` with a
+``GPUTarget`` needs no GPU; see ``harness.compile_for_gpu``): a kernel needing more shared memory than the
+target has would fail to launch there, and this catches it without one. Register spills are printed (run with
+``-s`` for the table) and warned about, not failed.
+
+An op enters by one entry in ``OPS``: its module of kernels, a function running the op's Triton backend (forward
+and backward) at two sizes (e.g. the head sizes Dk, Dv) and an input dtype, and the sizes its configs use. The
+launches are recorded, not run, so any size is cheap; every kernel of the module must be among them, so a kernel
+added to the module later is checked too.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("triton")
+
+from zoo.models.mamba.configuration_mamba import ZooMambaConfig  # noqa: E402
+from zoo.models.retnet.configuration_retnet import RetNetConfig  # noqa: E402
+
+from .harness import (  # noqa: E402
+    GPU_TARGETS,
+    check_fits_gpu,
+    compile_for_gpu,
+    record_triton_launches,
+    triton_kernels,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def config_sizes(config_class, sizes) -> list[tuple[int, int]]:
+    """``sizes(config)`` of ``config_class``'s defaults and of every ``configs/*/*.yaml`` model of its type."""
+    configs = [config_class()]
+    for path in sorted(CONFIGS.glob("*/*.yaml")):
+        model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        if model.get("type") == config_class.model_type:
+            configs.append(config_class(**{n: v for n, v in model.items() if n != "type"}))
+    return sorted({sizes(c) for c in configs})
+
+
+# float32 inputs run IEEE float32 dots, 16-bit inputs tf32 ones: different code, different shared memory
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def run_retention(Dk: int, Dv: int, dtype: torch.dtype) -> None:
+    """Forward and backward of the Triton retention with every feature on (two packed sequences, per-token gates,
+    initial and final states, row sums), so that every kernel is launched in its largest variant."""
+    from zoo.ops.retention import retention
+    from zoo.ops.retention import triton as kernels
+
+    T, H = 80, 2
+
+    def leaf(*shape, dtype=dtype):
+        return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+    q, k, v = leaf(1, T, H, Dk), leaf(1, T, H, Dk), leaf(1, T, H, Dv)
+    decay, h0 = leaf(1, T, H, dtype=torch.float32), leaf(2, H, Dk, Dv + 1, dtype=torch.float32)
+    # the states kept for the backward (the recomputing variant launches the states kernel again, a subset)
+    with mock.patch.object(kernels, "keep_chunk_states", lambda *sizes: True):
+        out, state, _ = retention(
+            q, k, v, decay, initial_state=h0, output_final_state=True, cu_seqlens=torch.tensor([0, 50, T]),
+            chunk_size=64, backend="triton", output_row_sum=True,
+        )  # fmt: skip
+    torch.autograd.backward([out, state], [torch.ones_like(out), torch.ones_like(state)])
+
+
+def run_selective_scan(Dc: int, N: int, dtype: torch.dtype) -> None:
+    """The Triton selective scan (its forward; the backward is PyTorch's) over packed sequences with initial and
+    final states."""
+    from zoo.ops.selective_scan import selective_scan
+
+    T = 80
+    x, dt, z = (torch.randn(1, T, Dc, dtype=dtype) for _ in range(3))
+    B, C = (torch.randn(1, T, N, dtype=dtype) for _ in range(2))
+    A, D, dt_bias = -torch.rand(Dc, N), torch.randn(Dc), torch.randn(Dc)
+    selective_scan(
+        x, dt, A, B, C, D, z, dt_bias=dt_bias, dt_softplus=True, initial_state=torch.randn(2, Dc, N),
+        output_final_state=True, cu_seqlens=torch.tensor([0, 50, T]), backend="triton",
+    )  # fmt: skip
+
+
+# op: (module of kernels, run(size, size, dtype), sizes)
+OPS = {
+    # (Dk, Dv): RetNet's default (128, 256), tiny (32, 64), small (256, 512)
+    "retention": (
+        "zoo.ops.retention.triton",
+        run_retention,
+        config_sizes(RetNetConfig, lambda c: (c.head_dim, c.value_head_dim)),
+    ),
+    # (Dc, N): the inner width and state size of Mamba's configs
+    "selective_scan": (
+        "zoo.ops.selective_scan.triton",
+        run_selective_scan,
+        config_sizes(ZooMambaConfig, lambda c: (c.intermediate_size, c.state_size)),
+    ),
+}
+
+
+@functools.cache
+def compiled(op: str):
+    """The op's launches per (sizes, dtype), and what compiling all of them for every target gave."""
+    _, run, all_sizes = OPS[op]
+    launches = {
+        (sizes, dtype): record_triton_launches(functools.partial(run, *sizes, dtype))
+        for sizes in all_sizes
+        for dtype in DTYPES
+    }
+    results = compile_for_gpu([launch for found in launches.values() for launch in found], GPU_TARGETS)
+    return launches, results
+
+
+def _kernel_cases():
+    return [
+        pytest.param(op, kernel, sizes, cc, id=f"{op}-{kernel.strip('_')}-{sizes[0]}x{sizes[1]}-sm{cc}")
+        for op, (module, _, all_sizes) in OPS.items()
+        for kernel in triton_kernels(module)
+        for sizes in all_sizes
+        for cc in GPU_TARGETS
+    ]
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_every_kernel_is_launched(op):
+    """A kernel the call does not launch would go unchecked."""
+    launches, _ = compiled(op)
+    module = OPS[op][0]
+    seen = {launch.kernel for found in launches.values() for launch in found}
+    assert set(triton_kernels(module)) <= seen, f"not launched: {sorted(set(triton_kernels(module)) - seen)}"
+
+
+@pytest.mark.parametrize(("op", "kernel", "sizes", "cc"), _kernel_cases())
+def test_kernel_fits_gpu(op, kernel, sizes, cc):
+    launches, results = compiled(op)
+    mine = {launch for dtype in DTYPES for launch in launches[sizes, dtype] if launch.kernel == kernel}
+    found = [r for r in results if r.launch in mine and r.cc == cc]
+    assert found, f"{kernel} was not launched at sizes {sizes}"
+    check_fits_gpu(found, what=f"{kernel} at sizes {sizes}")
+
+
+def test_sizes_follow_the_configs():
+    """RetNet's defaults (Dk 128 / Dv 256) and its configs' (tiny 32 / 64, small 256 / 512); Mamba's default
+    (1536 channels, state 16) and tiny (256)."""
+    assert {(32, 64), (128, 256), (256, 512)} <= set(OPS["retention"][2])
+    assert {(256, 16), (1536, 16)} <= set(OPS["selective_scan"][2])

@@ -132,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.quick:
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
     n_ref = sum(1 for t in args.lengths if t <= args.reference_max_length)
     total = args.repeats * (len(args.lengths) + n_ref) + len(args.decode_contexts)
     started = time.time()
-    with tqdm(total=total, desc="bench.mamba", unit="step") as bar:
+    with tqdm(total=total, desc="bench.mamba", unit="step", disable=args.no_progress) as bar:
         training = time_training(
             {"zoo": zoo_model, "transformers": reference},
             args.lengths,

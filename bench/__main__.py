@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="process isolation of the peak-memory measurement: a fresh process per (model, length) "
         "(per-run, the default), per model, one for all (shared), or no memory measurement",
     )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        help="where both models run (default cpu; cuda: RetNet's retention runs its Triton kernels)",
+    )
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default for this machine)")
     p.add_argument("--seed", type=int, help="seed of weights and inputs (default 0)")
     p.add_argument("--skip-train", action="store_true", help="no training throughput / memory")

@@ -104,6 +104,9 @@ class BenchConfig:
     # torch.compile both models for the training steps (inductor; compiled during the warm-up steps); peak
     # memory and decoding are measured eager
     compile: bool = False
+    # where both models run: "cpu", or "cuda" (GPU timings synchronise the device around each timed region;
+    # peak memory is then torch.cuda's peak allocation of a step, in this process)
+    device: str = "cpu"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -126,6 +129,10 @@ class BenchConfig:
             raise ValueError("repeats and decode_steps must be >= 1, warmup >= 0")
         if self.compile and self.warmup < 1:
             raise ValueError("compile needs warmup >= 1: the first step of each length compiles")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no CUDA device")
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -285,6 +292,12 @@ def is_linear(fit: dict) -> bool | None:
 # --------------------------------------------------------------------------------------------------- training
 
 
+def _sync(device: torch.device | str) -> None:
+    """Wait for queued GPU work, so that a timer read afterwards covers it (nothing to do on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _pair_order(r: int, names: Sequence[str]) -> list[str]:
     """A B, B A, A B, ...: each model is first in half of the pairs."""
     return list(names) if r % 2 == 0 else list(reversed(names))
@@ -336,12 +349,12 @@ def time_training(
     names = list(models)
     results = []
     for length in cfg.lengths:
-        ids = random_ids(cfg.vocab_size, length, cfg.seed + length)
+        ids = random_ids(cfg.vocab_size, length, cfg.seed + length).to(cfg.device)
         # the workloads: one sequence (no position_ids), and the same tokens as packed documents
         documents = min(cfg.packed_documents, length)
         workloads = {"unpacked": None}
         if documents:
-            workloads["packed"] = packed_position_ids(length, documents)
+            workloads["packed"] = packed_position_ids(length, documents).to(cfg.device)
         runs = [(name, workload) for workload in workloads for name in names]
         label = lambda name, workload: name + (" packed" if workload == "packed" else "")
         for model in models.values():
@@ -359,8 +372,10 @@ def time_training(
                 for name, workload in _pair_order(r, runs):
                     _describe(bar, f"train T={length} {label(name, workload)} {r + 1}/{cfg.repeats}")
                     faults_before = _minor_faults()
+                    _sync(cfg.device)
                     start = time.perf_counter()
                     train_step(models[name], ids, workloads[workload])
+                    _sync(cfg.device)
                     times[name, workload].append(time.perf_counter() - start)
                     faults[name, workload].append(_minor_faults() - faults_before)
                     _tick(bar)
@@ -399,6 +414,36 @@ def _probe_groups(cfg: BenchConfig) -> list[list[tuple[str, int]]]:
     if cfg.memory == "per-model":
         return [[run for run in runs if run[0] == name] for name in MODELS]
     return [runs]
+
+
+def measure_cuda_memory(
+    models: dict[str, torch.nn.Module], cfg: BenchConfig, bar: tqdm | None = None
+) -> dict[tuple[str, int], dict]:
+    """On the GPU: torch.cuda's peak allocation during one training step above what was allocated before it
+    (the allocator's own statistics, exact, in this process), and the bytes saved for backward."""
+    from bench.memprobe import saved_for_backward_bytes
+
+    out: dict[tuple[str, int], dict] = {}
+    for name, model in models.items():
+        model.train()
+        for length in cfg.lengths:
+            _describe(bar, f"memory {name} T={length}")
+            ids = random_ids(cfg.vocab_size, length, cfg.seed + length).to(cfg.device)
+            model.zero_grad(set_to_none=True)
+            gc.collect()
+            _sync(cfg.device)
+            base = torch.cuda.memory_allocated(cfg.device)
+            torch.cuda.reset_peak_memory_stats(cfg.device)
+            train_step(model, ids)
+            _sync(cfg.device)
+            out[(name, length)] = {
+                "peak_bytes": torch.cuda.max_memory_allocated(cfg.device) - base,
+                "baseline_allocated_bytes": base,
+                "method": "torch.cuda.max_memory_allocated - memory_allocated before the step",
+                "saved_for_backward_bytes": saved_for_backward_bytes(model, ids),
+            }
+            _tick(bar)
+    return out
 
 
 def measure_memory(cfg: BenchConfig, bar: tqdm | None = None) -> dict[tuple[str, int], dict]:
@@ -450,9 +495,11 @@ def _decode_block(model: torch.nn.Module, state: dict, steps: int) -> list[float
     cache, token = state["cache"], state["token"]
     times = []
     for _ in range(steps):
+        _sync(token.device)
         start = time.perf_counter()
         out = model(input_ids=token, use_cache=True, **{CACHE_NAME: cache})
         token = out.logits[:, -1:].argmax(-1)
+        _sync(token.device)
         times.append(time.perf_counter() - start)
         cache = output_cache(out)
     state["cache"], state["token"] = cache, token
@@ -467,9 +514,11 @@ def time_decoding(models: dict[str, torch.nn.Module], cfg: BenchConfig, bar: tqd
         model.eval()
         for ctx in cfg.decode_contexts:
             _describe(bar, f"decode prefill {name} {ctx}")
-            ids = random_ids(cfg.vocab_size, ctx, cfg.seed + 7 * ctx)
+            ids = random_ids(cfg.vocab_size, ctx, cfg.seed + 7 * ctx).to(cfg.device)
+            _sync(cfg.device)
             start = time.perf_counter()
             cache, token = _prefill(model, ids)
+            _sync(cfg.device)
             prefill_s[(name, ctx)] = time.perf_counter() - start
             states[(name, ctx)] = {"cache": cache, "token": token, "context": ctx}
             _decode_block(model, states[(name, ctx)], cfg.decode_warmup)
@@ -581,7 +630,9 @@ def run_benchmark(cfg: BenchConfig, argv: Iterable[str] | None = None) -> dict:
         "models": {},
     }
     started = time.perf_counter()
-    models = {name: build_model(name, model_settings(cfg, name), cfg.seed) for name in MODELS}
+    models = {name: build_model(name, model_settings(cfg, name), cfg.seed).to(cfg.device) for name in MODELS}
+    if cfg.device == "cuda":
+        result["machine"]["gpu"] = torch.cuda.get_device_name(cfg.device)
     for name, model in models.items():
         result["models"][name] = {"params": num_params(model), "config": model_settings(cfg, name)}
     with tqdm(total=_total_steps(cfg), disable=not cfg.progress, file=sys.stderr, leave=False) as bar:
@@ -590,7 +641,11 @@ def run_benchmark(cfg: BenchConfig, argv: Iterable[str] | None = None) -> dict:
             rows = time_training(timed, cfg, bar)
             memory_fit = None
             if cfg.memory != "off":
-                mem = measure_memory(cfg, bar)
+                mem = (
+                    measure_cuda_memory(models, cfg, bar)
+                    if cfg.device == "cuda"
+                    else measure_memory(cfg, bar)
+                )
                 memory_fit = {}
                 for name in MODELS:
                     xs = [row["seq_len"] for row in rows]
@@ -610,6 +665,8 @@ def run_benchmark(cfg: BenchConfig, argv: Iterable[str] | None = None) -> dict:
                 "what": "one training step: forward + backward of the causal-LM loss, batch 1, no optimiser",
                 "memory_method": None
                 if cfg.memory == "off"
+                else "torch.cuda.max_memory_allocated during the step minus memory_allocated before it"
+                if cfg.device == "cuda"
                 else MEMORY_METHOD.format(
                     threshold=MMAP_THRESHOLD, isolation=cfg.memory, isolation_doc=ISOLATION_DOC[cfg.memory]
                 ),

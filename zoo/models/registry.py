@@ -7,6 +7,8 @@ replaces transformers' own classes.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from transformers import (
@@ -25,16 +27,33 @@ class Registered:
     causal_lm: type | None = None
     sequence_classification: type | None = None
     lora_targets: tuple[str, ...] | str = ()
+    # config keywords of a small model of this architecture at a given width and depth (see ``sized_config``)
+    sized: Callable[[int, int], dict] | None = None
+
+
+def standard_sized(hidden_size: int, num_layers: int) -> dict:
+    """Width and depth in transformers' standard names: heads of 32 channels, a feed-forward 8/3 as wide (SwiGLU's
+    usual ratio, rounded to a multiple of 8)."""
+    return {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": max(1, hidden_size // 32),
+        "intermediate_size": 8 * max(1, round(hidden_size * 8 / 3 / 8)),
+    }
 
 
 REGISTRY: dict[str, Registered] = {}
 
 
-def register(config, *, model, causal_lm=None, sequence_classification=None, lora_targets=()) -> None:
+def register(
+    config, *, model, causal_lm=None, sequence_classification=None, lora_targets=(), sized=None
+) -> None:
     """Register ``config`` and its model classes.
 
     ``lora_targets``: the default peft LoRA module names, or the name of a transformers model type whose entry
     in peft's own table applies (a zoo model with that model's weight names), so that zoo's defaults are peft's.
+    ``sized``: ``(hidden_size, num_layers) -> config keywords`` of a small model of this architecture (what the
+    leaderboard trains); None uses :func:`standard_sized`.
     """
     model_type = config.model_type
     if model_type in CONFIG_MAPPING_NAMES:
@@ -50,7 +69,21 @@ def register(config, *, model, causal_lm=None, sequence_classification=None, lor
     if sequence_classification is not None:
         AutoModelForSequenceClassification.register(config, sequence_classification)
     targets = lora_targets if isinstance(lora_targets, str) else tuple(lora_targets)
-    REGISTRY[model_type] = Registered(config, model, causal_lm, sequence_classification, targets)
+    REGISTRY[model_type] = Registered(config, model, causal_lm, sequence_classification, targets, sized)
+
+
+def sized_config(model_type: str, hidden_size: int, num_layers: int, **overrides):
+    """A config of ``model_type`` at width ``hidden_size`` and depth ``num_layers`` (its registered ``sized``
+    keywords, then ``overrides``)."""
+    if model_type not in REGISTRY:
+        raise ValueError(f"model_type {model_type!r} is not registered; registered: {sorted(REGISTRY)}")
+    entry = REGISTRY[model_type]
+    if entry.sized is not None:
+        kwargs = entry.sized(hidden_size, num_layers)
+    else:  # the standard names this config takes
+        accepted = inspect.signature(entry.config.__init__).parameters
+        kwargs = {k: v for k, v in standard_sized(hidden_size, num_layers).items() if k in accepted}
+    return entry.config(**{**kwargs, **overrides})
 
 
 def default_lora_targets(model_or_type) -> list[str]:

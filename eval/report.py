@@ -74,6 +74,14 @@ def _fmt(value: float | None, perplexity: bool = False) -> str:
     return f"{value:.2f}" if perplexity else f"{100 * value:.1f}"
 
 
+def corpus_label(run: dict) -> str:
+    """The real-text corpus a run's haystacks and perplexity read, as recorded by the runner; "–" if none."""
+    corpus = run.get("corpus")
+    if not corpus:
+        return "–"
+    return f"`{corpus['name']}` ({corpus['documents']} documents, sha256 {corpus['sha256']})"
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
@@ -261,7 +269,7 @@ def write_report(directories: list[str | Path], out: str | Path) -> Path:
 
     lines = ["# Long-context evaluation", ""]
     lines += _table(
-        ["run", "model", "suite", "seed", "RoPE scaling", "samples / cell"],
+        ["run", "model", "suite", "seed", "RoPE scaling", "samples / cell", "real text"],
         [
             [
                 str(r.get("label")),
@@ -270,6 +278,7 @@ def write_report(directories: list[str | Path], out: str | Path) -> Path:
                 str(r["settings"].get("seed")),
                 str(r["settings"].get("rope_scaling") or "–"),
                 str(r["settings"].get("num_samples")),
+                corpus_label(r),
             ]
             for r in runs
         ],

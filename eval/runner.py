@@ -9,7 +9,11 @@ already present (scored, or skipped with a reason) is not recomputed. Prediction
      "results": {task: {"1024": {"0.50": 0.75, ...}, ...}, ...},     # accuracy in [0, 1], or perplexity
      "samples": {task: {"1024": {"0.50": 4}}},                        # samples per cell
      "skipped": {task: {"1024": {"default": "reason"}}},              # cells that could not be built
-     "decoding_check": {"checked": true, "tokens_equal": true, "logits_relative_error": 1e-7}}
+     "decoding_check": {"checked": true, "tokens_equal": true, "logits_relative_error": 1e-7},
+     "corpus": {"name": "zoo.data.corpus:test", "documents": 120, "sha256": ...}}  # when a task reads real text
+
+The real text that haystacks and perplexity read is identified in ``corpus``; a resumed run reading other text
+stops with a ``ValueError`` instead of mixing scores of two corpora.
 
 Before any cell is scored, a predictor that has ``check_decoding`` (``HFPredictor``) checks that its cached
 decoding equals its full forward on a short prompt; when it does not, the run stops with
@@ -32,6 +36,7 @@ from tqdm.auto import tqdm
 from eval.predictors import Predictor
 from eval.scoring import score_cell
 from eval.tasks import TASKS, CellSkipped, Task, get_task
+from eval.tasks.text import real_text_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +167,14 @@ def run_suite(
         # raises before any score is written when the cached path is broken
         results["decoding_check"] = predictor.check_decoding()
         logger.info("decoding self-check: %s", results["decoding_check"])
+    if any(task.uses_real_text for task, _, _ in todo):
+        corpus = real_text_corpus()
+        if results.get("corpus") not in (None, corpus):
+            raise ValueError(
+                f"{out / RESULTS_FILE} was scored on the real-text corpus {results['corpus']}, this run reads "
+                f"{corpus}; pass --overwrite or choose another --out"
+            )
+        results["corpus"] = corpus
     seed = settings.get("seed", 0)
     torch.manual_seed(seed)
     bar = tqdm(todo, desc="eval", unit="cell", disable=not progress)
@@ -173,6 +186,7 @@ def run_suite(
                 "scoring": task.metric,
                 "variant_kind": task.variant_kind,
                 "paper": task.paper,
+                "uses_real_text": task.uses_real_text,
             }
         )
         key = str(length)

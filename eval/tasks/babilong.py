@@ -117,6 +117,7 @@ def make_question(rng: random.Random, supporting: int) -> tuple[list[str], str, 
 class BabiQA(Task):
     metric = "choice"
     paper = "Kuratov et al., 2024 (BABILong)"
+    uses_real_text = True
 
     def __init__(self, supporting: int):
         if supporting not in (1, 2, 3):

@@ -57,12 +57,15 @@ class Task:
         metric: one of :data:`METRICS`.
         variant_kind: ``"depth"`` when the variants are needle depths (drawn as a heatmap), else ``"variant"``.
         paper: the reference shown in the report.
+        uses_real_text: whether samples are built from the real-text corpus (``eval.tasks.text``), whose
+            identity the runner then records in results.json.
     """
 
     name: str = ""
     metric: str = "string_match"
     variant_kind: str = "variant"
     paper: str = ""
+    uses_real_text: bool = False
 
     def variants(self, length: int, depths: list[float]) -> list[str]:
         """The cells of this task at ``length``; depth tasks use ``depths``, the others their own list."""

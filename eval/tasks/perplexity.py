@@ -24,6 +24,7 @@ class Perplexity(Task):
     name = "perplexity"
     metric = "perplexity"
     paper = "held-out text of the embedded corpus"
+    uses_real_text = True
 
     def __init__(self) -> None:
         self._streams: dict[int, list[int]] = {}

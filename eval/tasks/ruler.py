@@ -53,6 +53,7 @@ class NeedleInAHaystack(Task):
         if haystack not in HAYSTACKS:
             raise ValueError(f"haystack={haystack!r} is not one of {HAYSTACKS}")
         self.kind, self.haystack = kind, haystack
+        self.uses_real_text = haystack != "noise"
         self.name = f"niah_{kind}_{haystack}"
 
     def make_sample(self, tokenizer, length: int, variant: str, rng: random.Random) -> Sample:

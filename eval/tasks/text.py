@@ -1,17 +1,17 @@
 """Raw material of the task generators: word lists, pseudo-words, filler sentences, real text, and needle insertion.
 
 Real text comes from zoo's embedded corpus (``zoo.data.corpus.default_corpus("test")``, documents no model trained
-on); only where zoo's data package cannot be imported, from the Python language reference shipped with every
-interpreter (``pydoc_data.topics``), with a ``RuntimeWarning``. :func:`real_text_corpus` names the one in use. Any
-other failure of the corpus (a broken cache, an empty split) is an error: the scores would silently change meaning.
+on), and from nowhere else: a failure of the corpus (a broken cache, an empty split) is an error, since another
+text would silently change what the scores mean. :func:`real_text_corpus` identifies the documents read (name,
+count, digest); the runner records it in results.json and the report shows it.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import random
 import re
-import warnings
 
 from eval.tasks.base import decode, encode, fit_to_length
 
@@ -71,42 +71,32 @@ def passkey_filler(min_chars: int) -> str:
 
 
 ZOO_CORPUS = "zoo.data.corpus:test"
-PYTHON_REFERENCE = "pydoc_data.topics"
 
 
 @functools.lru_cache(maxsize=1)
-def _real_text() -> tuple[str, tuple[str, ...]]:
-    try:
-        from zoo.data.corpus import default_corpus
-    except ImportError as err:
-        warnings.warn(
-            f"zoo.data.corpus cannot be imported ({err}); real-text haystacks and perplexity use the Python"
-            f" language reference ({PYTHON_REFERENCE}) instead, so scores are not comparable with zoo's corpus",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        import pydoc_data.topics
+def _real_text() -> tuple[str, ...]:
+    from zoo.data.corpus import default_corpus
 
-        topics = pydoc_data.topics.topics
-        return PYTHON_REFERENCE, tuple(topics[key] for key in sorted(topics))
     documents = tuple(default_corpus("test"))
     if not documents:
         raise RuntimeError(
             "zoo.data.corpus: the test split of the default corpus is empty; delete its cache"
             " ($ZOO_CACHE/corpus, default ~/.cache/zoo/corpus) to rebuild it"
         )
-    return ZOO_CORPUS, documents
+    return documents
 
 
 def real_text_documents() -> tuple[str, ...]:
     """Held-out real English documents: zoo's corpus test split (see :func:`real_text_corpus`)."""
-    return _real_text()[1]
+    return _real_text()
 
 
-def real_text_corpus() -> str:
-    """Which corpus :func:`real_text_documents` reads: :data:`ZOO_CORPUS`, or :data:`PYTHON_REFERENCE` when
-    zoo's data package is absent."""
-    return _real_text()[0]
+def real_text_corpus() -> dict:
+    """Which documents :func:`real_text_documents` reads: ``{"name", "documents", "sha256"}``, the digest over
+    the documents in order, so that two runs scored on different text are told apart."""
+    documents = _real_text()
+    digest = hashlib.sha256("\x00".join(documents).encode()).hexdigest()
+    return {"name": ZOO_CORPUS, "documents": len(documents), "sha256": digest[:16]}
 
 
 def real_text(rng: random.Random, min_chars: int) -> str:

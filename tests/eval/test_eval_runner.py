@@ -15,6 +15,7 @@ from eval.__main__ import main, parse_length, parse_lengths
 from eval.report import main as report_main
 from eval.runner import Suite, run_suite
 from eval.tasks import TASKS
+from eval.tasks.text import real_text_corpus
 
 TASK_SUBSET = "passkey,niah_multikey_essay,mqar,babi_qa1,listops,perplexity"
 
@@ -73,6 +74,13 @@ def test_cli_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
     index = yaml.safe_load((out / "model_index.yaml").read_text())
     assert index["model-index"][0]["results"][0]["metrics"][0]["type"] == "accuracy"
     assert "```yaml" in (out / "report.md").read_text()
+    # the real text of the essay haystacks, bAbI and perplexity is identified in the results and the report
+    corpus = real_text_corpus()
+    assert (
+        results["corpus"] == corpus and corpus["name"] == "zoo.data.corpus:test" and corpus["documents"] > 0
+    )
+    assert results["tasks"]["perplexity"]["uses_real_text"] and not results["tasks"]["mqar"]["uses_real_text"]
+    assert f"sha256 {corpus['sha256']}" in (out / "report.md").read_text()
 
     # resume: every cell is already there, so nothing is scored again
     def refuse(*args, **kwargs):
@@ -143,6 +151,35 @@ def test_run_suite_with_oracle_scores_every_cell_100(tmp_path, monkeypatch):
     ]
     assert scores and all(v == 1.0 for v in scores)
     assert set(seen) == set(suite.tasks)
+
+
+def test_results_record_the_real_text_and_refuse_to_mix_corpora(tmp_path, monkeypatch):
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    original = eval.runner.score_cell
+    monkeypatch.setattr(
+        eval.runner,
+        "score_cell",
+        lambda task, samples, _, tok: original(task, samples, MetadataOracle(samples), tok),
+    )
+
+    def suite(tasks, length):
+        return Suite(tasks=tasks, lengths=(length,), depths=(0.5,), num_samples=1)
+
+    settings = {"model": "oracle", "seed": 0}
+    noise = run_suite(
+        None, tokenizer, suite(("niah_single_noise",), 512), tmp_path / "noise", settings, progress=False
+    )
+    assert "corpus" not in noise  # no real text was read
+    results = run_suite(
+        None, tokenizer, suite(("babi_qa1",), 512), tmp_path / "real", settings, progress=False
+    )
+    assert results["corpus"] == real_text_corpus()
+
+    # the corpus changed between two runs into one directory: the new cells would be scored on other text
+    other = {**real_text_corpus(), "sha256": "0" * 16}
+    monkeypatch.setattr(eval.runner, "real_text_corpus", lambda: other)
+    with pytest.raises(ValueError, match="scored on the real-text corpus"):
+        run_suite(None, tokenizer, suite(("babi_qa1",), 1024), tmp_path / "real", settings, progress=False)
 
 
 def _tiny_zoo_lm(model_type="zoo_transformer"):

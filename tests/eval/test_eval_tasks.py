@@ -306,7 +306,11 @@ def test_real_text_corpus_failures_are_never_silent(fresh_real_text, monkeypatch
     text = fresh_real_text
     monkeypatch.setattr(zoo.data.corpus, "default_corpus", lambda split: ["a held-out document"])
     assert text.real_text_documents() == ("a held-out document",)
-    assert text.real_text_corpus() == text.ZOO_CORPUS
+    corpus = text.real_text_corpus()
+    assert corpus["name"] == text.ZOO_CORPUS and corpus["documents"] == 1
+    text._real_text.cache_clear()
+    monkeypatch.setattr(zoo.data.corpus, "default_corpus", lambda split: ["another held-out document"])
+    assert text.real_text_corpus()["sha256"] != corpus["sha256"], "the digest tells two corpora apart"
 
     # A broken corpus fails instead of swapping in another one.
     def broken(split):
@@ -320,10 +324,8 @@ def test_real_text_corpus_failures_are_never_silent(fresh_real_text, monkeypatch
     monkeypatch.setattr(zoo.data.corpus, "default_corpus", lambda split: [])
     with pytest.raises(RuntimeError, match="test split of the default corpus is empty"):
         text.real_text_documents()
-
-    # Only an absent zoo data package falls back, with a warning, and says which corpus it used.
+    # so does an absent data package: no other text stands in for it
     text._real_text.cache_clear()
     monkeypatch.setitem(sys.modules, "zoo.data.corpus", None)
-    with pytest.warns(RuntimeWarning, match="Python language reference"):
-        assert len(text.real_text_documents()) > 10
-    assert text.real_text_corpus() == text.PYTHON_REFERENCE
+    with pytest.raises(ImportError):
+        text.real_text_documents()

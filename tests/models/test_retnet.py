@@ -90,6 +90,11 @@ def test_paper_decays_and_bad_config():
         RetNetConfig(**SIZES, decay_gammas=[0.9])
     with pytest.raises(ValueError, match="retention_mode"):
         RetNetConfig(**SIZES, retention_mode="fast")
+    # field types are checked on assignment too (huggingface_hub's strict dataclass validation)
+    with pytest.raises(ValueError, match="RetNetConfig: Field 'retention_mode' expected one of"):
+        config.retention_mode = "fast"
+    with pytest.raises(ValueError, match="'normalize' expected bool"):
+        config.normalize = 1
 
 
 def _torchscale_reference(sd, config, ids, xpos_base=None):

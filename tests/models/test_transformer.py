@@ -162,6 +162,20 @@ def test_learned_positions_have_a_hard_limit():
         model(torch.randint(3, 259, (1, 65)))
 
 
+def test_field_types_are_checked_on_construction_and_assignment():
+    """huggingface_hub's strict dataclass validation, raised as a ValueError naming the field."""
+    with pytest.raises(ValueError, match="TransformerConfig: Field 'hidden_size' expected int"):
+        TransformerConfig(**{**SIZES, "hidden_size": "64"})
+    with pytest.raises(ValueError, match="'mlp_type' expected one of"):
+        TransformerConfig(**SIZES, mlp_type="gelu")
+    config = TransformerConfig(**SIZES, attention_dropout=0)  # a whole number where Llama allows one
+    with pytest.raises(ValueError, match="'num_hidden_layers' expected int, got float"):
+        config.num_hidden_layers = 2.5
+    with pytest.raises(ValueError, match="'sliding_window'"):
+        config.sliding_window = "4"
+    assert config.num_hidden_layers == 2 and config.sliding_window is None
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="num_key_value_heads"):
         TransformerConfig(**{**SIZES, "num_key_value_heads": 3})

@@ -38,14 +38,66 @@ def test_attention_matches_dense_softmax(causal, window, kv_heads):
     torch.testing.assert_close(got, dense_reference(attn, x, allowed))
 
 
-def test_padding_and_documents_in_the_mask():
-    pad = torch.tensor([[0, 0, 1, 1, 1, 1]])
-    doc = torch.tensor([[1, 1, 1, 2, 2, 2]])
-    mask = build_attention_mask(
-        batch_size=1, q_len=6, past_len=0, device="cpu", padding_mask=pad, doc_ids=doc
+def allowed_by_definition(batch, q_len, past_len, causal, window, pad, doc):
+    """Who may attend whom, one query and key at a time: causal order, a window of ``window`` tokens counting
+    the query, real (unpadded) keys, the same packed document; a row left with nothing is opened fully."""
+    kv_len = past_len + q_len
+    allowed = torch.zeros(batch, 1, q_len, kv_len, dtype=torch.bool)
+    for b in range(batch):
+        for i in range(q_len):
+            q = past_len + i
+            for k in range(kv_len):
+                ok = not (causal and k > q)
+                ok &= window is None or (q - k < window if causal else abs(q - k) < window)
+                ok &= pad is None or bool(pad[b, k])
+                ok &= doc is None or past_len > 0 or bool(doc[b, i] == doc[b, k])
+                allowed[b, 0, i, k] = ok
+            if not allowed[b, 0, i].any():
+                allowed[b, 0, i] = True
+    return allowed
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("past_len", [0, 4])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_mask_follows_its_definition(causal, window, past_len, padded, packed):
+    q_len, kv_len = 7, past_len + 7
+    pad = torch.ones(2, kv_len, dtype=torch.long)
+    if padded:
+        pad[1, :3] = 0  # left padding of the second row
+    # documents of 3 and 4 tokens in the first row, one document in the second; ignored with a past
+    doc = torch.tensor([[1, 1, 1, 2, 2, 2, 2], [1] * 7]) if packed else None
+    got = build_attention_mask(
+        batch_size=2,
+        q_len=q_len,
+        past_len=past_len,
+        device="cpu",
+        causal=causal,
+        padding_mask=pad if padded else None,
+        doc_ids=doc,
+        sliding_window=window,
     )
-    assert mask.shape == (1, 1, 6, 6)
-    assert not mask[0, 0, 2, :2].any(), "no attention to padding"
-    assert not mask[0, 0, 4, :3].any() and mask[0, 0, 4, 3:5].all(), "no attention across documents"
-    assert mask[0, 0, 0].all(), "a fully masked (padding) row is opened so no NaN appears"
-    assert build_attention_mask(batch_size=1, q_len=6, past_len=0, device="cpu") is None
+    expected = allowed_by_definition(2, q_len, past_len, causal, window, pad if padded else None, doc)
+    if got is None:
+        # no mask means the kernel's own pattern: causal from the first key (is_causal, only without a past
+        # or for a single query), or everything
+        i, k = torch.arange(past_len, kv_len)[:, None], torch.arange(kv_len)[None]
+        plain = (k <= i) if causal else torch.ones(q_len, kv_len, dtype=torch.bool)
+        assert past_len == 0 or not causal
+        assert torch.equal(expected, plain.expand_as(expected))
+    else:
+        assert got.dtype == torch.bool and torch.equal(got, expected)
+
+
+def test_no_mask_where_the_kernel_pattern_is_exact():
+    """SDPA's fast path: nothing is built for plain causal or full attention, one document, no padding."""
+    kw = dict(batch_size=2, q_len=6, device="cpu")
+    assert build_attention_mask(past_len=0, **kw) is None
+    assert build_attention_mask(past_len=0, causal=False, **kw) is None
+    assert build_attention_mask(past_len=0, doc_ids=torch.ones(2, 6, dtype=torch.long), **kw) is None
+    assert build_attention_mask(past_len=0, padding_mask=torch.ones(2, 6), **kw) is None
+    assert build_attention_mask(past_len=0, sliding_window=8, **kw) is None
+    assert build_attention_mask(past_len=5, q_len=1, batch_size=2, device="cpu") is None
+    assert build_attention_mask(past_len=5, **kw) is not None

@@ -6,16 +6,20 @@ import pytest
 
 import zoo
 from zoo.training import load_recipe, train
+from zoo.training.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = sorted(p for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "accelerate")
-TINY = sorted(CONFIGS.glob("*/tiny.yaml"))
+# configs/<arch>/tiny.yaml, and the tiny variants beside it (configs/mamba/samba-tiny.yaml, ...)
+TINY = sorted([*CONFIGS.glob("*/tiny.yaml"), *CONFIGS.glob("*/*-tiny.yaml")])
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_recipe_validates(path):
-    recipe = load_recipe(path)
-    assert recipe.model["type"] in zoo.REGISTRY
+def test_recipe_validates(path, capsys):
+    """The whole pre-flight of ``train.py --dry_run`` (recipe, model config, tokenizer, data) passes."""
+    assert load_recipe(path).model["type"] in zoo.REGISTRY
+    assert main(["--config", str(path), "--dry_run"]) == 0, path
+    assert "model:" in capsys.readouterr().out
 
 
 def test_every_architecture_has_a_tiny_recipe():
@@ -24,7 +28,9 @@ def test_every_architecture_has_a_tiny_recipe():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", TINY, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize(
+    "path", TINY, ids=lambda p: p.parent.name if p.stem == "tiny" else f"{p.parent.name}/{p.stem}"
+)
 def test_tiny_recipe_learns(path, tmp_path):
     # The shipped recipe, shortened: 40 steps must already take the loss far below its start.
     recipe = load_recipe(

@@ -2,7 +2,8 @@
 
 ``ZooConfig`` is the base of every zoo ``PretrainedConfig``. It turns the silent acceptance of unknown keyword
 arguments (transformers keeps them as attributes) into a ``ValueError`` that names the field and suggests the
-closest known one, and checks the declared type of every field.
+closest known one; the declared type of every field is checked by huggingface_hub's strict dataclass validation
+(:func:`strict_config`, the ``@strict`` transformers' own configs use).
 
 ``model_forward`` wraps every zoo ``forward``: the cache arrives under whichever name transformers uses
 (``cache`` from 5.24 on, ``past_key_values`` before; both are accepted), an unknown keyword is a ``TypeError``
@@ -18,11 +19,12 @@ import difflib
 import functools
 import inspect
 import sys
-import types
 import typing
 from collections.abc import Callable
 
 import torch
+from huggingface_hub.dataclasses import strict, type_validator
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PretrainedConfig
 from transformers.generation import GenerationConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -50,48 +52,62 @@ _GENERIC_KWARGS = {
 }
 
 
-def _type_ok(value, annotation) -> bool:
-    if annotation is typing.Any or isinstance(annotation, str):
-        return True
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation)
-    if origin is not None:
-        return isinstance(value, origin)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if typing.is_typeddict(annotation):
-        return isinstance(value, dict)
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
-
-
-def _own_type_hints(cls) -> dict:
-    """Annotations declared by zoo config classes (not transformers' base), evaluated in their modules."""
-    hints: dict = {}
-    for klass in reversed(cls.__mro__):
-        if not (isinstance(klass, type) and issubclass(klass, ZooConfig)):
+def _resolve_annotations(cls) -> None:
+    """Evaluate string field annotations (``from __future__ import annotations``) in the module that declared
+    them, in place: huggingface_hub's type validators skip a field whose type is a string."""
+    for f in dataclasses.fields(cls):
+        if not isinstance(f.type, str):
             continue
-        namespace = vars(sys.modules[klass.__module__])
-        for name, annotation in vars(klass).get("__annotations__", {}).items():
-            if isinstance(annotation, str):
-                try:
-                    annotation = eval(annotation, namespace)  # noqa: S307 - our own annotations
-                except Exception:
-                    continue
-            hints[name] = annotation
-    return hints
+        owner = next((k for k in cls.__mro__ if f.name in vars(k).get("__annotations__", {})), None)
+        if owner is None:
+            continue
+        try:
+            f.type = eval(f.type, vars(sys.modules[owner.__module__]))  # noqa: S307 - our own annotations
+        except Exception:
+            continue
+
+
+def _field_error(cls, err: Exception) -> ValueError:
+    cause = err.__cause__ or err
+    return ValueError(f"{cls.__name__}: {cause}")
+
+
+def strict_config(cls):
+    """Class decorator: huggingface_hub's ``@strict`` for a zoo config, as transformers' configs use it.
+
+    The declared type of every field is checked on construction and on every later assignment, and the
+    ``validate_*`` methods (``validate_fields`` and transformers' own) run after ``__init__``. Its errors are
+    raised as ``ValueError`` naming the field, like every other bad value of a zoo config.
+    """
+    _resolve_annotations(cls)
+    cls = strict(cls)
+    checked_setattr, checked_init = cls.__setattr__, cls.__init__
+
+    def __setattr__(self, name, value):
+        try:
+            checked_setattr(self, name, value)
+        except StrictDataclassError as err:
+            raise _field_error(type(self), err) from None
+
+    @functools.wraps(checked_init)
+    def __init__(self, *args, **kwargs):
+        try:
+            checked_init(self, *args, **kwargs)
+        except StrictDataclassError as err:
+            raise _field_error(type(self), err) from None
+
+    cls.__setattr__, cls.__init__ = __setattr__, __init__
+    cls.__zoo_strict__ = cls
+    return cls
 
 
 class ZooConfig(PretrainedConfig):
-    """Base configuration: strict about unknown fields and field types; subclasses add ``validate_fields``."""
+    """Base configuration: strict about unknown fields and field types; subclasses add ``validate_fields``.
+
+    Subclasses are decorated with :func:`strict_config` (huggingface_hub's ``@strict``), which checks field types
+    on construction and assignment; an undecorated subclass has its field types checked once, at construction,
+    by the same validators.
+    """
 
     def __post_init__(self, **kwargs):
         own = {f.name: f for f in dataclasses.fields(self)}
@@ -102,12 +118,15 @@ class ZooConfig(PretrainedConfig):
             close = difflib.get_close_matches(key, list(own), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"{type(self).__name__}: unknown field {key!r}{hint}")
-        hints = _own_type_hints(type(self))
-        for name in own:
-            if name in hints and not _type_ok(getattr(self, name), hints[name]):
-                raise ValueError(
-                    f"{type(self).__name__}: field {name!r} expects {hints[name]}, got {getattr(self, name)!r}"
-                )
+        if getattr(type(self), "__zoo_strict__", None) is not type(self):
+            # a config not (yet) decorated with @strict_config: its field types checked once, by the same
+            # huggingface_hub validators
+            _resolve_annotations(type(self))
+            for f in dataclasses.fields(self):
+                try:
+                    type_validator(f.name, getattr(self, f.name), f.type)
+                except TypeError as err:
+                    raise _field_error(type(self), err) from None
         self.derive_fields()
         self.validate_fields()
         super().__post_init__(**kwargs)

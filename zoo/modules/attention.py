@@ -7,8 +7,10 @@ of ``position_ids`` to 0 starts a new document that attends to nothing before it
 The kernel is the one ``config._attn_implementation`` names (``attn_implementation=`` in ``from_pretrained`` /
 ``from_config``, or ``model.set_attn_implementation``), looked up in transformers' ``ALL_ATTENTION_FUNCTIONS``:
 ``sdpa`` (the default), ``eager`` (transformers' reference), ``flash_attention_2`` or any function registered
-with ``transformers.AttentionInterface``. The mask is built here once per forward as a boolean (B, 1, T, kv)
-tensor and handed to each kernel in the form it takes (boolean for sdpa, additive for eager); kernels that take
+with ``transformers.AttentionInterface``. The mask is built once per forward as a boolean (B, 1, T, kv) tensor
+by ``transformers.masking_utils`` (``sdpa_mask`` over its causal, bidirectional, sliding-window and packed-sequence
+mask functions) and handed to each kernel in the form it takes (boolean for sdpa, additive for eager). ALiBi's
+per-head distance bias is added here: masking_utils builds boolean patterns only. Kernels that take
 no dense mask (flash attention, registered functions) are refused when one is needed (padding, packed documents,
 ALiBi, a sliding window) rather than silently ignoring it. ``flex_attention`` is not offered: transformers' flex
 path crashed the process on this CPU build of torch (2.13).
@@ -20,6 +22,15 @@ import math
 
 import torch
 from torch import nn
+from transformers.masking_utils import (
+    and_masks,
+    bidirectional_mask_function,
+    causal_mask_function,
+    packed_sequence_mask_function,
+    sdpa_mask,
+    sliding_window_bidirectional_overlay,
+    sliding_window_overlay,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
@@ -54,6 +65,28 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(power_of_two(closest) + extra)
 
 
+def attention_mask_function(
+    *, causal: bool = True, sliding_window: int | None = None, doc_ids: torch.Tensor | None = None
+):
+    """The ``(batch, head, q, kv) -> allowed`` rule of ``transformers.masking_utils`` for this attention.
+
+    Causal or bidirectional, intersected with a sliding window of ``sliding_window`` tokens counting the query
+    itself, and with packed documents (``doc_ids`` ``(B, T)``, indexed by absolute query and key position).
+    """
+    parts = [causal_mask_function if causal else bidirectional_mask_function]
+    if sliding_window is not None:
+        # transformers' bidirectional overlay keeps |q - k| <= w where its causal one keeps q - k < w; w - 1 gives
+        # both directions zoo's one meaning (a window of w tokens including the query)
+        parts.append(
+            sliding_window_overlay(sliding_window)
+            if causal
+            else sliding_window_bidirectional_overlay(sliding_window - 1)
+        )
+    if doc_ids is not None:
+        parts.append(packed_sequence_mask_function(doc_ids))
+    return and_masks(*parts) if len(parts) > 1 else parts[0]
+
+
 def build_attention_mask(
     *,
     batch_size: int,
@@ -72,31 +105,39 @@ def build_attention_mask(
     ``doc_ids`` ``(B, q_len)`` separates packed documents (only used without a past).
     Rows with no allowed key (padding queries) are opened fully so that no NaN is produced; their outputs are
     never used.
+
+    Built by ``transformers.masking_utils.sdpa_mask`` from :func:`attention_mask_function`, which also decides
+    when no mask is needed. Its ``create_causal_mask`` family does not fit: it finds packed documents by its own
+    rule (a jump in ``position_ids``) and only without a cache, where zoo's rule is a restart at 0
+    (``zoo.modules.documents``) with the cache on or off.
     """
     kv_len = past_len + q_len
-    # Whether padding or several documents are present depends on the data; a compiled graph cannot branch on
-    # that without breaking, so under torch.compile a given padding mask or doc_ids always builds the mask.
-    compiling = torch.compiler.is_compiling()
-    needs_mask = padding_mask is not None and (compiling or not bool(padding_mask.all()))
-    needs_mask |= doc_ids is not None and (compiling or bool((doc_ids != doc_ids[:, :1]).any()))
-    needs_mask |= sliding_window is not None and kv_len > sliding_window
-    needs_mask |= causal and past_len > 0 and q_len > 1
-    if not needs_mask:
-        return None
-    q_pos = torch.arange(past_len, kv_len, device=device)[:, None]
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
-    if causal:
-        mask &= k_pos <= q_pos
-    if sliding_window is not None:
-        mask &= (q_pos - k_pos) < sliding_window
-        if not causal:
-            mask &= (k_pos - q_pos) < sliding_window
-    mask = mask[None, None].expand(batch_size, 1, q_len, kv_len)
+    if doc_ids is not None and past_len > 0:
+        doc_ids = None
+    # Whether several documents are present depends on the data; a compiled graph cannot branch on that, so
+    # under torch.compile given doc_ids always build the mask (sdpa_mask does the same for a padding mask).
+    if (
+        doc_ids is not None
+        and not torch.compiler.is_compiling()
+        and not bool((doc_ids != doc_ids[:, :1]).any())
+    ):
+        doc_ids = None
     if padding_mask is not None:
-        mask = mask & padding_mask[:, None, None, -kv_len:].bool()
-    if doc_ids is not None and past_len == 0:
-        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+        padding_mask = padding_mask[:, -kv_len:].to(device=device, dtype=torch.bool)
+    mask = sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_len,
+        kv_length=kv_len,
+        q_offset=past_len,
+        mask_function=attention_mask_function(causal=causal, sliding_window=sliding_window, doc_ids=doc_ids),
+        attention_mask=padding_mask,
+        local_size=sliding_window,
+        allow_is_causal_skip=causal and doc_ids is None,
+        allow_is_bidirectional_skip=not causal and doc_ids is None,
+        device=device,
+    )
+    if mask is None:
+        return None
     return mask | ~mask.any(-1, keepdim=True)
 
 
@@ -192,9 +233,16 @@ class Attention(nn.Module):
             q_pos = torch.arange(past_len, past_len + T, device=q.device)[:, None]
             k_pos = torch.arange(key_start, past_len + T, device=q.device)[None, :]
             if mask is None:
-                mask = torch.ones(1, 1, T, kv_len, dtype=torch.bool, device=q.device)
-                if self.causal:
-                    mask = mask & (k_pos <= q_pos)
+                mask = sdpa_mask(
+                    batch_size=1,
+                    q_length=T,
+                    kv_length=kv_len,
+                    q_offset=past_len,
+                    kv_offset=key_start,
+                    mask_function=attention_mask_function(causal=self.causal),
+                    allow_is_causal_skip=False,
+                    device=q.device,
+                )
         if mask is not None and additive is None:
             raise ValueError(
                 f"attn_implementation={impl!r} takes no dense attention mask, and this input needs one (padding, "

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from zoo.models.utils import CACHE_NAME, ZooConfig
+from zoo.models.utils import CACHE_NAME, ZooConfig, strict_config
 
 
+@strict_config
 class RetNetConfig(ZooConfig):
     r"""Decoder of multi-scale retention blocks and SwiGLU feed-forwards.
 

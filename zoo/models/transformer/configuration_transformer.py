@@ -6,9 +6,10 @@ from typing import Literal
 
 from transformers.modeling_rope_utils import RopeParameters
 
-from zoo.models.utils import CACHE_NAME, ZooConfig
+from zoo.models.utils import CACHE_NAME, ZooConfig, strict_config
 
 
+@strict_config
 class TransformerConfig(ZooConfig):
     r"""Decoder-only transformer: pre-norm, rotary positions, SwiGLU feed-forward, RMSNorm.
 
@@ -54,7 +55,7 @@ class TransformerConfig(ZooConfig):
     rope_parameters: RopeParameters | dict | None = None
     sliding_window: int | None = None
     attention_bias: bool = False
-    attention_dropout: float = 0.0
+    attention_dropout: int | float = 0.0
     initializer_range: float = 0.02
     use_cache: bool = True
     pad_token_id: int | None = 0

@@ -1,5 +1,6 @@
-"""``python -m bench.mamba``: zoo's Mamba (or, with ``--arch mamba2``, Mamba-2) against transformers'
-``MambaForCausalLM`` (``Mamba2ForCausalLM``) on the same weights.
+"""``python -m bench.mamba``: zoo's Mamba (or, with ``--arch mamba2``, Mamba-2; with ``--arch bamba``, the
+Mamba-2/attention hybrid) against transformers' ``MambaForCausalLM`` (``Mamba2ForCausalLM``,
+``BambaForCausalLM``) on the same weights.
 
 Both models hold the same weights (transformers' model converted with ``zoo.convert``'s converter), and
 the run first checks that their logits agree (relative error < 1e-4): a ratio between models that compute
@@ -9,12 +10,16 @@ different things would mean nothing. Then, in one process and interleaved (A B, 
   transformers' time over zoo's, per adjacent pair, median over pairs. transformers' Mamba-1 CPU path is a
   Python loop over time steps (its Mamba-2 path is chunked); ``--reference-max-length`` skips it beyond a length (zoo alone is still timed there, for the
   scaling exponent: a least-squares fit of log time against log T).
+``--arch bamba`` builds a Bamba-style stack (Mamba-2 layers, one attention layer in the middle, an MLP after
+each) and defaults to T = 4096 for both models.
+
 * **decoding**: ms per token with the cache after prefills of ``--decode-contexts`` tokens (zoo only; the ratio
   of the longest to the shortest context says whether decoding is O(1) in the context).
 
     python -m bench.mamba                                        # T = 2048 pair, zoo to 16K, decode 1K / 16K
     python -m bench.mamba --quick                                # tiny, seconds
     python -m bench.mamba --arch mamba2 --lengths 2048 --reference-max-length 2048
+    python -m bench.mamba --arch bamba                           # T = 4096 pair, decode 1K / 16K
     python -m bench.mamba --lengths 2048 --repeats 3 --out bench/results/mamba_cpu2.json
 """
 
@@ -47,11 +52,36 @@ QUICK = dict(
 )
 
 
+# Each arch's default training lengths and the longest one transformers is timed at.
+DEFAULT_LENGTHS = {"mamba": [2048, 4096, 8192, 16384], "mamba2": [2048, 4096, 8192, 16384], "bamba": [4096]}
+DEFAULT_REFERENCE_MAX = {"mamba": 2048, "mamba2": 2048, "bamba": 4096}
+
+
 def build_models(arch: str, hidden_size: int, layers: int, state_size: int, seed: int = 0):
-    """transformers' Mamba (or Mamba-2) with random weights, and zoo's converted from it."""
+    """transformers' Mamba (Mamba-2, Bamba) with random weights, and zoo's converted from it."""
     import transformers
 
     torch.manual_seed(seed)
+    if arch == "bamba":
+        from zoo.models.hybrid.convert_bamba import from_transformers
+
+        head_dim = min(64, 2 * hidden_size)
+        config = transformers.BambaConfig(
+            vocab_size=259,
+            hidden_size=hidden_size,
+            intermediate_size=4 * hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=max(2, hidden_size // 64),
+            num_key_value_heads=max(2, hidden_size // 64),
+            attn_layer_indices=[layers // 2],
+            mamba_n_heads=2 * hidden_size // head_dim,
+            mamba_d_head=head_dim,
+            mamba_d_state=state_size,
+            mamba_n_groups=1,
+            mamba_chunk_size=64,
+        )
+        reference = transformers.BambaForCausalLM(config)
+        return from_transformers(reference).train(), reference.train()
     sizes = dict(vocab_size=259, hidden_size=hidden_size, num_hidden_layers=layers, state_size=state_size)
     if arch == "mamba":
         from zoo.models.mamba.convert_mamba import from_transformers
@@ -121,12 +151,17 @@ def time_decoding(model, contexts, steps: int, bar) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.mamba", description=__doc__.split("\n")[0])
-    p.add_argument("--arch", choices=("mamba", "mamba2"), default="mamba")
+    p.add_argument("--arch", choices=("mamba", "mamba2", "bamba"), default="mamba")
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--state-size", type=int, default=16)
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
-    p.add_argument("--reference-max-length", type=int, default=2048, help="time transformers up to this T")
+    p.add_argument("--lengths", type=int, nargs="+", default=None, help="default: 2K to 16K (bamba: 4K)")
+    p.add_argument(
+        "--reference-max-length",
+        type=int,
+        default=None,
+        help="time transformers up to this T (default 2K; bamba 4K)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 16384])
     p.add_argument("--decode-steps", type=int, default=16)
@@ -135,6 +170,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.lengths is None:
+        args.lengths = DEFAULT_LENGTHS[args.arch]
+    if args.reference_max_length is None:
+        args.reference_max_length = DEFAULT_REFERENCE_MAX[args.arch]
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
@@ -145,7 +184,7 @@ def main(argv=None) -> int:
     error = logits_agree(zoo_model, reference)
     if not error < 1e-4:
         raise SystemExit(
-            f"zoo and transformers Mamba disagree (relative logit error {error:.2e}): not timing"
+            f"zoo and transformers {args.arch} disagree (relative logit error {error:.2e}): not timing"
         )
     n_ref = sum(1 for t in args.lengths if t <= args.reference_max_length)
     total = args.repeats * (len(args.lengths) + n_ref) + len(args.decode_contexts)

@@ -7,7 +7,7 @@ import pytest
 from bench.mamba import main
 
 
-@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "bamba"])
 def test_quick_run_writes_the_comparison(arch, tmp_path, capsys):
     out = tmp_path / "mamba.json"
     assert main(["--quick", "--arch", arch, "--out", str(out)]) == 0

@@ -29,6 +29,8 @@ class ZooMambaConfig(ZooConfig):
         layer_norm_epsilon: epsilon of the RMS norms.
         residual_in_fp32: keep the residual stream in float32.
         rescale_prenorm_residual: divide ``out_proj`` by sqrt(num_hidden_layers) at initialisation (GPT-2 scheme).
+        mixer_rms_norm: RMS-normalise (without weight) the time step, B and C inside the mixer, as FalconMamba
+            (Zuo et al., 2024, arXiv:2410.05355) does; ``mixer_rms_eps`` is that norm's epsilon.
         backend: op backend (``naive``/``torch``/``triton``); ``None`` chooses by device.
         initializer_range: standard deviation of the embeddings and linear layers.
         tie_word_embeddings: share the input embedding with the output projection (Mamba's default).
@@ -55,6 +57,8 @@ class ZooMambaConfig(ZooConfig):
     layer_norm_epsilon: float = 1e-5
     residual_in_fp32: bool = True
     rescale_prenorm_residual: bool = False
+    mixer_rms_norm: bool = False
+    mixer_rms_eps: float = 1e-6
     backend: str | None = None
     initializer_range: float = 0.1
     use_cache: bool = True
@@ -83,6 +87,7 @@ class ZooMambaConfig(ZooConfig):
         self._require(
             0 < self.time_step_min <= self.time_step_max, "time_step_min", "must lie in (0, time_step_max]"
         )
+        self._require(self.mixer_rms_eps > 0, "mixer_rms_eps", "must be positive")
         self._require(
             self.time_step_init_scheme in ("random", "constant"),
             "time_step_init_scheme",

@@ -1,4 +1,5 @@
-"""Conversion between transformers' ``MambaForCausalLM`` and zoo's Mamba, both ways, by renaming:
+"""Conversion between transformers' ``MambaForCausalLM`` (and ``FalconMambaForCausalLM``) and zoo's Mamba, both
+ways, by renaming:
 
     transformers                                   zoo
     backbone.embeddings.weight                 <-> model.embed_tokens.weight
@@ -8,7 +9,11 @@
     backbone.norm_f.weight                     <-> model.norm.weight
     lm_head.weight                             <-> lm_head.weight
 
-``python -m zoo.convert MAMBA_DIR OUT_DIR`` dispatches here for ``model_type: mamba``.
+FalconMamba (Zuo et al., 2024, arXiv:2410.05355) is Mamba with weightless RMS norms on the time step, B and C
+inside the mixer: zoo's Mamba with ``mixer_rms_norm=True`` (the same weight names; the norms have none), and it
+converts back to ``FalconMambaForCausalLM``.
+
+``python -m zoo.convert MAMBA_DIR OUT_DIR`` dispatches here for ``model_type: mamba`` and ``falcon_mamba``.
 """
 
 from __future__ import annotations
@@ -67,26 +72,36 @@ def load_renamed(model, state_dict: dict, pairs):
 
 
 def config_from_transformers(config) -> ZooMambaConfig:
-    if config.model_type != "mamba":
+    if config.model_type not in ("mamba", "falcon_mamba"):
         raise ValueError(
-            f"expected a transformers Mamba config (model_type 'mamba'), got {config.model_type!r}"
+            "expected a transformers Mamba or FalconMamba config (model_type 'mamba' or 'falcon_mamba'), "
+            f"got {config.model_type!r}"
         )
-    return ZooMambaConfig(**{name: getattr(config, name) for name in _SHARED_FIELDS})
+    fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
+    if config.model_type == "falcon_mamba":
+        fields.update(mixer_rms_norm=True, mixer_rms_eps=config.mixer_rms_eps)
+    return ZooMambaConfig(**fields)
 
 
 def from_transformers(hf_model) -> MambaForCausalLM:
-    """A zoo ``MambaForCausalLM`` holding the weights of a transformers ``MambaForCausalLM``."""
+    """A zoo ``MambaForCausalLM`` holding the weights of a transformers ``MambaForCausalLM`` or
+    ``FalconMambaForCausalLM``."""
     model = MambaForCausalLM(config_from_transformers(hf_model.config))
     load_renamed(model, hf_model.state_dict(), RENAMES)
     return model.to(next(hf_model.parameters()).dtype)
 
 
 def to_transformers(model: MambaForCausalLM):
-    """A transformers ``MambaForCausalLM`` holding the weights of a zoo Mamba."""
-    from transformers import MambaConfig as HFMambaConfig
-    from transformers import MambaForCausalLM as HFMambaForCausalLM
+    """A transformers ``MambaForCausalLM`` holding the weights of a zoo Mamba (``FalconMambaForCausalLM`` for one
+    with ``mixer_rms_norm``)."""
+    import transformers
 
-    hf = HFMambaForCausalLM(HFMambaConfig(**{n: getattr(model.config, n) for n in _SHARED_FIELDS}))
+    fields = {n: getattr(model.config, n) for n in _SHARED_FIELDS}
+    if model.config.mixer_rms_norm:
+        config = transformers.FalconMambaConfig(**fields, mixer_rms_eps=model.config.mixer_rms_eps)
+        hf = transformers.FalconMambaForCausalLM(config)
+    else:
+        hf = transformers.MambaForCausalLM(transformers.MambaConfig(**fields))
     # "model." last so that the embedding and final-norm names are matched first
     load_renamed(hf, model.state_dict(), tuple((new, old) for old, new in RENAMES))
     return hf.to(next(model.parameters()).dtype)

@@ -10,6 +10,9 @@ them, N = ``state_size`` states each):
     s_t    = exp(dt_t A) * s_{t-1} + dt_t B_t u_t          A = -exp(A_log), (Dc, N) (``zoo.ops.selective_scan``)
     y_t    = s_t C_t + D u_t,   y = y * silu(z),  out = out_proj(y)
 
+With ``mixer_rms_norm`` (FalconMamba, Zuo et al., 2024, arXiv:2410.05355), dt (before ``dt_proj``), B and C are
+RMS-normalised without a weight.
+
 Weight names follow transformers' ``MambaForCausalLM`` under zoo's ``model.`` prefix (``convert_mamba.py``):
 ``backbone.embeddings`` -> ``model.embed_tokens``, ``backbone.layers.{i}.{norm,mixer.*}`` ->
 ``model.layers.{i}.{norm,mixer.*}``, ``backbone.norm_f`` -> ``model.norm``.
@@ -35,7 +38,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from zoo.models.heads import CausalLMHead, SequenceClassificationHead
 from zoo.models.mamba.configuration_mamba import ZooMambaConfig
 from zoo.models.utils import CACHE_NAME, BackboneInputs, ZooBackbone
-from zoo.modules import PackedDocuments, RecurrentCache, RMSNorm
+from zoo.modules import PackedDocuments, RecurrentCache, RMSNorm, rms_norm
 from zoo.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
 from zoo.ops.selective_scan import selective_scan, selective_scan_step
 
@@ -67,6 +70,29 @@ class MambaMixer(nn.Module):
         # the convolution op fuses SiLU; another ``hidden_act`` is applied after it. The output gate is SiLU
         # whatever ``hidden_act`` says, as in mamba_ssm and transformers.
         self.fused_silu = config.hidden_act in ("silu", "swish")
+
+    @torch.no_grad()
+    def init_ssm_weights(self) -> None:
+        """S4D-real initialisation of A, unit skip, time steps log-uniform in [time_step_min, time_step_max]
+        (called by every model that holds this mixer, zoo's hybrids included)."""
+        cfg = self.config
+        N = cfg.state_size
+        init.copy_(self.A_log, torch.log(torch.arange(1, N + 1, dtype=torch.float32)).expand_as(self.A_log))
+        init.ones_(self.D)
+        std = cfg.time_step_rank**-0.5 * cfg.time_step_scale
+        if cfg.time_step_init_scheme == "constant":
+            init.constant_(self.dt_proj.weight, std)
+        else:
+            init.uniform_(self.dt_proj.weight, -std, std)
+        lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
+        dt = torch.exp(torch.rand(cfg.intermediate_size) * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
+        init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
+        if self.conv1d.bias is not None:
+            init.zeros_(self.conv1d.bias)
+        init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+        if cfg.rescale_prenorm_residual:
+            self.out_proj.weight /= math.sqrt(cfg.num_hidden_layers)
 
     def forward(
         self, x, pad_mask=None, docs: PackedDocuments | None = None, cache: RecurrentCache | None = None
@@ -107,6 +133,9 @@ class MambaMixer(nn.Module):
             u = u * keep
         # 3. input-dependent time step and projections
         dt, B_t, C_t = self.x_proj(u).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
+        if self.config.mixer_rms_norm:  # FalconMamba: weightless RMS norms on dt, B and C
+            eps = self.config.mixer_rms_eps
+            dt, B_t, C_t = rms_norm(dt, eps), rms_norm(B_t, eps), rms_norm(C_t, eps)
         dt = F.softplus(self.dt_proj(dt).float())  # (B, T, Dc)
         A = -torch.exp(self.A_log.float())  # (Dc, N)
         # 4. selective scan, gated by silu(z)
@@ -166,29 +195,8 @@ class MambaPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if not isinstance(module, MambaMixer):
-            return
-        cfg = self.config
-        # S4D-real initialisation of A, unit skip, and time steps log-uniform in [time_step_min, time_step_max]
-        N = cfg.state_size
-        init.copy_(
-            module.A_log, torch.log(torch.arange(1, N + 1, dtype=torch.float32)).expand_as(module.A_log)
-        )
-        init.ones_(module.D)
-        std = cfg.time_step_rank**-0.5 * cfg.time_step_scale
-        if cfg.time_step_init_scheme == "constant":
-            init.constant_(module.dt_proj.weight, std)
-        else:
-            init.uniform_(module.dt_proj.weight, -std, std)
-        lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
-        dt = torch.exp(torch.rand(cfg.intermediate_size) * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
-        init.copy_(module.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-        init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
-        if module.conv1d.bias is not None:
-            init.zeros_(module.conv1d.bias)
-        init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
-        if cfg.rescale_prenorm_residual:
-            module.out_proj.weight /= math.sqrt(cfg.num_hidden_layers)
+        if isinstance(module, MambaMixer):
+            module.init_ssm_weights()
 
 
 class MambaModel(ZooBackbone, MambaPreTrainedModel):

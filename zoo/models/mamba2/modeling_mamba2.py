@@ -63,6 +63,25 @@ class Mamba2Mixer(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         self.fused_silu = config.hidden_act in ("silu", "swish")
 
+    @torch.no_grad()
+    def init_ssm_weights(self) -> None:
+        """A = -(1..H), unit skip, time-step bias log-uniform in [time_step_min, time_step_max] (called by every
+        model that holds this mixer, zoo's hybrids included)."""
+        cfg = self.config
+        H = cfg.num_heads
+        init.copy_(self.A_log, torch.log(torch.arange(1, H + 1, dtype=torch.float32)))
+        init.ones_(self.D)
+        lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
+        dt = torch.exp(torch.rand(H) * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
+        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        init.ones_(self.norm.weight)
+        init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
+        if self.conv1d.bias is not None:
+            init.zeros_(self.conv1d.bias)
+        init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+        if cfg.rescale_prenorm_residual:
+            self.out_proj.weight /= math.sqrt(cfg.num_hidden_layers)
+
     def gated_group_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """RMS norm of ``y * silu(z)`` within each of the G groups of channels, then the weight."""
         B, T, Dc = y.shape
@@ -161,22 +180,8 @@ class Mamba2PreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if not isinstance(module, Mamba2Mixer):
-            return
-        cfg = self.config
-        H = cfg.num_heads
-        init.copy_(module.A_log, torch.log(torch.arange(1, H + 1, dtype=torch.float32)))
-        init.ones_(module.D)
-        lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
-        dt = torch.exp(torch.rand(H) * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
-        init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-        init.ones_(module.norm.weight)
-        init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
-        if module.conv1d.bias is not None:
-            init.zeros_(module.conv1d.bias)
-        init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
-        if cfg.rescale_prenorm_residual:
-            module.out_proj.weight /= math.sqrt(cfg.num_hidden_layers)
+        if isinstance(module, Mamba2Mixer):
+            module.init_ssm_weights()
 
 
 class Mamba2Model(ZooBackbone, Mamba2PreTrainedModel):

@@ -2,13 +2,17 @@
 
 The source is recognised, and the conversion dispatched to the architecture's ``convert_<arch>.py``:
 
-- a transformers folder (its ``config.json``): ``llama`` -> ``zoo_transformer``, ``mamba`` -> ``zoo_mamba``,
-  ``mamba2`` -> ``zoo_mamba2``;
+- a transformers folder (its ``config.json``): ``llama`` -> ``zoo_transformer``, ``mamba`` and ``falcon_mamba``
+  -> ``zoo_mamba``, ``mamba2`` -> ``zoo_mamba2``, ``bamba`` -> ``zoo_hybrid``, ``longformer`` (its
+  ``LongformerForMaskedLM``) -> ``zoo_longformer``;
 - a zoo folder (``model_type: zoo_*``) -> the transformers class of the same architecture, where one exists
-  (``zoo_transformer`` -> ``LlamaForCausalLM``, ``zoo_mamba`` -> ``MambaForCausalLM``, ``zoo_mamba2`` ->
-  ``Mamba2ForCausalLM``);
+  (``zoo_transformer`` -> ``LlamaForCausalLM``, ``zoo_mamba`` -> ``MambaForCausalLM`` or, with
+  ``mixer_rms_norm``, ``FalconMambaForCausalLM``, ``zoo_mamba2`` -> ``Mamba2ForCausalLM``, ``zoo_hybrid`` of
+  Mamba-2 and attention layers -> ``BambaForCausalLM``, ``zoo_longformer`` -> ``LongformerForMaskedLM``);
 - a checkpoint file (``.pt``) whose keys are torchscale RetNet's -> ``zoo_retnet`` (``--heads`` required: the
-  head count is not stored in the weights).
+  head count is not stored in the weights);
+- RWKV: a transformers ``rwkv`` folder <-> ``zoo_rwkv`` (version 4); a BlinkDL ``.pth`` checkpoint (RWKV-4, -6,
+  -7, told by its keys) -> ``zoo_rwkv``, and a ``zoo_rwkv`` folder -> BlinkDL ``.pth`` when DST ends in ``.pth``.
 
 The converted model is saved with ``save_pretrained`` (safetensors), with the source's tokenizer when it has one.
 Nothing is written when the source is not recognised.
@@ -31,10 +35,26 @@ def _to_zoo(model_type: str):
         from zoo.models.mamba.convert_mamba import from_transformers
 
         return "MambaForCausalLM", from_transformers
+    if model_type == "falcon_mamba":
+        from zoo.models.mamba.convert_mamba import from_transformers
+
+        return "FalconMambaForCausalLM", from_transformers
+    if model_type == "bamba":
+        from zoo.models.hybrid.convert_bamba import from_transformers
+
+        return "BambaForCausalLM", from_transformers
     if model_type == "mamba2":
         from zoo.models.mamba2.convert_mamba2 import from_transformers
 
         return "Mamba2ForCausalLM", from_transformers
+    if model_type == "rwkv":
+        from zoo.models.rwkv.convert_rwkv import from_transformers
+
+        return "RwkvForCausalLM", from_transformers
+    if model_type == "longformer":
+        from zoo.models.longformer.convert_longformer import from_transformers
+
+        return "LongformerForMaskedLM", from_transformers
     return None
 
 
@@ -50,6 +70,18 @@ def _from_zoo(model_type: str):
         return to_transformers
     if model_type == "zoo_mamba2":
         from zoo.models.mamba2.convert_mamba2 import to_transformers
+
+        return to_transformers
+    if model_type == "zoo_hybrid":
+        from zoo.models.hybrid.convert_bamba import to_transformers
+
+        return to_transformers
+    if model_type == "zoo_rwkv":
+        from zoo.models.rwkv.convert_rwkv import to_transformers
+
+        return to_transformers
+    if model_type == "zoo_longformer":
+        from zoo.models.longformer.convert_longformer import to_transformers
 
         return to_transformers
     return None
@@ -68,24 +100,41 @@ def convert(src: str | Path, dst: str | Path, *, heads: int | None = None):
         if not config_path.exists():
             raise ValueError(f"{src} is a folder without config.json: not a transformers or zoo model")
         model_type = json.loads(config_path.read_text()).get("model_type")
+        if model_type == "zoo_rwkv" and dst.suffix == ".pth":
+            from zoo.models.rwkv.convert_rwkv import save_blink
+
+            model = transformers.AutoModelForCausalLM.from_pretrained(src)
+            save_blink(model, dst)
+            return model
         if model_type and model_type.startswith("zoo_"):
             back = _from_zoo(model_type)
             if back is None:
                 raise ValueError(f"{model_type!r} has no transformers counterpart to convert to")
-            model = back(transformers.AutoModelForCausalLM.from_pretrained(src))
+            # an encoder converts from its masked-LM head
+            auto = (
+                transformers.AutoModelForMaskedLM
+                if model_type == "zoo_longformer"
+                else transformers.AutoModelForCausalLM
+            )
+            model = back(auto.from_pretrained(src))
         else:
             entry = _to_zoo(model_type)
             if entry is None:
                 raise ValueError(
-                    f"no zoo converter for transformers model_type {model_type!r} (known: llama, mamba, mamba2)"
+                    f"no zoo converter for transformers model_type {model_type!r} (known: llama, mamba, falcon_mamba, mamba2, bamba, rwkv, longformer)"
                 )
             class_name, to_zoo = entry
             model = to_zoo(getattr(transformers, class_name).from_pretrained(src))
     elif src.is_file():
         from zoo.models.retnet.convert_retnet import from_torchscale, is_torchscale_state_dict
+        from zoo.models.rwkv.convert_rwkv import from_blink, is_blink_state_dict
 
         blob = torch.load(src, map_location="cpu", weights_only=True)
         state_dict = blob.get("model", blob)
+        if is_blink_state_dict(state_dict):
+            model = from_blink(state_dict)
+            model.save_pretrained(dst)
+            return model
         if not is_torchscale_state_dict(state_dict):
             raise ValueError(
                 f"{src}: keys are not a torchscale RetNet's (e.g. {next(iter(state_dict), None)!r})"

@@ -40,11 +40,70 @@ TINY = {
         num_hidden_layers=2,
         chunk_size=16,
     ),
+    # every mixer kind, a layer without MLP, a window shorter than the test sequences, partial rotary
+    "zoo_hybrid": dict(
+        vocab_size=259,
+        hidden_size=32,
+        layer_types=["mamba", "sliding_attention", "mamba2", "attention"],
+        mlp_layers=[True, True, False, True],
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        mamba=dict(state_size=8, expand=2, conv_kernel=4),
+        mamba2=dict(num_heads=8, head_dim=8, state_size=8, n_groups=2, chunk_size=16),
+    ),
+    # RWKV-7; "zoo_rwkv@v4" and "zoo_rwkv@v6" below are the other versions (a "@" names a variant of a model_type)
+    "zoo_rwkv": dict(
+        version=7,
+        vocab_size=259,
+        hidden_size=32,
+        num_hidden_layers=2,
+        head_size=8,
+        intermediate_size=64,
+        decay_low_rank_dim=8,
+        a_low_rank_dim=8,
+        v_low_rank_dim=8,
+        gate_low_rank_dim=8,
+    ),
+    "zoo_rwkv@v4": dict(version=4, vocab_size=259, hidden_size=32, num_hidden_layers=2, intermediate_size=64),
+    "zoo_rwkv@v6": dict(
+        version=6,
+        vocab_size=259,
+        hidden_size=32,
+        num_hidden_layers=2,
+        head_size=8,
+        intermediate_size=64,
+        proj_low_rank_dim=4,
+        decay_low_rank_dim=8,
+    ),
+    # per-layer windows (2 and 4 tokens back for the causal variant) shorter than the test sequences
+    "zoo_longformer": dict(
+        vocab_size=259,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        attention_window=[2, 4],
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+        sep_token_id=1,
+    ),
 }
+
+
+def model_type_of(name: str) -> str:
+    """The ``model_type`` of a ``TINY`` key: the key itself, or what precedes the "@" of a variant."""
+    return name.split("@")[0]
 
 
 def tiny_config(model_type: str, **overrides):
     from transformers import AutoConfig
 
     kwargs = {**TINY[model_type], **overrides}
-    return AutoConfig.for_model(model_type, **kwargs)
+    return AutoConfig.for_model(model_type_of(model_type), **kwargs)

@@ -1,8 +1,10 @@
-"""Vector-decay linear attention (zoo.ops.gla): the oracle against the formulas; the torch backend against the oracle.
+"""Vector-decay linear attention (zoo.ops.gla): the oracle against the formulas; the torch and triton backends against
+the oracle.
 
 Both forms of the op: GLA (no bonus, the query reads S_t) and RWKV-6 (bonus u, the query reads S_{t-1}). torch runs
-in float64 (the harness's 1e-11, elementwise max |a - b| / max |b|) and float32 (5e-5), both against the oracle in
-float64: outputs, final states and the gradients of q, k, v, g, u and the initial state.
+in float64 (the harness's 1e-11, elementwise max |a - b| / max |b|) and float32 (5e-5), triton in float32 (5e-5,
+observed up to ~2e-6; under TRITON_INTERPRET=1 on a CPU, at small sizes since the interpreter is slow), all against
+the oracle in float64: outputs, final states and the gradients of q, k, v, g, u and the initial state.
 """
 
 from __future__ import annotations
@@ -34,7 +36,15 @@ RUNS = [torch.float64, torch.float32]
 
 
 def make_inputs(
-    T: int, mode: str, *, B: int = 2, initial_state: bool = True, seed: int = 0, gate_scale: float = 1.0
+    T: int,
+    mode: str,
+    *,
+    B: int = 2,
+    initial_state: bool = True,
+    seed: int = 0,
+    gate_scale: float = 1.0,
+    dk: int = DK,
+    dv: int = DV,
 ) -> dict:
     """float64 inputs: log decays per token and key channel as a sigmoid gate makes them (mostly mild, some near
     resets), the bonus u with ``mode == "rwkv6"``."""
@@ -44,14 +54,14 @@ def make_inputs(
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
     inputs = {
-        "q": randn(B, T, H, DK),
-        "k": randn(B, T, H, DK),
-        "v": randn(B, T, H, DV),
-        "g": gate_scale * F.logsigmoid(2 * randn(B, T, H, DK) + 2),
-        "initial_state": randn(B, H, DK, DV) if initial_state else None,
+        "q": randn(B, T, H, dk),
+        "k": randn(B, T, H, dk),
+        "v": randn(B, T, H, dv),
+        "g": gate_scale * F.logsigmoid(2 * randn(B, T, H, dk) + 2),
+        "initial_state": randn(B, H, dk, dv) if initial_state else None,
     }
     if mode == "rwkv6":
-        inputs["u"] = randn(H, DK)
+        inputs["u"] = randn(H, dk)
     return inputs
 
 
@@ -92,6 +102,34 @@ def test_forward_backward(mode, T, chunk_size, dtype):
     check_forward_backward(op("torch", chunk_size), op("naive"), inputs, dtype=dtype, what=f"{mode} T={T}")
 
 
+# (T, chunk): one token; a partial chunk; two sub-chunks per chunk; four sub-chunks with the last partial and the one
+# after it empty (100 = 64 + 36)
+TRITON_CASES = [(1, 16), (7, 16), (100, 32), (100, 64)]
+
+
+@pytest.mark.parametrize(("T", "chunk_size"), TRITON_CASES)
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_forward_backward(mode, T, chunk_size):
+    inputs = make_inputs(T, mode)
+    check_forward_backward(
+        op("triton", chunk_size), op("naive"), inputs, dtype=torch.float32, what=f"triton {mode} T={T}"
+    )
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept_states", "recomputed_states"])
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_tiled_heads(monkeypatch, mode, keep):
+    """Head sizes over one tile (Dk 20, Dv 18 in tiles of 16: two key and two value tiles, the last ones partial),
+    with the per-chunk states kept for the backward or recomputed by it."""
+    from zoo.ops.gla import triton as kernels
+
+    original = kernels.launch_config
+    monkeypatch.setattr(kernels, "launch_config", lambda *a: original(*a)._replace(BK=16, BV=16))
+    monkeypatch.setattr(kernels, "keep_chunk_states", lambda *sizes: keep)
+    inputs = make_inputs(40, mode, dk=20, dv=18)
+    check_forward_backward(op("triton", 32), op("naive"), inputs, dtype=torch.float32, what=f"tiled {mode}")
+
+
 @pytest.mark.parametrize("chunk_size", [24, 37, 1])
 @pytest.mark.parametrize("mode", MODES)
 def test_chunk_sizes(mode, chunk_size):
@@ -101,17 +139,23 @@ def test_chunk_sizes(mode, chunk_size):
     )
 
 
+BACKEND_DTYPE = {"torch": torch.float64, "triton": torch.float32}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("mode", MODES)
-def test_without_states(mode):
+def test_without_states(mode, backend):
     inputs = make_inputs(40, mode, initial_state=False)
-    out, final = op("torch", output_final_state=False)(**inputs)
+    out, final = op(backend, 16, output_final_state=False)(**inputs)
     assert final is None and out.shape == (2, 40, H, DV)
-    check_forward_backward(op("torch", 16, False), op("naive", 16, False), inputs)
+    check_forward_backward(
+        op(backend, 16, False), op("naive", 16, False), inputs, dtype=BACKEND_DTYPE[backend]
+    )
 
 
 def test_empty_sequence():
     inputs = make_inputs(0, "rwkv6")
-    for backend in ("naive", "torch"):
+    for backend in ("naive", "torch", "triton"):
         out, final = op(backend)(**inputs)
         assert out.shape == (2, 0, H, DV) and torch.equal(final, inputs["initial_state"])
 
@@ -124,15 +168,22 @@ def test_scale():
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("backend", ["naive", "torch"])
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
 def test_state_chaining(backend, mode):
     inputs = make_inputs(150, mode, B=1)
-    check_state_chaining(op(backend, 16), inputs, split=70, seq_dims=SEQ_DIMS, tol=TOLERANCE[torch.float64])
+    if backend == "triton":  # float32 kernels: both runs in float32
+        inputs = {n: x.float() if isinstance(x, torch.Tensor) else x for n, x in inputs.items()}
+    tol = TOLERANCE[torch.float32 if backend == "triton" else torch.float64]
+    check_state_chaining(op(backend, 16), inputs, split=70, seq_dims=SEQ_DIMS, tol=tol)
 
 
-@pytest.mark.parametrize("dtype", RUNS, ids=["f64", "f32"])
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32)],
+    ids=["torch-f64", "torch-f32", "triton-f32"],
+)
 @pytest.mark.parametrize("mode", MODES)
-def test_varlen(mode, dtype):
+def test_varlen(mode, backend, dtype):
     """Four packed sequences (lengths 17, 1, 64, 50; chunk 16) equal four separate calls, gradients included."""
     shared = make_inputs(1, mode, B=1)
     sequences = []
@@ -141,7 +192,7 @@ def test_varlen(mode, dtype):
         if mode == "rwkv6":
             seq["u"] = shared["u"]
         sequences.append({n: x.to(dtype) for n, x in seq.items()})
-    check_varlen(op("torch", 16), sequences, seq_dims=SEQ_DIMS, tol=TOLERANCE[dtype])
+    check_varlen(op(backend, 16), sequences, seq_dims=SEQ_DIMS, tol=TOLERANCE[dtype])
 
 
 # With chunk 16: sequences inside one chunk, several starting in one chunk, starts on chunk boundaries, empty ones
@@ -149,16 +200,23 @@ def test_varlen(mode, dtype):
 PACKED_LENGTHS = (0, 5, 1, 10, 0, 3, 3, 10, 16, 1, 30, 2, 17, 9, 0)
 
 
-@pytest.mark.parametrize("initial_state", [True, False], ids=["h0", "no_h0"])
+# triton with initial states only (the interpreter is slow; without them the kernels take a subset of the path)
+@pytest.mark.parametrize(
+    ("backend", "initial_state"),
+    [("torch", True), ("torch", False), ("triton", True)],
+    ids=["torch-h0", "torch-no_h0", "triton-h0"],
+)
 @pytest.mark.parametrize("mode", MODES)
-def test_packed_equals_the_oracle(mode, initial_state):
+def test_packed_equals_the_oracle(mode, backend, initial_state):
     inputs = make_inputs(sum(PACKED_LENGTHS), mode, B=1, initial_state=False)
     if initial_state:
         inputs["initial_state"] = torch.randn(len(PACKED_LENGTHS), H, DK, DV, dtype=torch.float64)
     inputs["cu_seqlens"] = torch.tensor([0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()])
-    for dtype in RUNS:
-        check_forward_backward(op("torch", 16), op("naive"), inputs, dtype=dtype, what=f"packed {dtype}")
-    assert op("torch", 16)(**inputs)[1].shape == (len(PACKED_LENGTHS), H, DK, DV)
+    for dtype in RUNS if backend == "torch" else [torch.float32]:
+        check_forward_backward(
+            op(backend, 16), op("naive"), inputs, dtype=dtype, what=f"packed {backend} {dtype}"
+        )
+    assert op(backend, 16)(**inputs)[1].shape == (len(PACKED_LENGTHS), H, DK, DV)
 
 
 @pytest.mark.parametrize("layout", ["BHD", "B1HD"])
@@ -194,6 +252,19 @@ def test_step_from_no_state_and_prefill():
     assert torch.equal(y0, y1) and torch.equal(s0, s1) and s0.dtype == torch.float64
 
 
+def strong_decay_inputs(T: int, mode: str) -> dict:
+    """Per-channel log decays from -exp(-7) to -exp(3) per token, resets of -60 every 37 tokens on some channels,
+    keys and queries of scale 10."""
+    gen = torch.Generator().manual_seed(5)
+    inputs = make_inputs(T, mode, B=1, seed=5)
+    rates = torch.linspace(-7, 3, DK, dtype=torch.float64)
+    inputs["g"] = -torch.exp(rates + 0.5 * torch.randn(1, T, H, DK, generator=gen, dtype=torch.float64))
+    inputs["g"][:, ::37, :, :2] = -60.0
+    inputs["q"] = 10 * inputs["q"]
+    inputs["k"] = 10 * inputs["k"]
+    return inputs
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_long_sequence_strong_decay_float32(mode):
     """T = 4096 in float32: per-channel log decays from -exp(-7) (a state living thousands of tokens) to -exp(3)
@@ -202,15 +273,18 @@ def test_long_sequence_strong_decay_float32(mode):
     oracle. In float32 a chunk's cumulative log decays reach about -1000 and are rounded to ~1e-4 absolute; the
     exponents taken as their differences inherit that as relative error (the recurrence in float32 loses as much),
     hence 2e-4."""
-    gen = torch.Generator().manual_seed(5)
-    T = 4096
-    inputs = make_inputs(T, mode, B=1, seed=5)
-    rates = torch.linspace(-7, 3, DK, dtype=torch.float64)
-    inputs["g"] = -torch.exp(rates + 0.5 * torch.randn(1, T, H, DK, generator=gen, dtype=torch.float64))
-    inputs["g"][:, ::37, :, :2] = -60.0
-    inputs["q"] = 10 * inputs["q"]
-    inputs["k"] = 10 * inputs["k"]
+    inputs = strong_decay_inputs(4096, mode)
     errors = check_forward_backward(op("torch", 64), op("naive"), inputs, dtype=torch.float32, tol=2e-4)
+    assert all(math.isfinite(e) for e in errors.values())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_long_sequence_strong_decay(mode):
+    """The triton kernels on the same decays (T = 320 in chunks of 64: the interpreter is slow), every exponent
+    masked before its exp: nothing overflows, and every output and gradient matches the float64 oracle (2e-4, the
+    reason above)."""
+    inputs = strong_decay_inputs(320, mode)
+    errors = check_forward_backward(op("triton", 64), op("naive"), inputs, dtype=torch.float32, tol=2e-4)
     assert all(math.isfinite(e) for e in errors.values())
 
 
@@ -221,10 +295,17 @@ def fresh_dispatch(monkeypatch):
 
 
 @pytest.mark.usefixtures("fresh_dispatch")
-@pytest.mark.parametrize("name", ["naive", "torch"])
+@pytest.mark.parametrize("name", ["naive", "torch", "triton"])
 def test_routes_to_the_chosen_backend(monkeypatch, name):
+    from zoo.ops.gla import triton as triton_impl
+
     calls = []
-    for form, module, attr in (("naive", naive, "naive_recurrent_gla"), ("torch", chunk, "chunk_gla")):
+    forms = (
+        ("naive", naive, "naive_recurrent_gla"),
+        ("torch", chunk, "chunk_gla"),
+        ("triton", triton_impl, "triton_gla"),
+    )
+    for form, module, attr in forms:
         original = getattr(module, attr)
 
         def spy(*args, _form=form, _original=original, **kwargs):
@@ -233,10 +314,24 @@ def test_routes_to_the_chosen_backend(monkeypatch, name):
 
         monkeypatch.setattr(module, attr, spy)
     inputs = make_inputs(5, "gla")
-    gla(**inputs, backend=name)
+    gla(**inputs, backend=name, chunk_size=16)
     monkeypatch.setenv("ZOO_BACKEND", name)
-    gla(**inputs)
+    gla(**inputs, chunk_size=16)
     assert calls == [name, name]
+
+
+def test_triton_runs_the_torch_form_for_other_chunk_sizes(monkeypatch, caplog):
+    """Chunk sizes the kernels cannot take (not a power of 2 >= 16) run the torch form, with a warning naming it."""
+    calls = []
+    original = chunk.chunk_gla
+    monkeypatch.setattr(
+        chunk, "chunk_gla", lambda *a, **kw: calls.append(kw["chunk_size"]) or original(*a, **kw)
+    )
+    inputs = make_inputs(30, "rwkv6")
+    with caplog.at_level("WARNING", logger="zoo.ops.gla"):
+        out, _ = gla(**inputs, backend="triton", chunk_size=24)
+    assert calls == [24] and "chunk_size a power of 2 >= 16, got 24" in caplog.text
+    assert rel_err(out, gla(**inputs, backend="naive")[0]) < 1e-11
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,42 @@ def run_selective_scan(Dc: int, N: int, dtype: torch.dtype) -> None:
     )  # fmt: skip
 
 
+def run_gla(Dk: int, Dv: int, dtype: torch.dtype) -> None:
+    """Forward and backward of the Triton GLA in both forms (GLA, and RWKV-6 with its bonus u) over two packed
+    sequences with initial and final states, so that every kernel is launched in its largest variant."""
+    from zoo.ops.gla import gla
+    from zoo.ops.gla import triton as kernels
+
+    T, H = 80, 2
+
+    def leaf(*shape, dtype=dtype):
+        return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+    for u in (None, leaf(H, Dk, dtype=torch.float32)):
+        q, k, v = leaf(1, T, H, Dk), leaf(1, T, H, Dk), leaf(1, T, H, Dv)
+        g, h0 = leaf(1, T, H, Dk, dtype=torch.float32), leaf(2, H, Dk, Dv, dtype=torch.float32)
+        with mock.patch.object(kernels, "keep_chunk_states", lambda *sizes: True):
+            out, state = gla(
+                q, k, v, g, u=u, initial_state=h0, output_final_state=True, cu_seqlens=torch.tensor([0, 50, T]),
+                chunk_size=64, backend="triton",
+            )  # fmt: skip
+        torch.autograd.backward([out, state], [torch.ones_like(out), torch.ones_like(state)])
+
+
+def run_wkv4(C: int, N: int, dtype: torch.dtype) -> None:
+    """The Triton WKV4 forward (its backward is PyTorch's) over N packed sequences with initial and final states."""
+    from zoo.ops.wkv4 import wkv4
+
+    T = 80
+    k, v = (torch.randn(1, T, C, dtype=dtype) for _ in range(2))
+    h0 = torch.stack([torch.randn(N, C), torch.rand(N, C) + 0.5, torch.randn(N, C)], 1)
+    cu_seqlens = torch.linspace(0, T, N + 1).long()
+    wkv4(
+        -torch.rand(C), torch.randn(C), k, v, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens,
+        backend="triton",
+    )  # fmt: skip
+
+
 # op: (module of kernels, run(size, size, dtype), sizes)
 OPS = {
     # (Dk, Dv): RetNet's default (128, 256), tiny (32, 64), small (256, 512)
@@ -102,6 +138,10 @@ OPS = {
         run_selective_scan,
         config_sizes(ZooMambaConfig, lambda c: (c.intermediate_size, c.state_size)),
     ),
+    # (Dk, Dv): RWKV-6's head size 64, and the ends of the range GLA models use
+    "gla": ("zoo.ops.gla.triton", run_gla, [(32, 32), (64, 64), (256, 256)]),
+    # (C, sequences): RWKV-4's widths (the kernel's blocks do not depend on them)
+    "wkv4": ("zoo.ops.wkv4.triton", run_wkv4, [(768, 2), (2560, 2)]),
 }
 
 

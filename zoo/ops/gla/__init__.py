@@ -7,8 +7,9 @@ A matrix state per head, decayed per key channel by a per-token gate g = log dec
     o_t = scale * q_t^T (S_{t-1} + diag(u) k_t v_t^T)          with a bonus u: RWKV-6 (Peng et al. 2024,
                                                                arXiv:2404.05892; q is its receptance r)
 
-Backends (see ``zoo.ops.dispatch``): ``naive`` (the recurrent loop, the oracle) and ``torch`` (chunked with
-secondary chunking, ``chunk.py``); ``triton`` falls back to ``torch``, which runs on any device.
+Backends (see ``zoo.ops.dispatch``): ``naive`` (the recurrent loop, the oracle), ``torch`` (chunked with
+secondary chunking, ``chunk.py``) and ``triton`` (the same chunked form as Triton kernels, ``triton.py``; chunk sizes
+that are not a power of 2 >= 16 run the ``torch`` form instead, with a warning).
 
     out, final_state = gla(q, k, v, g, initial_state=h0, output_final_state=True)          # GLA
     out, final_state = gla(r, k, v, g, u=u, scale=1.0)                                      # RWKV-6
@@ -17,12 +18,16 @@ secondary chunking, ``chunk.py``); ``triton`` falls back to ``torch``, which run
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from zoo.ops.dispatch import resolve_backend
 from zoo.ops.gla import chunk, naive
 
 __all__ = ["gla", "gla_step"]
+
+logger = logging.getLogger(__name__)
 
 
 def _shape_error(name: str, got: torch.Tensor, expected: str) -> ValueError:
@@ -107,9 +112,9 @@ def gla(
             inputs).
         cu_seqlens: LongTensor [N + 1] of cumulative lengths of sequences packed along T, with B == 1. No state
             crosses a boundary.
-        chunk_size: tokens per chunk of the ``torch`` backend.
-        backend: ``naive``, ``torch`` or ``triton`` (the ``torch`` form); default from ``ZOO_BACKEND``, then the
-            device.
+        chunk_size: tokens per chunk of the chunked backends (a power of 2 >= 16 for ``triton``, which runs the
+            ``torch`` form for other sizes).
+        backend: ``naive``, ``torch`` or ``triton``; default from ``ZOO_BACKEND``, then the device.
 
     Returns:
         (out [B, T, H, V] in the dtype of v, final_state or None).
@@ -123,6 +128,16 @@ def gla(
     args = (q, k, v, g, u, scale, initial_state, output_final_state, cu_seqlens)
     if name == "naive":
         return naive.naive_recurrent_gla(*args)
+    if name == "triton":
+        if chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0:
+            # imported here so that zoo imports without triton, and triton is only imported when asked for
+            from zoo.ops.gla import triton as triton_impl
+
+            return triton_impl.triton_gla(*args, chunk_size=chunk_size)
+        logger.warning(
+            "gla: the triton kernels need chunk_size a power of 2 >= 16, got %d; running the torch form",
+            chunk_size,
+        )
     return chunk.chunk_gla(*args, chunk_size=chunk_size)
 
 

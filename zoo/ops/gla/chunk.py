@@ -71,6 +71,9 @@ def _intra_chunk_scores(Q, K, b, c, bonus, s: int) -> torch.Tensor:
     return A + torch.diag_embed((Q * K * bonus).sum(-1))
 
 
+# eager inside a torch.compile'd model (the graph breaks around it): the packed-document layout reads
+# data-dependent sizes (nonzero), and tracing would unroll the loop over chunks
+@torch.compiler.disable
 def chunk_gla(
     q: torch.Tensor,
     k: torch.Tensor,

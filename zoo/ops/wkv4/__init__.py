@@ -7,8 +7,9 @@ with w = -exp(time_decay) < 0 and u = time_first:
 
 kept in the numerically stable max-tracking form of transformers' ``RwkvSelfAttention``: the state is one tensor
 [N, 3, C] of (numerator, denominator, max), ``state.unbind(1)`` being transformers' ``[num, den, max]`` (see
-``naive.py``). Backends (see ``zoo.ops.dispatch``): ``naive`` (the recurrence, a loop over time, the oracle) and
-``torch`` (chunked, ``chunk.py``); ``triton`` falls back to ``torch``, which runs on any device.
+``naive.py``). Backends (see ``zoo.ops.dispatch``): ``naive`` (the recurrence, a loop over time, the oracle),
+``torch`` (chunked, ``chunk.py``) and ``triton`` (the recurrence as a Triton kernel walking time, ``triton.py``; its
+backward differentiates the ``torch`` form).
 
     out, final_state = wkv4(w, u, k, v, initial_state=h0, output_final_state=True)
     out_t, state = wkv4_step(w, u, k_t, v_t, state)          # decoding, O(1) per token
@@ -94,9 +95,9 @@ def wkv4(
             inputs).
         cu_seqlens: LongTensor [N + 1] of cumulative lengths of sequences packed along T, with B == 1. No state
             crosses a boundary.
-        chunk_size: tokens per chunk of the ``torch`` backend (its memory is about chunk_size times that of k).
-        backend: ``naive``, ``torch`` or ``triton`` (the ``torch`` form); default from ``ZOO_BACKEND``, then the
-            device.
+        chunk_size: tokens per chunk of the ``torch`` backend, and of the ``triton`` backend's backward (its memory
+            is about chunk_size times that of k).
+        backend: ``naive``, ``torch`` or ``triton``; default from ``ZOO_BACKEND``, then the device.
 
     Returns:
         (out [B, T, C] in the dtype of v, final_state or None).
@@ -108,6 +109,11 @@ def wkv4(
     args = (w, u, k, v, initial_state, output_final_state, cu_seqlens)
     if name == "naive":
         return naive.naive_wkv4(*args)
+    if name == "triton":
+        # imported here so that zoo imports without triton, and triton is only imported when asked for
+        from zoo.ops.wkv4 import triton as triton_impl
+
+        return triton_impl.triton_wkv4(*args, chunk_size=chunk_size)
     return chunk.chunk_wkv4(*args, chunk_size=chunk_size)
 
 

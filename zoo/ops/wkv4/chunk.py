@@ -43,6 +43,9 @@ def _merge(a1, b1, p1, a2, b2, p2):
     return a1 * e1 + a2 * e2, b1 * e1 + b2 * e2, p
 
 
+# eager inside a torch.compile'd model (the graph breaks around it): the packed-document layout reads
+# data-dependent sizes (nonzero), and tracing would unroll the loop over chunks
+@torch.compiler.disable
 def chunk_wkv4(
     w: torch.Tensor,
     u: torch.Tensor,

@@ -1,0 +1,193 @@
+"""Sparse attention: softmax attention restricted to a pattern of sliding windows and global tokens.
+
+Longformer (Beltagy et al. 2020, "Longformer: The Long-Document Transformer", arXiv:2004.05150) attends each query to
+the keys of a sliding window around it plus a few global tokens that attend, and are attended by, every token; its
+causal form attends only the window behind the query. The pattern is described once, by :class:`SparsePattern`
+(which also carries the fields of BigBird's block layout, Zaheer et al. 2020, arXiv:2007.14062), and every form of
+the op reads it from there:
+
+- ``naive``: dense attention with the pattern as a T x T mask (the oracle, O(T^2));
+- ``torch``: blocks of queries against the band of keys their window reaches plus the global keys, O(T * w)
+  memory (``chunk.py``); the CPU path and the fallback everywhere. There is no ``triton`` form yet: asking for it
+  runs ``torch``.
+
+PyTorch's FlexAttention with a block mask was measured on this CPU (torch 2.13) and is not a backend: it has no
+backward on the CPU (``NotImplementedError``), so it cannot train, and its compiled forward covers the window and
+global keys but not Longformer's separate projections for global queries.
+
+    pattern = SparsePattern(window=256)                       # Longformer's attention_window=512
+    out = sparse_attention(q, k, v, pattern, global_mask=g, key_padding_mask=m,
+                           global_q=qg, global_k=kg, global_v=vg)
+    out_t = sparse_attention_step(q_t, k_win, v_win, SparsePattern(window=w, causal=True), past_len=n)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zoo.ops.dispatch import resolve_backend
+from zoo.ops.sparse_attention import chunk, naive
+from zoo.ops.sparse_attention.naive import masked_softmax
+from zoo.ops.sparse_attention.pattern import SparsePattern
+
+__all__ = ["SparsePattern", "sparse_attention", "sparse_attention_step"]
+
+
+def _shape_error(name: str, got: torch.Tensor, expected: str) -> ValueError:
+    return ValueError(f"sparse_attention: {name} has shape {tuple(got.shape)}, expected {expected}")
+
+
+def _token_mask(name: str, mask: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor | None:
+    """A (B, T) mask as bool on ``device`` (any dtype: nonzero = True), or None."""
+    if mask is None:
+        return None
+    if tuple(mask.shape) != (B, T):
+        raise _shape_error(name, mask, f"[B, T]=[{B}, {T}]")
+    return mask.to(device=device, dtype=torch.bool)
+
+
+def _validate(q, k, v, pattern, global_q, global_k, global_v) -> None:
+    if not isinstance(pattern, SparsePattern):
+        raise ValueError(f"sparse_attention: pattern is a {type(pattern).__name__}, expected a SparsePattern")
+    if q.dim() != 4:
+        raise _shape_error("q", q, "[B, T, H, D]")
+    if not q.is_floating_point():
+        raise ValueError(f"sparse_attention: q has dtype {q.dtype}, expected a floating dtype")
+    if tuple(k.shape) != tuple(q.shape):
+        raise _shape_error("k", k, f"the shape of q, [B, T, H, D]={list(q.shape)}")
+    if v.dim() != 4 or tuple(v.shape[:3]) != tuple(q.shape[:3]):
+        raise _shape_error("v", v, f"[B, T, H, Dv]=[{', '.join(map(str, q.shape[:3]))}, Dv]")
+    given = [x is not None for x in (global_q, global_k, global_v)]
+    if any(given) and not all(given):
+        raise ValueError("sparse_attention: pass all of global_q, global_k, global_v or none of them")
+    for name, x, like in (
+        ("k", k, q),
+        ("v", v, q),
+        ("global_q", global_q, q),
+        ("global_k", global_k, k),
+        ("global_v", global_v, v),
+    ):
+        if x is None:
+            continue
+        if tuple(x.shape) != tuple(like.shape):
+            raise _shape_error(name, x, f"{list(like.shape)}")
+        if x.dtype != q.dtype:
+            raise ValueError(
+                f"sparse_attention: {name} has dtype {x.dtype}, expected the dtype of q, {q.dtype}"
+            )
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: SparsePattern,
+    *,
+    global_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    global_q: torch.Tensor | None = None,
+    global_k: torch.Tensor | None = None,
+    global_v: torch.Tensor | None = None,
+    scale: float | None = None,
+    block_size: int | None = None,
+    dropout: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention of every query over the keys ``pattern`` allows.
+
+    Args:
+        q, k: [B, T, H, D]. v: [B, T, H, Dv].
+        pattern: the window, causality and static global positions.
+        global_mask: [B, T], nonzero at each example's global tokens (added to ``pattern.global_tokens``).
+        key_padding_mask: [B, T], nonzero at real tokens; padding keys are never attended. A query left with no
+            key at all (padding in a causal pattern) outputs zeros.
+        segment_ids: [B, T] integers; a query attends only keys of its own segment (packed documents).
+        global_q, global_k, global_v: the projections global queries use instead of q, k, v (Longformer's
+            ``query_global``/``key_global``/``value_global``): a global query i attends with ``global_q[i]`` over
+            ``global_k`` and ``global_v`` at every key; local queries still reach global keys through k and v.
+        scale: multiplies the scores; defaults to D ** -0.5.
+        dropout: dropout probability on the attention weights (pass 0 outside training).
+        block_size: queries per block of the ``torch`` form (default ``pattern.block_size``, else from the window).
+        backend: ``naive`` or ``torch`` (``triton`` runs ``torch``: no Triton form yet); default from
+            ``ZOO_BACKEND``, then the device.
+
+    Returns:
+        out [B, T, H, Dv] in the dtype of v.
+    """
+    _validate(q, k, v, pattern, global_q, global_k, global_v)
+    B, T, H, D = q.shape
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"sparse_attention: block_size={block_size!r}, expected a positive integer")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"sparse_attention: dropout={dropout!r}, expected a probability in [0, 1)")
+    if scale is None:
+        scale = D**-0.5
+    is_global = _token_mask("global_mask", global_mask, B, T, q.device)
+    static = pattern.static_global_mask(T, q.device)
+    if static is not None:
+        is_global = static.expand(B, T) if is_global is None else is_global | static
+    key_padding_mask = _token_mask("key_padding_mask", key_padding_mask, B, T, q.device)
+    if segment_ids is not None:
+        if tuple(segment_ids.shape) != (B, T):
+            raise _shape_error("segment_ids", segment_ids, f"[B, T]=[{B}, {T}]")
+        if segment_ids.is_floating_point() or segment_ids.dtype == torch.bool:
+            raise ValueError(
+                f"sparse_attention: segment_ids has dtype {segment_ids.dtype}, expected integers"
+            )
+    args = (q, k, v, pattern, scale, is_global, key_padding_mask, segment_ids, global_q, global_k, global_v)
+    if T == 0:
+        return v.new_zeros(B, 0, H, v.shape[-1])
+    name = resolve_backend("sparse_attention", backend, q.device)
+    if name == "naive":
+        return naive.naive_sparse_attention(*args, dropout=dropout)
+    return chunk.chunk_sparse_attention(*args, block_size=block_size, dropout=dropout)
+
+
+def sparse_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: SparsePattern,
+    *,
+    past_len: int,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Decoding with a key/value cache under a causal window pattern: O(w) per token.
+
+    Args:
+        q: [B, Tq, H, D], the tokens at positions ``past_len ... past_len + Tq - 1``.
+        k, v: [B, Tk, H, D], the keys and values of positions ``past_len + Tq - Tk ... past_len + Tq - 1`` (the
+            cached window followed by the new tokens; older keys may have been dropped).
+        pattern: causal, without global tokens.
+        key_padding_mask: [B, Tk] over the same positions as k, nonzero at real tokens.
+
+    Returns:
+        out [B, Tq, H, Dv], equal to the rows of the full ``sparse_attention`` at those positions.
+    """
+    if not isinstance(pattern, SparsePattern) or not pattern.causal or pattern.global_tokens:
+        raise ValueError("sparse_attention_step: decoding needs a causal SparsePattern without global tokens")
+    if q.dim() != 4 or k.dim() != 4 or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise _shape_error("k", k, f"[B, Tk, H, D] with B, H, D of q {list(q.shape)}")
+    if tuple(v.shape[:3]) != tuple(k.shape[:3]):
+        raise _shape_error("v", v, f"[B, Tk, H, Dv]=[{', '.join(map(str, k.shape[:3]))}, Dv]")
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
+    if Tk < Tq or past_len < 0 or Tk > past_len + Tq:
+        raise ValueError(
+            f"sparse_attention_step: {Tk} keys for {Tq} queries after past_len={past_len}, expected "
+            f"{Tq} <= Tk <= past_len + Tq"
+        )
+    if scale is None:
+        scale = D**-0.5
+    q_pos = torch.arange(past_len, past_len + Tq, device=q.device)[:, None]
+    k_pos = torch.arange(past_len + Tq - Tk, past_len + Tq, device=q.device)[None, :]
+    allowed = pattern.window_mask(q_pos, k_pos)[None]  # (1, Tq, Tk)
+    key_padding_mask = _token_mask("key_padding_mask", key_padding_mask, B, Tk, q.device)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, :]
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    scores = torch.einsum("bihd,bjhd->bhij", q, k).to(acc) * scale
+    probs = masked_softmax(scores, allowed[:, None]).to(v.dtype)
+    return torch.einsum("bhij,bjhd->bihd", probs, v)

@@ -1,14 +1,9 @@
 #!/usr/bin/env bash
-# The main job: train the tiny baseline transformer on a CPU, evaluate it with the quick long-context suite,
-# measure perplexity against context length with and without YaRN (4x), and write one report.
+# The main job: the long-context leaderboard. Every registered causal architecture is trained at one matched size
+# on one mixture (text, multi-query associative recall, passkey), evaluated at 1x..8x its training length, and
+# compared on quality and cost in one report: outputs/leaderboard/report.md (plots, JSON and the saved models
+# beside it). About 20 minutes on 2 CPU cores; `--budget MINUTES`, `--architectures ...`, `--lengths ...` change it.
+# The earlier single-model job (train the tiny transformer, run the eval suite, YaRN) is scripts/single-model.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=outputs/transformer-tiny
-accelerate launch train.py --config configs/transformer/tiny.yaml
-# Trained on 128-token blocks (RoPE window 256): 512 tokens is 4x the training length.
-python -m eval --model "$OUT" --suite quick --lengths 128,256,512 --out "$OUT/eval"
-python -m eval --model "$OUT" --suite quick --tasks perplexity --lengths 128,256,512 \
-    --rope-scaling yarn:4 --out "$OUT/eval-yarn4"
-python -m eval.report "$OUT/eval" "$OUT/eval-yarn4" --out "$OUT/report"
-python -c "from zoo.hub import add_eval_results; print('model card:', add_eval_results('$OUT', '$OUT/report'))"
-echo "report: $OUT/report/report.md"
+python -m eval.leaderboard --out outputs/leaderboard "$@"

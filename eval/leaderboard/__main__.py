@@ -58,13 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         nargs=3,
         metavar=("TEXT", "RECALL", "PASSKEY"),
-        help="training mixture weights (default 1 1 1)",
+        help="training mixture weights (default 1 2 1)",
     )
     p.add_argument(
         "--max-pairs",
         type=int,
         default=Mixture().max_pairs,
-        help="most key-value pairs of a training recall sample (default 16)",
+        help="most key-value pairs of a training recall sample (default 8)",
     )
     p.add_argument(
         "--eval-pairs",

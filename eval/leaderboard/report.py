@@ -259,7 +259,7 @@ def write_report(out_dir: str | Path) -> Path:
         "",
         "recall: multi-query associative recall with "
         f"{cfg['eval_pairs']} single-token key-value pairs, then text up to the length, then every key asked again "
-        "(accuracy per queried value, %). passkey: 5 tokens hidden in text at depths "
+        "(accuracy per queried value, %). passkey: 3 tokens hidden in text at depths "
         f"{cfg['passkey_depths']}, retrieved exactly (%). ppl: held-out text perplexity over the positions "
         "(n/2, n]. Rows `+linearxF` / `+yarnxF` are a rotary model evaluated with its context extended F times "
         "(position interpolation, YaRN), without further training. saved KiB/tok: activation bytes a training "

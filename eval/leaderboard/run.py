@@ -63,7 +63,7 @@ class LeaderboardConfig:
     hidden_size: int = 64
     num_layers: int = 2
     param_tolerance: float = 0.10
-    train_length: int = 256
+    train_length: int = 128
     eval_multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     batch_size: int = 32
     budget_minutes: float = 20.0
@@ -77,7 +77,7 @@ class LeaderboardConfig:
     mixture: Mixture = field(default_factory=Mixture)
     num_keys: int = 64
     num_values: int = 64
-    eval_pairs: int = 8
+    eval_pairs: int = 4
     eval_samples: int = 64
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     passkey_samples: int = 8  # per depth and length
@@ -204,9 +204,13 @@ def build_config(entry: Entry, hidden_size: int, cfg: LeaderboardConfig, vocab: 
     if _accepts(config_class, "tie_word_embeddings"):
         common["tie_word_embeddings"] = True
     if _accepts(config_class, "max_position_embeddings"):
-        # the trained context: what RoPE scaling extends from, and learned positions' table size (evaluation
-        # goes beyond it; rotary models extrapolate or are extended)
-        common["max_position_embeddings"] = cfg.train_length
+        if _accepts(config_class, "rope_parameters"):
+            # rotary: the trained context, which RoPE scaling extends from (positions beyond it still run)
+            common["max_position_embeddings"] = cfg.train_length
+        else:
+            # a learned table must cover the longest evaluation (rows past the training length stay untrained, as
+            # they would in any model trained at that length); +2 for tables offset by a padding row
+            common["max_position_embeddings"] = cfg.lengths[-1] + 2
     return sized_config(entry.model_type, hidden_size, cfg.num_layers, **{**common, **entry.overrides})
 
 
@@ -396,7 +400,7 @@ def evaluate_recall(model, maker: TaskMaker, cfg: LeaderboardConfig, length: int
 
 @torch.inference_mode()
 def evaluate_passkey(model, maker: TaskMaker, cfg: LeaderboardConfig, length: int) -> dict[str, float]:
-    """Exact retrieval rate per depth (all 5 tokens right)."""
+    """Exact retrieval rate per depth (all PASSKEY_DIGITS tokens right)."""
     out = {}
     for depth in cfg.passkey_depths:
         samples = [

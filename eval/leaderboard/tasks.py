@@ -10,9 +10,9 @@ then ``num_keys`` key tokens, ``num_values`` value tokens and one passkey marker
 * **recall** (MQAR across a gap): ``n`` key-value pairs ``k1 v1 … kn vn``, then ``g`` tokens of text, then every
   key again in a random order, each followed by its value. Targets are the queried values only. Evaluated with the
   pairs fixed and the gap growing with the length: can the model still retrieve what it read ``ℓ`` tokens ago?
-* **passkey** (Mohtashami & Jaggi, 2023, "Landmark Attention"): a marker and 5 value tokens hidden at a depth of a
-  text haystack; at the end the marker again, and the 5 tokens are the targets. A sample counts as retrieved when
-  all 5 are.
+* **passkey** (Mohtashami & Jaggi, 2023, "Landmark Attention"): a marker and 3 value tokens hidden at a depth of a
+  text haystack; at the end the marker again, and the 3 tokens are the targets. A sample counts as retrieved when
+  all 3 are.
 
 Answers are scored teacher-forced: the argmax of the logits before each target token, in one forward pass.
 """
@@ -27,7 +27,7 @@ import torch
 IGNORE = -100
 BYTE_VOCAB = 259  # zoo.data.tokenizer.DEFAULT_VOCAB_SIZE
 EOS = 1
-PASSKEY_DIGITS = 5
+PASSKEY_DIGITS = 3
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class TaskMaker:
         return Sample(ids + tail, labels + [IGNORE] * len(tail))
 
     def passkey(self, rng: random.Random, length: int, depth: float) -> Sample:
-        """A 5-token passkey at ``depth`` (0 = start, 1 = end) of a text haystack, asked for at the end."""
+        """A ``PASSKEY_DIGITS``-token passkey at ``depth`` (0 = start, 1 = end) of a text haystack, asked for at the end."""
         v = self.vocab
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth must be in [0, 1], got {depth}")
@@ -165,9 +165,9 @@ class Mixture:
     """What a training batch is made of: the share of each task, and the training tasks' settings."""
 
     text: float = 1.0
-    recall: float = 1.0
+    recall: float = 2.0
     passkey: float = 1.0
-    max_pairs: int = 16
+    max_pairs: int = 8
 
     def weights(self) -> dict[str, float]:
         weights = {"text": self.text, "recall": self.recall, "passkey": self.passkey}

@@ -17,7 +17,15 @@ from eval.leaderboard.run import (
     parse_architecture,
     run_leaderboard,
 )
-from eval.leaderboard.tasks import BYTE_VOCAB, IGNORE, TaskMaker, Vocab, text_stream, tokenizer_for
+from eval.leaderboard.tasks import (
+    BYTE_VOCAB,
+    IGNORE,
+    PASSKEY_DIGITS,
+    TaskMaker,
+    Vocab,
+    text_stream,
+    tokenizer_for,
+)
 
 VOCAB = Vocab(num_keys=16, num_values=16)
 
@@ -56,11 +64,13 @@ def test_recall_sample_layout(maker):
 
 
 def test_passkey_depth(maker):
-    for depth, expect in ((0.0, 0), (1.0, 88), (0.5, 44)):
+    n = PASSKEY_DIGITS
+    haystack = 100 - 2 * (n + 1)
+    for depth, expect in ((0.0, 0), (1.0, haystack), (0.5, haystack // 2)):
         s = maker.passkey(random.Random(1), 100, depth)
-        assert s.input_ids[expect] == VOCAB.passkey_marker and s.input_ids[94] == VOCAB.passkey_marker
-        assert s.input_ids[expect + 1 : expect + 6] == s.input_ids[95:100] == s.labels[95:100]
-        assert all(t == IGNORE for t in s.labels[:95])
+        assert s.input_ids[expect] == VOCAB.passkey_marker and s.input_ids[99 - n] == VOCAB.passkey_marker
+        assert s.input_ids[expect + 1 : expect + 1 + n] == s.input_ids[100 - n :] == s.labels[100 - n :]
+        assert all(t == IGNORE for t in s.labels[: 100 - n])
 
 
 def test_task_errors(maker):

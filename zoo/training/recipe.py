@@ -234,6 +234,10 @@ def _closest(key: str, options) -> str:
     return f" (did you mean {match[0]!r}?)" if match else f" (valid keys: {', '.join(sorted(options))})"
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
     """Return ``value`` converted to ``annotation`` where that is lossless (int -> float), else raise."""
     origin = typing.get_origin(annotation)
@@ -381,7 +385,9 @@ def _validate_model(model: Any):
         default = getattr(config_class, key, None)
         if isinstance(default, bool) or not isinstance(default, int | float):
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, list | tuple) and value and all(_is_number(v) for v in value):
+            continue  # per-layer values (Longformer's attention_window); the config checks the rest
+        if not _is_number(value):
             raise RecipeError(f"model.{key}: expected a number like {default!r}, got {value!r}")
         if isinstance(default, int) and isinstance(value, float):
             raise RecipeError(f"model.{key}: expected an integer like {default!r}, got {value!r}")

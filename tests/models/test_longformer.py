@@ -1,6 +1,7 @@
 """Longformer against transformers' ``Longformer*`` classes (same weights through ``zoo.convert``): masked-LM
 logits with global tokens and padding, the task heads with their default global attention, the conversion both
-ways and the command line; the encoder classes' generic checks; the causal variant's window-sized cache."""
+ways and the command line; the encoder classes' generic checks; the causal variant against transformers'
+``RobertaForCausalLM`` given the sliding window as its attention mask, and its window-sized cache."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from transformers import (
     AutoModelForTokenClassification,
     LongformerConfig,
     LongformerForMaskedLM,
+    RobertaConfig,
+    RobertaForCausalLM,
 )
 
 import zoo  # noqa: F401
@@ -30,7 +33,7 @@ from zoo.models.longformer import (
     ZooLongformerForTokenClassification,
     ZooLongformerModel,
 )
-from zoo.models.longformer.convert_longformer import from_transformers, to_transformers
+from zoo.models.longformer.convert_longformer import _to_zoo_name, from_transformers, to_transformers
 from zoo.models.utils import output_cache
 
 SIZES = dict(
@@ -304,6 +307,46 @@ def test_lora_adapter_trains_the_masked_lm():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def roberta_causal(window: int, T: int):
+    """transformers' ``RobertaForCausalLM`` (post-norm decoder, RoBERTa's LM head) away from initialisation, the
+    zoo causal Longformer with its weights, and the 4-D mask that gives RoBERTa the causal window: query i sees
+    keys i - window ... i."""
+    sizes = {k: v for k, v in SIZES.items() if k != "attention_window"}
+    sizes["type_vocab_size"] = 1
+    torch.manual_seed(0)
+    hf = RobertaForCausalLM(RobertaConfig(**sizes, is_decoder=True, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ours = ZooLongformerForCausalLM(ZooLongformerConfig(**sizes, attention_window=window)).eval()
+    # the names are RoBERTa's inside Longformer's checkpoints: the converter's renaming maps them
+    state = {_to_zoo_name(n.replace("roberta.", "longformer.", 1)): t for n, t in hf.state_dict().items()}
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    pos = torch.arange(T)
+    d = pos[:, None] - pos[None, :]
+    mask = torch.zeros(1, 1, T, T).masked_fill(~((d >= 0) & (d <= window)), torch.finfo(torch.float32).min)
+    return hf, ours, mask
+
+
+@pytest.mark.parametrize("window, T", [(4, 23), (8, 23), (32, 23)])
+def test_causal_lm_equals_roberta_for_causal_lm(window, T):
+    """The whole causal model, LM head included (dense, activation, LayerNorm, tied decoder with a bias, as
+    RoBERTa's): with only a bare tied projection after the last post-norm layer, training collapsed every token
+    onto one direction and stopped at the unigram entropy."""
+    hf, ours, mask = roberta_causal(window, T)
+    ids = torch.randint(3, SIZES["vocab_size"], (2, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask.expand(2, 1, T, T)).logits
+        got = ours(ids).logits
+        got_packed = ours(
+            ids.reshape(1, 2 * T), position_ids=torch.arange(T).repeat(2)[None]
+        ).logits  # the two rows packed as two documents
+    assert rel_err(got, expected) < 1e-5
+    assert rel_err(got_packed.reshape(2, T, -1), expected) < 1e-5
+    assert ours.get_output_embeddings().weight is ours.get_input_embeddings().weight
 
 
 def test_causal_cache_holds_only_the_window():

@@ -25,6 +25,20 @@ if ZooLongformerConfig.model_type not in REGISTRY:
     AutoModelForQuestionAnswering.register(ZooLongformerConfig, ZooLongformerForQuestionAnswering)
     AutoModelForTokenClassification.register(ZooLongformerConfig, ZooLongformerForTokenClassification)
 
+def sized(hidden_size: int, num_layers: int) -> dict:
+    """A small Longformer of this width and depth: the standard widths, a 32-token window (sliding within any
+    training length above it), no dropout."""
+    return {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": max(1, hidden_size // 32),
+        "intermediate_size": 4 * hidden_size,
+        "attention_window": 32,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    }
+
+
 register(
     ZooLongformerConfig,
     model=ZooLongformerModel,
@@ -41,6 +55,7 @@ register(
         "up_proj",
         "down_proj",
     ),
+    sized=sized,
 )
 
 __all__ = [

@@ -7,7 +7,9 @@ token. Global queries have their own query/key/value projections (``q_global_pro
 projections. The attention itself is ``zoo.ops.sparse_attention`` (O(T * w) memory).
 
 ``ZooLongformerForCausalLM`` is the causal variant for language modelling: each token attends itself and the
-``attention_window`` tokens before it, and decodes with a key/value cache that holds only that window.
+``attention_window`` tokens before it, and decodes with a key/value cache that holds only that window. Both language
+models end in RoBERTa's LM head; with the window as its attention mask, the causal one equals transformers'
+``RobertaForCausalLM``.
 
 Weights convert from and to transformers' ``LongformerForMaskedLM`` (``convert_longformer.py``).
 """
@@ -264,20 +266,32 @@ def _encode(head, **kwargs):
     return head.model(use_cache=False, **kwargs)
 
 
+class LongformerLMHead(nn.Module):
+    """RoBERTa's language-model head, ``decoder(norm(act(dense(h))))``: a dense layer, the activation and a
+    LayerNorm, then the decoder (tied to the token embedding with ``tie_word_embeddings``) with a bias per token. The
+    masked and the causal language models both use it."""
+
+    def __init__(self, config: ZooLongformerConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.dense = nn.Linear(C, C)
+        self.act = ACT2FN[config.hidden_act]
+        self.norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(C, config.vocab_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.dense(hidden_states))))  # (B, T, vocab)
+
+
 class ZooLongformerForMaskedLM(BackboneHead, ZooLongformerPreTrainedModel):
-    """Masked language modelling: ``decoder(norm(act(dense(h))))``, the decoder tied to the token embedding."""
+    """Masked language modelling through RoBERTa's head (:class:`LongformerLMHead`)."""
 
     _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: ZooLongformerConfig):
         super().__init__(config)
-        C = config.hidden_size
         self.model = ZooLongformerModel(config)
-        self.lm_head = nn.Module()
-        self.lm_head.dense = nn.Linear(C, C)
-        self.lm_head.act = ACT2FN[config.hidden_act]
-        self.lm_head.norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.lm_head.decoder = nn.Linear(C, config.vocab_size)
+        self.lm_head = LongformerLMHead(config)
         self.post_init()
 
     def get_output_embeddings(self):
@@ -309,8 +323,7 @@ class ZooLongformerForMaskedLM(BackboneHead, ZooLongformerPreTrainedModel):
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
         )
-        head = self.lm_head
-        logits = head.decoder(head.norm(head.act(head.dense(out.last_hidden_state))))
+        logits = self.lm_head(out.last_hidden_state)
         loss = None
         if labels is not None:
             loss = ForMaskedLMLoss(logits, labels, vocab_size=self.config.vocab_size)
@@ -320,17 +333,33 @@ class ZooLongformerForMaskedLM(BackboneHead, ZooLongformerPreTrainedModel):
 class ZooLongformerForCausalLM(CausalLMHead, ZooLongformerPreTrainedModel, GenerationMixin):
     """The causal sliding-window variant: language modelling and ``generate()`` with a window-sized cache.
 
+    Its head is RoBERTa's (:class:`LongformerLMHead`, as in transformers' ``RobertaForCausalLM``), not the bare
+    tied projection the pre-norm models use: with the decoder reading the last post-norm LayerNorm directly, the
+    hidden states of all tokens collapsed onto one vector within a few dozen steps at learning rates of 1e-3 and
+    above, and training stopped at the unigram entropy.
+
     The model is causal whatever ``config.causal`` says: a copy of the config with ``causal=True`` is kept (and
     saved), so that the backbone of a saved causal model loads causal.
     """
 
     backbone_class = ZooLongformerModel
+    _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: ZooLongformerConfig):
         if not config.causal:
             config = copy.deepcopy(config)
             config.causal = True
-        super().__init__(config)
+        # CausalLMHead's __init__ builds a bare projection; this model builds RoBERTa's head instead
+        super(CausalLMHead, self).__init__(config)
+        self.model = ZooLongformerModel(config)
+        self.lm_head = LongformerLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, value):
+        self.lm_head.decoder = value
 
 
 def _default_global(config, input_ids, attention_mask, global_attention_mask, rule):

@@ -573,6 +573,10 @@ def run_leaderboard(
         raise ValueError(f"architectures listed twice: {names}")
     vocab = Vocab(cfg.num_keys, cfg.num_values)
     size_architectures(entries, cfg, vocab)  # config errors surface before anything is written
+    from zoo.hub.card import render_model_card
+
+    for entry in entries:  # and card templates, before any training
+        render_model_card(entry.config, name=entry.name, num_parameters=entry.num_parameters)
 
     out = Path(out_dir)
     longest = cfg.lengths[-1]

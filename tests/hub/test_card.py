@@ -1,13 +1,15 @@
 """Model cards: per-architecture templates, metadata, evaluation results merged as model-index."""
 
+import re
 import types
 
 import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from tests.models.tiny_configs import tiny_config
+from tests.models.tiny_configs import TINY, tiny_config
 from zoo.hub import add_eval_results, render_model_card, write_model_card
+from zoo.hub.card import fill_template, template_for
 
 
 @pytest.mark.parametrize(
@@ -21,6 +23,36 @@ def test_card_uses_the_architecture_template(model_type, phrase):
     assert "1.23M" in card.text and "| val_loss | 1.5 |" in card.text
     assert model_type in card.data.tags and card.data.library_name == "transformers"
     assert "{" + "results}" not in card.text
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_every_architecture_card_renders_its_template_as_written(model_type):
+    """Every registered architecture's card fills its template's fields and keeps every other brace of the
+    template (JSON in examples, formulas) as written."""
+    config = tiny_config(model_type)
+    template = template_for(config.model_type)
+    card = render_model_card(config, name="tiny", num_parameters=1_000_000, metrics={"val_loss": 1.5})
+    assert "1.00M" in card.text and "| val_loss | 1.5 |" in card.text
+    for field in ("{name}", "{results}", "{architecture}", "{num_parameters}"):
+        assert field not in card.text
+    filled = {
+        "{name}",
+        "{repo_id}",
+        "{model_type}",
+        "{num_parameters}",
+        "{training}",
+        "{results}",
+        "{architecture}",
+    }
+    kept = [b for b in re.findall(r"\{[^{}\n]*\}", template) if b not in filled]
+    assert all(b in card.text for b in kept), [b for b in kept if b not in card.text]
+
+
+def test_fill_template_leaves_other_braces():
+    assert (
+        fill_template('{name}: {"a": 1} e^{-1/2} {unknown}', {"name": "x"})
+        == 'x: {"a": 1} e^{-1/2} {unknown}'
+    )
 
 
 def test_write_card_and_merge_eval_results(tmp_path):

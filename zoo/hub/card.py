@@ -9,6 +9,7 @@ and a markdown body filled from ``model_cards/<arch>.md`` (``zoo_retnet`` uses `
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ _FALLBACK = """# {name}\n\nA `{model_type}` model ({num_parameters} parameters) 
 \n## Results\n\n{results}\n\n## Architecture\n\n{architecture}\n"""
 
 
-class _Blank(dict):
-    def __missing__(self, key: str) -> str:
-        return "-"
+def fill_template(template: str, fields: dict) -> str:
+    """``template`` with each ``{field}`` of ``fields`` replaced; any other brace (JSON, LaTeX, code in a card) is
+    left as written."""
+    return re.sub(r"\{(\w+)\}", lambda m: str(fields[m[1]]) if m[1] in fields else m[0], template)
 
 
 def template_for(model_type: str) -> str:
@@ -55,7 +57,7 @@ def render_model_card(
     )
     skip = {"architectures", "transformers_version", "dtype", "id2label", "label2id"}
     arch = {k: v for k, v in config.to_diff_dict().items() if k not in skip}
-    fields = _Blank(
+    fields = dict(
         name=name,
         repo_id=repo_id or name,
         model_type=config.model_type,
@@ -64,7 +66,7 @@ def render_model_card(
         results=results if metrics else "No results recorded.",
         architecture="```json\n" + json.dumps(arch, indent=2, sort_keys=True, default=str) + "\n```",
     )
-    body = template_for(config.model_type).format_map(fields)
+    body = fill_template(template_for(config.model_type), fields)
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",

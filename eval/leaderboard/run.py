@@ -209,8 +209,9 @@ def build_config(entry: Entry, hidden_size: int, cfg: LeaderboardConfig, vocab: 
             common["max_position_embeddings"] = cfg.train_length
         else:
             # a learned table must cover the longest evaluation (rows past the training length stay untrained, as
-            # they would in any model trained at that length); +2 for tables offset by a padding row
-            common["max_position_embeddings"] = cfg.lengths[-1] + 2
+            # they would in any model trained at that length), plus the decoding measured after it and the
+            # rows a padding offset skips
+            common["max_position_embeddings"] = cfg.lengths[-1] + cfg.decode_steps + 4
     return sized_config(entry.model_type, hidden_size, cfg.num_layers, **{**common, **entry.overrides})
 
 

@@ -149,7 +149,7 @@ def test_config_errors(kwargs, message):
 
 
 TOY = dict(
-    hidden_size=32,
+    hidden_size=48,
     train_length=32,
     eval_multiples=[1, 2],
     steps=3,
@@ -182,9 +182,11 @@ def test_toy_leaderboard_end_to_end(tmp_path):
     from eval.leaderboard.report import write_report
 
     out = tmp_path / "lb"
-    result = run_leaderboard(LeaderboardConfig(architectures=["zoo_transformer", "zoo_retnet"], **TOY), out)
+    result = run_leaderboard(
+        LeaderboardConfig(architectures=["zoo_transformer", "zoo_retnet", "zoo_longformer"], **TOY), out
+    )
     models = result["models"]
-    assert list(models) == ["zoo_transformer", "zoo_retnet"]
+    assert list(models) == ["zoo_transformer", "zoo_retnet", "zoo_longformer"]
     ref = models["zoo_transformer"]["num_parameters"]
     for name, record in models.items():
         assert abs(record["num_parameters"] / ref - 1) <= 0.10, name

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pairs",
         type=int,
         default=Mixture().max_pairs,
-        help="most key-value pairs of a training recall sample (default 8)",
+        help="most key-value pairs of a training recall sample (default 4)",
     )
     p.add_argument(
         "--eval-pairs",

@@ -63,7 +63,7 @@ class LeaderboardConfig:
     hidden_size: int = 64
     num_layers: int = 2
     param_tolerance: float = 0.10
-    train_length: int = 128
+    train_length: int = 64
     eval_multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     batch_size: int = 32
     budget_minutes: float = 20.0

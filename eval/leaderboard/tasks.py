@@ -167,7 +167,7 @@ class Mixture:
     text: float = 1.0
     recall: float = 2.0
     passkey: float = 1.0
-    max_pairs: int = 8
+    max_pairs: int = 4
 
     def weights(self) -> dict[str, float]:
         weights = {"text": self.text, "recall": self.recall, "passkey": self.passkey}

@@ -9,8 +9,10 @@ The source is recognised, and the conversion dispatched to the architecture's ``
   (``zoo_transformer`` -> ``LlamaForCausalLM``, ``zoo_mamba`` -> ``MambaForCausalLM`` or, with
   ``mixer_rms_norm``, ``FalconMambaForCausalLM``, ``zoo_mamba2`` -> ``Mamba2ForCausalLM``, ``zoo_hybrid`` of
   Mamba-2 and attention layers -> ``BambaForCausalLM``, ``zoo_longformer`` -> ``LongformerForMaskedLM``);
-- a checkpoint file (``.pt``) whose keys are torchscale RetNet's -> ``zoo_retnet`` (``--heads`` required: the
-  head count is not stored in the weights);
+- a checkpoint file (``.pt``) whose keys are torchscale RetNet's -> ``zoo_retnet``, configured by the options the
+  checkpoint stores (fairseq ``cfg``/``args``) or, for a bare state dict, by ``--heads`` (required),
+  ``--activation``, ``--value-dim``/``--value-factor`` and ``--scale-embedding``; a ``zoo_retnet`` folder ->
+  a torchscale checkpoint when DST ends in ``.pt``;
 - RWKV: a transformers ``rwkv`` folder <-> ``zoo_rwkv`` (version 4); a BlinkDL ``.pth`` checkpoint (RWKV-4, -6,
   -7, told by its keys) -> ``zoo_rwkv``, and a ``zoo_rwkv`` folder -> BlinkDL ``.pth`` when DST ends in ``.pth``.
 
@@ -87,10 +89,12 @@ def _from_zoo(model_type: str):
     return None
 
 
-def convert(src: str | Path, dst: str | Path, *, heads: int | None = None):
-    """Convert ``src`` into ``dst`` (see the module docstring); returns the converted model."""
-    import torch
-    import transformers
+def convert(src: str | Path, dst: str | Path, *, heads: int | None = None, **retnet_options):
+    """Convert ``src`` into ``dst`` (see the module docstring); returns the converted model.
+
+    ``heads`` and ``retnet_options`` (``activation``, ``value_dim``, ``value_factor``, ``scale_embedding``) describe
+    a torchscale RetNet checkpoint that does not store its own options (see ``zoo.models.retnet.convert_retnet``).
+    """    import transformers
 
     import zoo  # noqa: F401  (registers zoo's architectures)
 
@@ -105,6 +109,12 @@ def convert(src: str | Path, dst: str | Path, *, heads: int | None = None):
 
             model = transformers.AutoModelForCausalLM.from_pretrained(src)
             save_blink(model, dst)
+            return model
+        if model_type == "zoo_retnet" and dst.suffix == ".pt":
+            from zoo.models.retnet.convert_retnet import save_torchscale
+
+            model = transformers.AutoModelForCausalLM.from_pretrained(src)
+            save_torchscale(model, dst)
             return model
         if model_type and model_type.startswith("zoo_"):
             back = _from_zoo(model_type)
@@ -126,11 +136,14 @@ def convert(src: str | Path, dst: str | Path, *, heads: int | None = None):
             class_name, to_zoo = entry
             model = to_zoo(getattr(transformers, class_name).from_pretrained(src))
     elif src.is_file():
-        from zoo.models.retnet.convert_retnet import from_torchscale, is_torchscale_state_dict
+        from zoo.models.retnet.convert_retnet import (
+            from_torchscale,
+            is_torchscale_state_dict,
+            load_checkpoint,
+        )
         from zoo.models.rwkv.convert_rwkv import from_blink, is_blink_state_dict
 
-        blob = torch.load(src, map_location="cpu", weights_only=True)
-        state_dict = blob.get("model", blob)
+        state_dict, stored = load_checkpoint(src)
         if is_blink_state_dict(state_dict):
             model = from_blink(state_dict)
             model.save_pretrained(dst)
@@ -139,9 +152,7 @@ def convert(src: str | Path, dst: str | Path, *, heads: int | None = None):
             raise ValueError(
                 f"{src}: keys are not a torchscale RetNet's (e.g. {next(iter(state_dict), None)!r})"
             )
-        if heads is None:
-            raise ValueError("a torchscale RetNet checkpoint needs --heads (decoder_retention_heads)")
-        model = from_torchscale(state_dict, heads)
+        model = from_torchscale(state_dict, heads, options=stored, **retnet_options)
     else:
         raise ValueError(f"{src} does not exist")
     model.save_pretrained(dst)
@@ -153,6 +164,9 @@ def convert(src: str | Path, dst: str | Path, *, heads: int | None = None):
 
 
 def main(argv=None) -> int:
+    from zoo.models.retnet.convert_retnet import add_arguments as add_retnet_arguments
+    from zoo.models.retnet.convert_retnet import options_from_arguments as retnet_options
+
     parser = argparse.ArgumentParser(
         prog="python -m zoo.convert",
         description=__doc__,
@@ -160,10 +174,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("src", help="transformers or zoo folder, or a torchscale RetNet checkpoint file")
     parser.add_argument("dst", help="output folder")
-    parser.add_argument("--heads", type=int, help="retention heads of a torchscale RetNet checkpoint")
+    add_retnet_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        model = convert(args.src, args.dst, heads=args.heads)
+        options = retnet_options(args)
+        model = convert(args.src, args.dst, heads=options.pop("num_heads"), **options)
     except ValueError as err:
         parser.error(str(err))
     print(f"{type(model).__name__} -> {args.dst}")

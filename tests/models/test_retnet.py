@@ -97,13 +97,22 @@ def test_paper_decays_and_bad_config():
         config.normalize = 1
 
 
-def _torchscale_reference(sd, config, ids, xpos_base=None):
+TORCHSCALE_ACTIVATIONS = {
+    "swish": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "relu": torch.nn.functional.relu,
+}
+
+
+def _torchscale_reference(sd, heads, ids, activation="swish", scale_embedding=False, xpos_base=None):
     """An independent, literal rendering of torchscale's RetNet decoder in parallel mode, on torchscale names.
 
-    With ``xpos_base``, q and k are also scaled the xPos way after the rotation (Sun et al. 2022): channel pair i
+    Widths are read off the weights. ``activation`` is the feed-forward's ``activation_fn``; the retention output
+    gate is always swish (torchscale's ``gate_fn``, never passed by its decoder). With ``xpos_base``, q and k are also scaled the xPos way after the rotation (Sun et al. 2022): channel pair i
     by zeta_i ** (n / base) in q and zeta_i ** (-n / base) in k, zeta_i = (2i + 0.4 dk) / (1.4 dk)."""
-    H, C = config.num_attention_heads, config.hidden_size
-    dk, dv = C // H, config.value_dim // H
+    H, C = heads, sd["embed_tokens.weight"].shape[1]
+    dk, dv = C // H, sd["layers.0.retention.v_proj.weight"].shape[0] // H
+    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
     T = ids.shape[1]
     angle = 1.0 / (10000 ** torch.linspace(0, 1, dk // 2, dtype=torch.float64))
     angle = angle.unsqueeze(-1).repeat(1, 2).flatten()
@@ -129,8 +138,8 @@ def _torchscale_reference(sd, config, ids, xpos_base=None):
         q_scale = zeta[None] ** (index[:, None] / xpos_base)
         k_scale = 1 / q_scale
 
-    x = sd["embed_tokens.weight"][ids]
-    for i in range(config.num_hidden_layers):
+    x = sd["embed_tokens.weight"][ids] * (C**0.5 if scale_embedding else 1.0)
+    for i in range(layers):
         p = f"layers.{i}."
         h = rms(x, sd[p + "retention_layer_norm.weight"])
         q = h @ sd[p + "retention.q_proj.weight"].T
@@ -145,12 +154,15 @@ def _torchscale_reference(sd, config, ids, xpos_base=None):
         o = rms((qk @ v).transpose(1, 2)).reshape(1, T, H * dv)
         x = x + (torch.nn.functional.silu(g) * o) @ sd[p + "retention.out_proj.weight"].T
         h = rms(x, sd[p + "final_layer_norm.weight"])
-        ffn = torch.nn.functional.silu(h @ sd[p + "ffn.fc1.weight"].T) * (h @ sd[p + "ffn.gate.weight"].T)
+        act = TORCHSCALE_ACTIVATIONS[activation]
+        ffn = act(h @ sd[p + "ffn.fc1.weight"].T) * (h @ sd[p + "ffn.gate.weight"].T)
         x = x + ffn @ sd[p + "ffn.fc2.weight"].T
     return rms(x, sd["layer_norm.weight"]) @ sd["output_projection.weight"].T
 
 
 def _torchscale_state_dict(config):
+    """Random weights in torchscale's names, rounded to float32 and held in float64 (a checkpoint in float32 then
+    loads into a float64 model exactly)."""
     torch.manual_seed(0)
     C, V, F = config.hidden_size, config.value_dim, config.intermediate_size
     sd = {
@@ -174,7 +186,7 @@ def _torchscale_state_dict(config):
                 p + "ffn.fc2.weight": 0.2 * torch.randn(C, F),
             }
         )
-    return {k: v.double() for k, v in sd.items()}
+    return {k: v.float().double() for k, v in sd.items()}
 
 
 @pytest.mark.parametrize("xpos", [False, True])
@@ -184,35 +196,150 @@ def test_torchscale_layout_maps_by_renaming(xpos):
     assert set(torchscale_to_zoo(sd)) == {k for k in RetNetForCausalLM(config).state_dict()}
     extra = dict(position_encoding="xpos", xpos_scale_base=16.0) if xpos else {}
     model = (
-        from_torchscale({"decoder." + k: v for k, v in sd.items()}, num_heads=2, chunk_size=8, **extra)
+        from_torchscale(
+            {"decoder." + k: v for k, v in sd.items()},
+            num_heads=2,
+            activation="swish",
+            chunk_size=8,
+            **extra,
+        )
         .double()
         .eval()
     )
     ids = torch.randint(3, 259, (1, 19))
-    expected = _torchscale_reference(sd, config, ids, xpos_base=16.0 if xpos else None)
+    expected = _torchscale_reference(sd, 2, ids, xpos_base=16.0 if xpos else None)
     for mode in ("parallel", "chunk", "recurrent"):
         torch.testing.assert_close(_logits(model, ids, mode), expected, rtol=1e-9, atol=1e-9)
 
 
-def test_convert_entry_point_reads_a_torchscale_checkpoint(tmp_path):
+# torchscale's own RetNetConfig defaults (gelu feed-forward, value width 1280/768 = 5/3 of the model width) and
+# fairseq's retnet_base (swish feed-forward, value width 864/512 = 27/16), at tiny widths
+TORCHSCALE_SETUPS = {
+    "torchscale_default": dict(hidden=48, value_dim=80, activation="gelu", scale_embedding=False),
+    "retnet_base": dict(hidden=32, value_dim=54, activation="swish", scale_embedding=True),
+}
+
+
+def _torchscale_checkpoint(setup, tmp_path, store_options):
+    s = TORCHSCALE_SETUPS[setup]
+    sizes = {**SIZES, "hidden_size": s["hidden"], "value_dim": s["value_dim"]}
+    sd = _torchscale_state_dict(RetNetConfig(**sizes))
+    blob = {"model": {"decoder." + k: v.float() for k, v in sd.items()}}
+    if store_options:  # what fairseq stores: its dataclass config under cfg["model"]
+        blob["cfg"] = {
+            "model": {
+                "decoder_embed_dim": s["hidden"],
+                "decoder_value_embed_dim": s["value_dim"],
+                "decoder_ffn_embed_dim": SIZES["intermediate_size"],
+                "decoder_layers": SIZES["num_hidden_layers"],
+                "decoder_retention_heads": 2,
+                "activation_fn": s["activation"],
+                "no_scale_embedding": not s["scale_embedding"],
+                "layernorm_eps": 1e-6,
+                "decoder_normalize_before": True,
+                "deepnorm": False,
+            }
+        }
+    path = tmp_path / f"{setup}.pt"
+    torch.save(blob, path)
+    return path, sd, s
+
+
+def _cli(*args):
+    """``python -m zoo.convert ARGS`` exactly as the README writes it, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "zoo.convert", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("setup", sorted(TORCHSCALE_SETUPS))
+def test_torchscale_checkpoints_convert_through_the_cli(setup, tmp_path):
+    """Both torchscale configurations, converted by the documented command lines, give the literal rendering's
+    logits: the options stored in the checkpoint (in-process ``main``) and given as flags for a bare state dict
+    (the README's command, in a fresh interpreter); converting back writes torchscale's layout and options."""
     from transformers import AutoModelForCausalLM
 
-    from zoo.convert import convert
+    from zoo.convert import main
 
-    config = RetNetConfig(**SIZES)
-    sd = _torchscale_state_dict(config)
-    torch.save({"model": {"decoder." + k: v.float() for k, v in sd.items()}}, tmp_path / "checkpoint.pt")
-    with pytest.raises(ValueError, match="--heads"):
-        convert(tmp_path / "checkpoint.pt", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-    convert(tmp_path / "checkpoint.pt", tmp_path / "out", heads=2)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").double().eval()
-    ids = torch.randint(3, 259, (1, 11))
-    expected = _torchscale_reference(sd, config, ids)
-    torch.testing.assert_close(_logits(model, ids, "parallel"), expected, rtol=1e-6, atol=1e-6)
-    torch.save({"model": {"not.a.retnet": torch.zeros(1)}}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a torchscale RetNet"):
-        convert(tmp_path / "other.pt", tmp_path / "out2", heads=2)
+    ids = torch.randint(3, 259, (1, 17))
+    stored, sd, s = _torchscale_checkpoint(setup, tmp_path, store_options=True)
+    expected = _torchscale_reference(
+        sd, 2, ids, activation=s["activation"], scale_embedding=s["scale_embedding"]
+    )
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.load(stored)["model"], bare)
+    flags = ["--heads", "2", "--activation", s["activation"], "--value-dim", str(s["value_dim"])]
+    flags += ["--scale-embedding"] if s["scale_embedding"] else []
+    assert main([str(stored), str(tmp_path / "from_cfg")]) == 0
+    result = _cli(bare, tmp_path / "from_flags", *flags)
+    assert result.returncode == 0, result.stderr
+    for out in ("from_cfg", "from_flags"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / out).double().eval()
+        assert model.config.hidden_act == {"swish": "silu"}.get(s["activation"], s["activation"])
+        assert model.config.retention_gate_act == "silu" and model.config.value_dim == s["value_dim"]
+        for mode in ("parallel", "chunk"):
+            torch.testing.assert_close(_logits(model, ids, mode), expected, rtol=1e-9, atol=1e-9)
+
+    assert main([str(tmp_path / "from_cfg"), str(tmp_path / "back.pt")]) == 0
+    back, original = torch.load(tmp_path / "back.pt"), torch.load(stored)
+    assert back["model"].keys() == original["model"].keys()
+    for key, value in original["model"].items():
+        assert torch.equal(back["model"][key], value), key
+    for name, value in original["cfg"]["model"].items():
+        assert back["cfg"]["model"][name] == value, name
+
+
+def test_torchscale_options_that_disagree_or_are_missing_are_errors(tmp_path, capsys):
+    from zoo.convert import convert, main
+
+    stored, sd, s = _torchscale_checkpoint("retnet_base", tmp_path, store_options=True)
+    out = tmp_path / "out"
+    with pytest.raises(
+        ValueError, match="--heads .decoder_retention_heads=4. disagrees with the checkpoint's"
+    ):
+        convert(stored, out, heads=4)
+    with pytest.raises(ValueError, match="--activation .activation_fn='gelu'. disagrees"):
+        convert(stored, out, activation="gelu")
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.load(stored)["model"], bare)
+    with pytest.raises(ValueError, match="give --heads"):
+        convert(bare, out)
+    with pytest.raises(ValueError, match="decoder_value_embed_dim=64 .the options. but the weights have 54"):
+        convert(bare, out, heads=2, value_factor=2)
+    blob = torch.load(stored)
+    blob["cfg"]["model"]["deepnorm"] = True
+    torch.save(blob, tmp_path / "deepnorm.pt")
+    with pytest.raises(ValueError, match="deepnorm=True, which zoo's RetNet does not implement"):
+        convert(tmp_path / "deepnorm.pt", out)
+    blob["cfg"]["model"]["deepnorm"] = False
+    blob["model"]["decoder.layernorm_embedding.weight"] = torch.ones(32)
+    torch.save(blob, tmp_path / "embnorm.pt")
+    with pytest.raises(ValueError, match="layernorm_embedding"):
+        convert(tmp_path / "embnorm.pt", out)
+    # the command line says the same, and writes nothing
+    with pytest.raises(SystemExit):
+        main([str(bare), str(out)])
+    assert "give --heads" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_value_width_and_activations_are_separate_fields():
+    config = RetNetConfig(**SIZES, value_dim=54, hidden_act="gelu")
+    assert config.value_factor is None and config.retention_gate_act == "silu"
+    assert RetNetConfig(**SIZES, value_factor=3).value_dim == 96
+    assert RetNetConfig(**SIZES).value_dim == 64 and RetNetConfig(**SIZES).value_factor == 2
+    with pytest.raises(ValueError, match="value_dim=54 and value_factor=2 disagree"):
+        RetNetConfig(**SIZES, value_dim=54, value_factor=2)
+    with pytest.raises(ValueError, match="value_dim=.*multiple of num_attention_heads"):
+        RetNetConfig(**SIZES, value_dim=55)
+    # the gate activation is its own: changing it changes the output, changing the FFN's too
+    ids = torch.randint(3, 259, (1, 9))
+    base = _logits(_model(), ids, "parallel")
+    assert not torch.allclose(_logits(_model(retention_gate_act="gelu"), ids, "parallel"), base)
+    assert not torch.allclose(_logits(_model(hidden_act="gelu"), ids, "parallel"), base)
 
 
 def test_decoding_state_does_not_grow_with_context():

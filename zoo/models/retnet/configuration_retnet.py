@@ -17,7 +17,11 @@ class RetNetConfig(ZooConfig):
         intermediate_size: width of the feed-forward hidden layer (``decoder_ffn_embed_dim``).
         num_hidden_layers: number of blocks.
         num_attention_heads: retention heads (``decoder_retention_heads``).
-        value_factor: value (and gate) width is ``value_factor * hidden_size`` (the paper uses 2).
+        value_dim: width of the values and of the output gate, all heads together (torchscale
+            ``decoder_value_embed_dim``: 1280 for 768 in its default config, 864 for 512 in fairseq's
+            ``retnet_base``); ``None`` derives it from ``value_factor``.
+        value_factor: a convenience for ``value_dim = value_factor * hidden_size`` (the paper uses 2); ``None``
+            with ``value_dim`` set. Derived from ``value_dim`` when that is a multiple of ``hidden_size``.
         decay: ``"fixed"``: one decay per head, gamma_h = 1 - 2^(-5 - h) (or ``decay_gammas``);
             ``"data_dependent"``: per-token, per-head gates ``logsigmoid(decay_proj(x)) / gate_logit_normalizer``
             as in gated linear attention.
@@ -35,7 +39,9 @@ class RetNetConfig(ZooConfig):
         group_norm_eps: epsilon of the per-head RMS group norm.
         normalize: apply the paper's scale-invariant normalisations (decay-mask rows scaled by the inverse square
             root of their sum; scores divided by max(|row sum|, 1)). Only for ``decay="fixed"``.
-        hidden_act: activation of the feed-forward gate and of the retention output gate.
+        hidden_act: activation of the feed-forward gate (torchscale ``activation_fn``: ``"gelu"`` in its
+            default config, ``"swish"`` in fairseq's ``retnet_base``).
+        retention_gate_act: activation of the retention output gate (torchscale's ``gate_fn``, always swish).
         scale_embedding: multiply embeddings by sqrt(hidden_size) (torchscale ``no_scale_embedding=False``).
         backend: op backend for ``"chunk"`` mode (``naive``/``torch``/``triton``); ``None`` chooses by device.
         initializer_range: standard deviation for embeddings and the feed-forward.
@@ -50,7 +56,8 @@ class RetNetConfig(ZooConfig):
     intermediate_size: int = 1024
     num_hidden_layers: int = 8
     num_attention_heads: int = 4
-    value_factor: int = 2
+    value_dim: int | None = None
+    value_factor: int | None = None
     decay: Literal["fixed", "data_dependent"] = "fixed"
     decay_gammas: list | None = None
     gate_logit_normalizer: float = 16.0
@@ -64,6 +71,7 @@ class RetNetConfig(ZooConfig):
     group_norm_eps: float = 1e-6
     normalize: bool = True
     hidden_act: str = "silu"
+    retention_gate_act: str = "silu"
     scale_embedding: bool = False
     backend: str | None = None
     max_position_embeddings: int = 2048
@@ -80,12 +88,21 @@ class RetNetConfig(ZooConfig):
         return self.hidden_size // self.num_attention_heads
 
     @property
-    def value_dim(self) -> int:
-        return self.hidden_size * self.value_factor
-
-    @property
     def value_head_dim(self) -> int:
         return self.value_dim // self.num_attention_heads
+
+    def derive_fields(self) -> None:
+        if self.value_factor is not None:
+            self._require(self.value_factor > 0, "value_factor", "must be positive")
+        if self.value_dim is None:
+            self.value_dim = self.hidden_size * (2 if self.value_factor is None else self.value_factor)
+        elif self.value_factor is not None and self.value_dim != self.value_factor * self.hidden_size:
+            raise ValueError(
+                f"RetNetConfig: value_dim={self.value_dim} and value_factor={self.value_factor} disagree "
+                f"(value_factor * hidden_size = {self.value_factor * self.hidden_size}); give one of them"
+            )
+        if self.value_factor is None and self.value_dim % self.hidden_size == 0:
+            self.value_factor = self.value_dim // self.hidden_size
 
     def validate_fields(self) -> None:
         for name in (
@@ -94,10 +111,15 @@ class RetNetConfig(ZooConfig):
             "intermediate_size",
             "num_hidden_layers",
             "num_attention_heads",
-            "value_factor",
+            "value_dim",
             "chunk_size",
         ):
             self._require(getattr(self, name) > 0, name, "must be positive")
+        self._require(
+            self.value_dim % self.num_attention_heads == 0,
+            "value_dim",
+            f"must be a multiple of num_attention_heads={self.num_attention_heads}",
+        )
         self._require(
             self.hidden_size % self.num_attention_heads == 0,
             "num_attention_heads",

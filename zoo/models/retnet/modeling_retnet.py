@@ -4,7 +4,7 @@ arXiv:2312.06635) as an option.
 
 Each block is ``x + MSR(norm(x))`` then ``x + SwiGLU(norm(x))``. Multi-scale retention (MSR), per head h:
 
-    q, k = rotate(x W_q), rotate(x W_k) * d^-1/2       v, g = x W_v, x W_g        (value width 2 * hidden)
+    q, k = rotate(x W_q), rotate(x W_k) * d^-1/2       v, g = x W_v, x W_g        (value width ``value_dim``)
     o_n  = sum_{m<=n} (q_n . k_m) gamma_h^(n-m) v_m      (the ``zoo.ops.retention`` op)
     out  = W_o (swish(g) * GroupNorm_h(o))
 
@@ -275,8 +275,8 @@ class MultiScaleRetention(nn.Module):
             factor = row_scale / (row_sum.detach() * row_scale).abs().clamp(min=1.0)
             # group_norm(factor * o) == rms_norm(o, eps / factor^2): the factor folds into a per-row epsilon
             eps = eps / factor.square()
-        # 6. swish gate (one Function with the group norm), output projection
-        o = gated_rms_norm(o, g.reshape(B, T, H, Dv), eps, self.config.hidden_act)
+        # 6. the output gate (swish: one Function with the group norm), output projection
+        o = gated_rms_norm(o, g.reshape(B, T, H, Dv), eps, self.config.retention_gate_act)
         return self.out_proj(o.reshape(B, T, H * Dv))
 
 

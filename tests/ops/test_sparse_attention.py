@@ -214,3 +214,146 @@ def test_bad_inputs_are_value_errors():
         sparse_attention_step(q, k, v, pattern, past_len=0)
     with pytest.raises(ValueError, match="backend="):
         sparse_attention(q, k, v, pattern, backend="cuda")
+
+
+# BigBird's block layout (Zaheer et al. 2020, arXiv:2007.14062)
+
+
+def bigbird(block_size, window_blocks=3, global_blocks=1, random_blocks=2, causal=False, seed=0):
+    return SparsePattern(
+        block_size=block_size,
+        window_blocks=window_blocks,
+        global_blocks=global_blocks,
+        random_blocks=random_blocks,
+        causal=causal,
+        seed=seed,
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "T, block_size, window_blocks, global_blocks, random_blocks",
+    [
+        (1, 4, 3, 1, 2),  # shorter than a block
+        (32, 4, 3, 1, 2),  # a multiple of the block size
+        (37, 4, 3, 1, 3),  # not a multiple: the op pads the last block
+        (45, 8, 5, 2, 1),  # wider window, two global blocks at each end
+        (24, 4, 1, 0, 0),  # block-diagonal only
+        (20, 4, 3, 1, 6),  # more random blocks than candidates (the plan holds -1)
+    ],
+)
+def test_block_layout_forward_backward(T, block_size, window_blocks, global_blocks, random_blocks, causal):
+    if causal and window_blocks % 2:
+        window_blocks -= 1 if window_blocks > 1 else 0
+    pattern = bigbird(block_size, window_blocks, global_blocks, random_blocks, causal)
+    inputs = make_inputs(2, T, pattern=pattern, seed=T)
+    check_forward_backward(blocked(), naive, inputs, what=f"bigbird T={T} bs={block_size}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_block_layout_padding(side, causal):
+    pattern = bigbird(4, window_blocks=2 if causal else 3, causal=causal)
+    inputs = make_inputs(2, 30, pattern=pattern, pad=[(side, 9), (side, 0)])
+    check_forward_backward(blocked(), naive, inputs, what=f"bigbird {side} padding")
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_block_layout_explicit_plan_with_repeats(heads):
+    """An explicit plan, per head or shared, repeating window and global blocks (transformers' eval-mode plan is
+    all zeros): forms agree, and the oracle weighs a repeated block as the enumeration below does."""
+    T, bs = 28, 4
+    pattern = bigbird(bs, random_blocks=3)
+    nb = 7
+    g = torch.Generator().manual_seed(1)
+    plan = torch.randint(-1, nb, (heads, nb, 3), generator=g)
+    plan[0, 3] = 0  # block 0 (global) three more times
+    inputs = dict(make_inputs(1, T, H=2, pattern=pattern), random_plan=plan)
+    check_forward_backward(blocked(), naive, inputs, what="explicit plan")
+
+    # the layout enumerated query by query, as the paper lists it: weights count * exp(score)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    ref = torch.zeros_like(v)
+    for h in range(2):
+        for i in range(T):
+            n = i // bs
+            count = torch.zeros(T, dtype=torch.float64)
+            for j in range(T):
+                m = j // bs
+                if n in (0, nb - 1) or m in (0, nb - 1) or abs(n - m) <= 1:
+                    count[j] = 1
+            if n not in (0, nb - 1):
+                for m in plan[h % heads, n].tolist():
+                    if m >= 0:
+                        count[m * bs : (m + 1) * bs] += 1
+            s = (k[0, :, h] @ q[0, i, h]) * 8**-0.5
+            w = count * torch.exp(s - s.max())
+            ref[0, i, h] = (w / w.sum()) @ v[0, :, h]
+    assert rel_err(sparse_attention(**inputs, backend="naive"), ref) < TOLERANCE[torch.float64]
+
+
+def test_random_plan_is_seeded_and_stays_off_window_and_globals():
+    state = torch.get_rng_state()
+    pattern = bigbird(4, random_blocks=3, seed=5)
+    plan = pattern.random_plan(12, 3)
+    assert torch.equal(torch.get_rng_state(), state), "the plan touched the global random state"
+    assert torch.equal(plan, bigbird(4, random_blocks=3, seed=5).random_plan(12, 3))
+    assert not torch.equal(plan, bigbird(4, random_blocks=3, seed=6).random_plan(12, 3))
+    assert not torch.equal(plan[0], plan[1]), "heads draw the same blocks"
+    for n in range(1, 11):
+        for h in range(3):
+            chosen = plan[h, n].tolist()
+            assert len(set(chosen)) == 3 and all(1 <= m <= 10 and abs(m - n) > 1 for m in chosen)
+    causal = bigbird(4, window_blocks=2, random_blocks=2, causal=True, seed=5)
+    long, short = causal.random_plan(20, 2), causal.random_plan(9, 2)
+    assert torch.equal(long[:, :9], short), "a causal plan changes with the length"
+    assert bool(((long < torch.arange(20)[None, :, None] - 1) | (long == -1)).all())
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_block_step_equals_full(chunk):
+    """Causal block layout: decoding over the whole cache equals the full forward (also with the layout placed
+    by real-token positions under left padding)."""
+    T, prefix = 27, 6
+    pattern = bigbird(4, window_blocks=2, random_blocks=2, causal=True)
+    inputs = make_inputs(2, T, pattern=pattern)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    full = sparse_attention(q, k, v, pattern, backend="torch")
+    outs = [sparse_attention(q[:, :prefix], k[:, :prefix], v[:, :prefix], pattern)]
+    for t in range(prefix, T, chunk):
+        end = min(t + chunk, T)
+        outs.append(sparse_attention_step(q[:, t:end], k[:, :end], v[:, :end], pattern, past_len=t))
+    assert rel_err(torch.cat(outs, 1), full) < TOLERANCE[torch.float64]
+    # left padding of 5, the layout counting real tokens: equals the unpadded row
+    pad = 5
+    qp, kp, vp = (torch.cat([torch.randn(2, pad, 2, 8, dtype=torch.float64), x], 1) for x in (q, k, v))
+    mask = torch.ones(2, T + pad, dtype=torch.bool)
+    mask[:, :pad] = False
+    index = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    last = sparse_attention_step(
+        qp[:, -1:], kp, vp, pattern, past_len=T + pad - 1, key_padding_mask=mask,
+        q_index=index[:, -1:], k_index=index,
+    )  # fmt: skip
+    assert rel_err(last, full[:, -1:]) < TOLERANCE[torch.float64]
+
+
+def test_block_layout_bad_inputs_are_value_errors():
+    pattern = bigbird(4)
+    inputs = make_inputs(1, 16, pattern=pattern)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    with pytest.raises(ValueError, match="random_plan has shape"):
+        sparse_attention(q, k, v, pattern, random_plan=torch.zeros(1, 3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="outside"):
+        sparse_attention(q, k, v, pattern, random_plan=torch.full((1, 4, 2), 4))
+    with pytest.raises(ValueError, match="global_mask with a block layout"):
+        sparse_attention(q, k, v, pattern, global_mask=torch.ones(1, 16))
+    with pytest.raises(ValueError, match="random_plan is for a block layout"):
+        sparse_attention(q, k, v, SparsePattern(window=2), random_plan=torch.zeros(1, 4, 2))
+    with pytest.raises(ValueError, match="needs block_size"):
+        SparsePattern(window_blocks=3)
+    with pytest.raises(ValueError, match="must be odd"):
+        SparsePattern(block_size=4, window_blocks=2)
+    with pytest.raises(ValueError, match="describe the layout in blocks"):
+        SparsePattern(block_size=4, window_blocks=3, window=2)
+    with pytest.raises(ValueError, match="every key"):
+        sparse_attention_step(q, k[:, 1:], v[:, 1:], bigbird(4, 2, causal=True), past_len=15)

@@ -1,15 +1,23 @@
-"""Sparse attention: softmax attention restricted to a pattern of sliding windows and global tokens.
+"""Sparse attention: softmax attention restricted to a pattern of sliding windows and global tokens, or to BigBird's
+block layout of window, global and random blocks.
 
 Longformer (Beltagy et al. 2020, "Longformer: The Long-Document Transformer", arXiv:2004.05150) attends each query to
 the keys of a sliding window around it plus a few global tokens that attend, and are attended by, every token; its
-causal form attends only the window behind the query. The pattern is described once, by :class:`SparsePattern`
-(which also carries the fields of BigBird's block layout, Zaheer et al. 2020, arXiv:2007.14062), and every form of
-the op reads it from there:
+causal form attends only the window behind the query. BigBird (Zaheer et al. 2020, "Big Bird: Transformers for
+Longer Sequences", arXiv:2007.14062) attends, per block of queries, a window of blocks, global blocks at the ends
+and random blocks (``pattern.py`` says exactly which). The pattern is described once, by :class:`SparsePattern`,
+and every form of the op reads it from there:
 
 - ``naive``: dense attention with the pattern as a T x T mask (the oracle, O(T^2));
 - ``torch``: blocks of queries against the band of keys their window reaches plus the global keys, O(T * w)
-  memory (``chunk.py``); the CPU path and the fallback everywhere. There is no ``triton`` form yet: asking for it
-  runs ``torch``.
+  memory (``chunk.py``); for a block layout, each query block gathers its global, window and random key blocks,
+  O(T * block_size) memory. The CPU path and the fallback everywhere. There is no ``triton`` form yet: asking for
+  it runs ``torch``.
+
+Block layouts take any length: the op pads the last block (padding keys are never attended), as transformers'
+BigBird pads inputs to a multiple of ``block_size``; the last block, partial or not, is the last global block.
+Random blocks come from ``random_plan=`` (an explicit ``(H or 1, nb, r)`` index tensor) or, when it is not given,
+from ``pattern.random_plan`` (seeded, no global random state).
 
 PyTorch's FlexAttention with a block mask was measured on this CPU (torch 2.13) and is not a backend: it has no
 backward on the CPU (``NotImplementedError``), so it cannot train, and its compiled forward covers the window and
@@ -19,6 +27,9 @@ global keys but not Longformer's separate projections for global queries.
     out = sparse_attention(q, k, v, pattern, global_mask=g, key_padding_mask=m,
                            global_q=qg, global_k=kg, global_v=vg)
     out_t = sparse_attention_step(q_t, k_win, v_win, SparsePattern(window=w, causal=True), past_len=n)
+
+    bigbird = SparsePattern(block_size=64, window_blocks=3, global_blocks=1, random_blocks=3, seed=layer_idx)
+    out = sparse_attention(q, k, v, bigbird, key_padding_mask=m)  # or random_plan=torch.zeros(1, nb, 3)
 """
 
 from __future__ import annotations
@@ -77,6 +88,25 @@ def _validate(q, k, v, pattern, global_q, global_k, global_v) -> None:
             )
 
 
+def _check_plan(
+    plan: torch.Tensor | None, pattern: SparsePattern, nb: int, H: int, device
+) -> torch.Tensor | None:
+    """The random plan to use: the given one, checked, or the pattern's seeded one (None without random blocks)."""
+    if plan is None:
+        return pattern.random_plan(nb, H, device) if pattern.random_blocks else None
+    r = pattern.random_blocks
+    if plan.dim() != 3 or plan.shape[0] not in (1, H) or tuple(plan.shape[1:]) != (nb, r):
+        raise _shape_error("random_plan", plan, f"[H or 1, num_blocks, random_blocks]=[{H} or 1, {nb}, {r}]")
+    if plan.is_floating_point() or plan.dtype == torch.bool:
+        raise ValueError(f"sparse_attention: random_plan has dtype {plan.dtype}, expected integers")
+    if plan.numel() and not torch.compiler.is_compiling() and (int(plan.min()) < -1 or int(plan.max()) >= nb):
+        raise ValueError(
+            f"sparse_attention: random_plan holds blocks outside [-1, {nb}) (min {int(plan.min())}, max "
+            f"{int(plan.max())})"
+        )
+    return plan.to(device=device, dtype=torch.long)
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -91,6 +121,7 @@ def sparse_attention(
     global_v: torch.Tensor | None = None,
     scale: float | None = None,
     block_size: int | None = None,
+    random_plan: torch.Tensor | None = None,
     dropout: float = 0.0,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -108,7 +139,10 @@ def sparse_attention(
             ``global_k`` and ``global_v`` at every key; local queries still reach global keys through k and v.
         scale: multiplies the scores; defaults to D ** -0.5.
         dropout: dropout probability on the attention weights (pass 0 outside training).
-        block_size: queries per block of the ``torch`` form (default ``pattern.block_size``, else from the window).
+        block_size: queries per block of the ``torch`` form (default ``pattern.block_size``, else from the window);
+            a block layout is tiled by its own ``pattern.block_size``.
+        random_plan: a block layout's random blocks, ``(H or 1, num_blocks, random_blocks)`` integer block indices
+            (``-1``: none; rows of global query blocks are ignored); default ``pattern.random_plan``.
         backend: ``naive`` or ``torch`` (``triton`` runs ``torch``: no Triton form yet); default from
             ``ZOO_BACKEND``, then the device.
 
@@ -135,6 +169,35 @@ def sparse_attention(
             raise ValueError(
                 f"sparse_attention: segment_ids has dtype {segment_ids.dtype}, expected integers"
             )
+    if pattern.is_block_layout:
+        extra = [
+            name
+            for name, x in (
+                ("global_mask", global_mask),
+                ("segment_ids", segment_ids),
+                ("global_q", global_q),
+            )
+            if x is not None
+        ]
+        if extra:
+            raise ValueError(
+                f"sparse_attention: {extra[0]} with a block layout (window_blocks >= 1): its global blocks are part of "
+                "the pattern, and packed documents go in rows of their own"
+            )
+        if block_size is not None and block_size != pattern.block_size:
+            raise ValueError(
+                f"sparse_attention: block_size={block_size} differs from the block layout's pattern.block_size="
+                f"{pattern.block_size}"
+            )
+        key_padding_mask = _token_mask("key_padding_mask", key_padding_mask, B, T, q.device)
+        if T == 0:
+            return v.new_zeros(B, 0, H, v.shape[-1])
+        plan = _check_plan(random_plan, pattern, pattern.num_blocks(T), H, q.device)
+        name = resolve_backend("sparse_attention", backend, q.device)
+        fn = naive.naive_block_sparse_attention if name == "naive" else chunk.chunk_block_sparse_attention
+        return fn(q, k, v, pattern, scale, key_padding_mask, plan, dropout=dropout)
+    if random_plan is not None:
+        raise ValueError("sparse_attention: random_plan is for a block layout (window_blocks >= 1)")
     args = (q, k, v, pattern, scale, is_global, key_padding_mask, segment_ids, global_q, global_k, global_v)
     if T == 0:
         return v.new_zeros(B, 0, H, v.shape[-1])
@@ -153,8 +216,12 @@ def sparse_attention_step(
     past_len: int,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    q_index: torch.Tensor | None = None,
+    k_index: torch.Tensor | None = None,
+    random_plan: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decoding with a key/value cache under a causal window pattern: O(w) per token.
+    """Decoding with a key/value cache under a causal window pattern (O(w) per token), or a causal block layout
+    (every key kept; the rows of the dense pattern, O(T) per token).
 
     Args:
         q: [B, Tq, H, D], the tokens at positions ``past_len ... past_len + Tq - 1``.
@@ -162,10 +229,16 @@ def sparse_attention_step(
             cached window followed by the new tokens; older keys may have been dropped).
         pattern: causal, without global tokens.
         key_padding_mask: [B, Tk] over the same positions as k, nonzero at real tokens.
+        q_index, k_index: block layouts only: [B or 1, Tq] and [B or 1, Tk], the places of the tokens in the
+            layout (default: their positions, ``past_len ...`` and ``0 ...``; a model whose layout skips padding
+            passes the positions that count real tokens). k must then hold every key (``Tk = past_len + Tq``).
+        random_plan: block layouts only: as in ``sparse_attention``, over the blocks up to the last query's.
 
     Returns:
         out [B, Tq, H, Dv], equal to the rows of the full ``sparse_attention`` at those positions.
     """
+    if isinstance(pattern, SparsePattern) and pattern.causal and pattern.is_block_layout:
+        return _block_step(q, k, v, pattern, past_len, key_padding_mask, scale, q_index, k_index, random_plan)
     if not isinstance(pattern, SparsePattern) or not pattern.causal or pattern.global_tokens:
         raise ValueError("sparse_attention_step: decoding needs a causal SparsePattern without global tokens")
     if q.dim() != 4 or k.dim() != 4 or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
@@ -191,3 +264,32 @@ def sparse_attention_step(
     scores = torch.einsum("bihd,bjhd->bhij", q, k).to(acc) * scale
     probs = masked_softmax(scores, allowed[:, None]).to(v.dtype)
     return torch.einsum("bhij,bjhd->bihd", probs, v)
+
+
+def _block_step(q, k, v, pattern, past_len, key_padding_mask, scale, q_index, k_index, random_plan):
+    """``sparse_attention_step`` for a causal block layout: the rows of the dense count matrix."""
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
+    if (
+        k.dim() != 4
+        or k.shape[0] != B
+        or k.shape[2:] != q.shape[2:]
+        or tuple(v.shape[:3]) != tuple(k.shape[:3])
+    ):
+        raise _shape_error("k", k, f"[B, Tk, H, D] with B, H, D of q {list(q.shape)}")
+    if Tk != past_len + Tq:
+        raise ValueError(
+            f"sparse_attention_step: a block layout needs every key: got {Tk} keys, expected past_len + Tq = "
+            f"{past_len + Tq}"
+        )
+    if q_index is None:
+        q_index = torch.arange(past_len, past_len + Tq, device=q.device)[None]
+    if k_index is None:
+        k_index = torch.arange(Tk, device=q.device)[None]
+    nb = pattern.num_blocks(int(q_index.max()) + 1) if q_index.numel() else 1
+    plan = _check_plan(random_plan, pattern, nb, H, q.device)
+    counts = naive.block_counts(pattern, q_index.to(q.device), k_index.to(q.device), nb, plan)
+    key_padding_mask = _token_mask("key_padding_mask", key_padding_mask, B, Tk, q.device)
+    if key_padding_mask is not None:
+        counts = counts * key_padding_mask[:, None, None, :]
+    return naive.attend_counts(q, k, v, counts, D**-0.5 if scale is None else scale, 0.0)

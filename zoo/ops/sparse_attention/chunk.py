@@ -148,3 +148,117 @@ def chunk_sparse_attention(
     target = torch.where(greal, gidx, torch.full_like(gidx, T))[:, :, None, None].expand(B, G, H, D)
     out = torch.cat([out, out.new_zeros(B, 1, H, D)], 1).scatter(1, target, rows)
     return out[:, :T]
+
+
+def chunk_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: SparsePattern,
+    scale: float,
+    key_padding_mask: torch.Tensor | None,
+    plan: torch.Tensor | None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """BigBird's block layout (Zaheer et al. 2020, arXiv:2007.14062) in blocks: each query block gathers the key
+    blocks it attends (global, window, random: ``(2g + W + r) * block_size`` keys) and runs one softmax over them;
+    the global query blocks attend every key in one (G * block_size, T) product. Memory O(T * block_size * (W + 2g
+    + r)); no T x T matrix. Arguments as validated by ``sparse_attention``, ``plan`` (H or 1, nb, r) or None."""
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    b = pattern.block_size
+    nb = pattern.num_blocks(T)
+    Tp = nb * b
+    device = q.device
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    pad = (0, 0, 0, 0, 0, Tp - T)
+    qp, kp, vp = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+    key_ok = torch.arange(Tp, device=device)[None] < T  # (1 or B, Tp): real keys
+    if key_padding_mask is not None:
+        key_ok = key_ok & F.pad(key_padding_mask, (0, Tp - T), value=False)
+    block_ids = torch.arange(nb, device=device)
+    is_global = pattern.global_block_mask(block_ids, nb)  # (nb,)
+    tok = torch.arange(b, device=device)
+    q_pos = (block_ids[:, None] * b + tok)[:, :, None]  # (nb, b, 1): query positions per block
+
+    qh = qp.view(B, nb, b, H, D).permute(0, 3, 1, 2, 4)  # (B, H, nb, b, D)
+    kh = kp.view(B, nb, b, H, D).permute(0, 3, 1, 2, 4)
+    vh = vp.view(B, nb, b, H, Dv).permute(0, 3, 1, 2, 4)
+    ok_blocks = key_ok.view(key_ok.shape[0], nb, b)  # (B or 1, nb, b)
+
+    def allowed_at(k_block: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Mask over the tokens of key blocks ``k_block`` (..., n_blocks) gathered per query block, broadcast to
+        (B or 1, H or 1, nb, b, n_blocks * b)."""
+        kbc = k_block.clamp(0, nb - 1)
+        ok = ok_blocks[:, kbc] & valid[None, ..., None]  # (B, *k_block.shape, b)
+        k_pos = kbc[..., None] * b + tok
+        if pattern.causal:
+            ok = ok[..., None, :, :] & (
+                k_pos[..., None, :, :] <= q_pos[:, :, :, None]
+            )  # (B, [H,] nb, b, n, b)
+        else:
+            ok = ok[..., None, :, :].expand(*ok.shape[:-2], b, *ok.shape[-2:])
+        ok = ok.flatten(-2)
+        return ok if ok.dim() == 5 else ok[:, None]
+
+    # 1. global key blocks (the same for every query block)
+    g_list = [
+        n
+        for n in range(nb)
+        if n < pattern.global_blocks or (not pattern.causal and n >= nb - pattern.global_blocks)
+    ]
+    g_ids = torch.tensor(g_list, dtype=torch.long, device=device)  # (Ng,)
+    k_glob, v_glob = kh[:, :, g_ids].flatten(2, 3), vh[:, :, g_ids].flatten(2, 3)  # (B, H, Ng * b, D)
+    s_glob = torch.einsum("bhnqd,bhkd->bhnqk", qh, k_glob)
+    a_glob = allowed_at(
+        g_ids[None].expand(nb, -1), torch.ones(nb, len(g_ids), dtype=torch.bool, device=device)
+    )
+
+    # 2. window blocks, those that are not global (which count once)
+    if pattern.causal:
+        offsets = torch.arange(-pattern.window_blocks + 1, 1, device=device)
+    else:
+        half = pattern.window_blocks // 2
+        offsets = torch.arange(-half, half + 1, device=device)
+    w_ids = block_ids[:, None] + offsets  # (nb, W)
+    w_valid = (w_ids >= 0) & (w_ids < nb)
+    w_valid = w_valid & ~is_global[w_ids.clamp(0, nb - 1)]
+    w_idx = w_ids.clamp(0, nb - 1)
+    k_win, v_win = kh[:, :, w_idx].flatten(3, 4), vh[:, :, w_idx].flatten(3, 4)  # (B, H, nb, W * b, D)
+    s_win = torch.einsum("bhnqd,bhnkd->bhnqk", qh, k_win)
+    a_win = allowed_at(w_ids, w_valid)
+
+    scores, allowed, values = [s_glob, s_win], [a_glob, a_win], [("glob", v_glob), ("win", v_win)]
+    # 3. random blocks, per head and query block
+    if plan is not None and plan.shape[-1] > 0:
+        Hp, _, r = plan.shape
+        r_idx = plan.clamp(min=0).expand(H, nb, r)
+        heads = torch.arange(H, device=device)[:, None, None]
+        k_rand = kh[:, heads, r_idx].flatten(3, 4)  # (B, H, nb, r * b, D)
+        v_rand = vh[:, heads, r_idx].flatten(3, 4)
+        scores.append(torch.einsum("bhnqd,bhnkd->bhnqk", qh, k_rand))
+        allowed.append(allowed_at(plan, plan >= 0))
+        values.append(("win", v_rand))
+    widths = [s.shape[-1] for s in scores]
+    scores = torch.cat(scores, -1).to(acc) * scale  # (B, H, nb, b, L)
+    allowed = torch.cat([a.expand(a.shape[0], H, nb, b, -1) for a in allowed], -1)
+    probs = F.dropout(masked_softmax(scores, allowed), dropout).to(v.dtype)
+    out = 0
+    for p, (kind, val) in zip(probs.split(widths, -1), values):
+        if kind == "glob":
+            out = out + torch.einsum("bhnqk,bhkd->bhnqd", p, val)
+        else:
+            out = out + torch.einsum("bhnqk,bhnkd->bhnqd", p, val)
+    out = out.permute(0, 2, 3, 1, 4).reshape(B, Tp, H, Dv)
+
+    # 4. global query blocks attend every key (causal: every earlier one); their rows replace the blocked ones
+    if len(g_ids):
+        g_pos = (g_ids[:, None] * b + tok).flatten()  # (Ng * b,)
+        row_scores = torch.einsum("bghd,bthd->bhgt", qp[:, g_pos], kp).to(acc) * scale  # (B, H, Ng * b, Tp)
+        row_ok = key_ok[:, None, None, :]
+        if pattern.causal:
+            row_ok = row_ok & (torch.arange(Tp, device=device)[None, :] <= g_pos[:, None])[None, None]
+        row_probs = F.dropout(masked_softmax(row_scores, row_ok), dropout).to(v.dtype)
+        rows = torch.einsum("bhgt,bthd->bghd", row_probs, vp)
+        out = out.index_copy(1, g_pos, rows.to(out.dtype))
+    return out[:, :T]

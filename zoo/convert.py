@@ -4,17 +4,19 @@ The source is recognised, and the conversion dispatched to the architecture's ``
 
 - a transformers folder (its ``config.json``): ``llama`` -> ``zoo_transformer``, ``mamba`` and ``falcon_mamba``
   -> ``zoo_mamba``, ``mamba2`` -> ``zoo_mamba2``, ``bamba`` -> ``zoo_hybrid``, ``longformer`` (its
-  ``LongformerForMaskedLM``) -> ``zoo_longformer``;
+  ``LongformerForMaskedLM``) -> ``zoo_longformer``, ``big_bird`` (``BigBirdForMaskedLM``) -> ``zoo_bigbird``;
 - a zoo folder (``model_type: zoo_*``) -> the transformers class of the same architecture, where one exists
   (``zoo_transformer`` -> ``LlamaForCausalLM``, ``zoo_mamba`` -> ``MambaForCausalLM`` or, with
   ``mixer_rms_norm``, ``FalconMambaForCausalLM``, ``zoo_mamba2`` -> ``Mamba2ForCausalLM``, ``zoo_hybrid`` of
-  Mamba-2 and attention layers -> ``BambaForCausalLM``, ``zoo_longformer`` -> ``LongformerForMaskedLM``);
+  Mamba-2 and attention layers -> ``BambaForCausalLM``, ``zoo_longformer`` -> ``LongformerForMaskedLM``,
+  ``zoo_bigbird`` -> ``BigBirdForMaskedLM``);
 - a checkpoint file (``.pt``) whose keys are torchscale RetNet's -> ``zoo_retnet``, configured by the options the
   checkpoint stores (fairseq ``cfg``/``args``) or, for a bare state dict, by ``--heads`` (required),
   ``--activation``, ``--value-dim``/``--value-factor`` and ``--scale-embedding``; a ``zoo_retnet`` folder ->
   a torchscale checkpoint when DST ends in ``.pt``;
 - RWKV: a transformers ``rwkv`` folder <-> ``zoo_rwkv`` (version 4); a BlinkDL ``.pth`` checkpoint (RWKV-4, -6,
   -7, told by its keys) -> ``zoo_rwkv``, and a ``zoo_rwkv`` folder -> BlinkDL ``.pth`` when DST ends in ``.pth``.
+- Hyena: a safari ``ConvLMHeadModel`` or HyenaDNA checkpoint file (told by its keys) -> ``zoo_hyena``.
 
 The converted model is saved with ``save_pretrained`` (safetensors), with the source's tokenizer when it has one.
 Nothing is written when the source is not recognised.
@@ -57,6 +59,10 @@ def _to_zoo(model_type: str):
         from zoo.models.longformer.convert_longformer import from_transformers
 
         return "LongformerForMaskedLM", from_transformers
+    if model_type == "big_bird":
+        from zoo.models.bigbird.convert_bigbird import from_transformers
+
+        return "BigBirdForMaskedLM", from_transformers
     return None
 
 
@@ -86,6 +92,10 @@ def _from_zoo(model_type: str):
         from zoo.models.longformer.convert_longformer import to_transformers
 
         return to_transformers
+    if model_type == "zoo_bigbird":
+        from zoo.models.bigbird.convert_bigbird import to_transformers
+
+        return to_transformers
     return None
 
 
@@ -94,7 +104,8 @@ def convert(src: str | Path, dst: str | Path, *, heads: int | None = None, **ret
 
     ``heads`` and ``retnet_options`` (``activation``, ``value_dim``, ``value_factor``, ``scale_embedding``) describe
     a torchscale RetNet checkpoint that does not store its own options (see ``zoo.models.retnet.convert_retnet``).
-    """    import transformers
+    """
+    import transformers
 
     import zoo  # noqa: F401  (registers zoo's architectures)
 
@@ -123,7 +134,7 @@ def convert(src: str | Path, dst: str | Path, *, heads: int | None = None, **ret
             # an encoder converts from its masked-LM head
             auto = (
                 transformers.AutoModelForMaskedLM
-                if model_type == "zoo_longformer"
+                if model_type in ("zoo_longformer", "zoo_bigbird")
                 else transformers.AutoModelForCausalLM
             )
             model = back(auto.from_pretrained(src))
@@ -131,7 +142,7 @@ def convert(src: str | Path, dst: str | Path, *, heads: int | None = None, **ret
             entry = _to_zoo(model_type)
             if entry is None:
                 raise ValueError(
-                    f"no zoo converter for transformers model_type {model_type!r} (known: llama, mamba, falcon_mamba, mamba2, bamba, rwkv, longformer)"
+                    f"no zoo converter for transformers model_type {model_type!r} (known: llama, mamba, falcon_mamba, mamba2, bamba, rwkv, longformer, big_bird)"
                 )
             class_name, to_zoo = entry
             model = to_zoo(getattr(transformers, class_name).from_pretrained(src))
@@ -146,6 +157,13 @@ def convert(src: str | Path, dst: str | Path, *, heads: int | None = None, **ret
         state_dict, stored = load_checkpoint(src)
         if is_blink_state_dict(state_dict):
             model = from_blink(state_dict)
+            model.save_pretrained(dst)
+            return model
+        from zoo.models.hyena.convert_hyena import from_safari, is_safari_state_dict
+
+        lightning = state_dict.get("state_dict")  # HyenaDNA's Lightning checkpoints
+        if is_safari_state_dict(lightning if isinstance(lightning, dict) else state_dict):
+            model = from_safari(lightning if isinstance(lightning, dict) else state_dict)
             model.save_pretrained(dst)
             return model
         if not is_torchscale_state_dict(state_dict):

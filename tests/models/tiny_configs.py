@@ -5,6 +5,18 @@ otherwise, so a new architecture cannot skip the shared checks.
 """
 
 TINY = {
+    # segments of 4 tokens: the shared checks' sequences span several, memory and padding included
+    "zoo_infini": dict(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        segment_length=4,
+        memory_update="delta",
+    ),
     "zoo_transformer": dict(
         vocab_size=259,
         hidden_size=32,
@@ -93,6 +105,50 @@ TINY = {
         bos_token_id=2,
         eos_token_id=1,
         sep_token_id=1,
+    ),
+    # 2-token blocks, so that the suite's inputs (up to 33 tokens) span many blocks: window, global and random
+    "zoo_bigbird": dict(
+        vocab_size=259,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        block_size=2,
+        num_random_blocks=1,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+        sep_token_id=1,
+    ),
+    # RMT over a tiny zoo_transformer: 2 memory tokens, segments of 8 tokens (the suite's inputs span 1 to 5)
+    "zoo_rmt": dict(
+        backbone=dict(
+            model_type="zoo_transformer",
+            vocab_size=259,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        ),
+        num_mem_tokens=2,
+        segment_length=8,
+    ),
+    # order 3 (two long convolutions, the interleaved filter layout); a grid of 16 positions, shorter than the
+    # suite's longest inputs, so that the grid's extension runs too
+    "zoo_hyena": dict(
+        vocab_size=259,
+        hidden_size=16,
+        num_hidden_layers=2,
+        intermediate_size=32,
+        order=3,
+        filter_order=8,
+        emb_dim=5,
+        max_position_embeddings=16,
     ),
 }
 

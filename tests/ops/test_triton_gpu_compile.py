@@ -124,6 +124,14 @@ def run_wkv4(C: int, N: int, dtype: torch.dtype) -> None:
     )  # fmt: skip
 
 
+def run_long_conv(C: int, L: int, dtype: torch.dtype) -> None:
+    """Forward and backward of the Triton long convolution (C channels, a filter of L taps)."""
+    from zoo.ops.long_conv import long_conv
+
+    u, h = torch.randn(2, L, C, dtype=dtype).requires_grad_(), torch.randn(C, L, dtype=dtype).requires_grad_()
+    long_conv(u, h, backend="triton")[0].sum().backward()
+
+
 # op: (module of kernels, run(size, size, dtype), sizes)
 OPS = {
     # (Dk, Dv): RetNet's default (128, 256), tiny (32, 64), small (256, 512)
@@ -142,6 +150,8 @@ OPS = {
     "gla": ("zoo.ops.gla.triton", run_gla, [(32, 32), (64, 64), (256, 256)]),
     # (C, sequences): RWKV-4's widths (the kernel's blocks do not depend on them)
     "wkv4": ("zoo.ops.wkv4.triton", run_wkv4, [(768, 2), (2560, 2)]),
+    # (C, L): Hyena's inner width and filter length (the kernel's blocks do not depend on them)
+    "long_conv": ("zoo.ops.long_conv.triton", run_long_conv, [(64, 40)]),
 }
 
 

@@ -1,0 +1,245 @@
+"""Recurrent Memory Transformer (Bulatov et al., 2022, arXiv:2207.06881): the wrapper against its backbone, against
+a segment loop written here from the paper, and against the authors' RecurrentWrapper forward re-implemented
+here over a transformers GPT-2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import zoo  # noqa: F401
+from tests.models.tiny_configs import TINY, tiny_config
+from zoo.models.rmt import RMTConfig, RMTForCausalLM
+
+BACKBONE = TINY["zoo_rmt"]["backbone"]
+
+
+def rmt(**overrides) -> RMTForCausalLM:
+    torch.manual_seed(0)
+    return RMTForCausalLM(tiny_config("zoo_rmt", **overrides)).eval()
+
+
+def tokens(batch, length, seed=0):
+    return torch.randint(3, 259, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(1)
+    config = GPT2Config(
+        vocab_size=97,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_no_memory_one_segment_is_the_backbone():
+    model = rmt(num_mem_tokens=0, segment_length=16)
+    ids = tokens(2, 16)
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    with torch.no_grad():
+        for kw in ({}, {"attention_mask": mask}):
+            got = model(ids, use_cache=False, **kw).logits
+            ref = model.model.backbone(ids, use_cache=False, **kw).logits
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def paper_loop(model, ids):
+    """RMT as the paper describes it, with the backbone as a black box: segment tau is [mem, H_tau, mem]; the
+    outputs at the first memory positions are dropped, the tokens' outputs are the segment's, and the outputs at
+    the last memory positions are the next memory; the loss is next-token cross-entropy over all segments."""
+    backbone, M, S = model.model.backbone, model.config.num_mem_tokens, model.config.segment_length
+    mem = model.model.memory.unsqueeze(0).repeat(ids.shape[0], 1, 1)
+    emb = backbone.get_input_embeddings()
+    all_logits = []
+    for start in range(0, ids.shape[1], S):
+        h = emb(ids[:, start : start + S])
+        out = backbone(inputs_embeds=torch.cat([mem, h, mem], 1), output_hidden_states=True, use_cache=False)
+        all_logits.append(out.logits[:, M : M + h.shape[1]])
+        mem = out.hidden_states[-1][:, M + h.shape[1] :]
+    logits = torch.cat(all_logits, 1)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    return logits, loss, mem
+
+
+def test_segment_loop_equals_the_papers_description():
+    model = rmt(num_mem_tokens=3, segment_length=5).train()
+    ids = tokens(2, 23)
+    out = model(ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    got_grad = model.model.memory.grad.clone()
+    model.zero_grad()
+    logits, loss, mem = paper_loop(model, ids)
+    loss.backward()
+    torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.memory_state, mem, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, model.model.memory.grad, rtol=1e-4, atol=1e-6)
+    assert got_grad.abs().sum() > 0
+
+
+def test_streaming_segments_equals_one_call():
+    model = rmt()
+    ids = tokens(2, 14)
+    with torch.no_grad():
+        full = model(ids, use_cache=False)
+        first = model(ids[:, :8], use_cache=False)
+        second = model(ids[:, 8:], memory_state=first.memory_state, use_cache=False)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second.memory_state, full.memory_state, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_truncated_bptt_cuts_the_gradient_beyond_its_depth(depth):
+    model = rmt(bptt_depth=depth).train()
+    S, n = model.config.segment_length, 4
+    embeds = model.get_input_embeddings()(tokens(1, S * n)).detach().requires_grad_()
+    model(inputs_embeds=embeds, use_cache=False).logits[:, -S:].square().sum().backward()
+    per_segment = embeds.grad.abs().sum(-1).view(n, S).sum(-1)
+    assert (per_segment[: n - depth] == 0).all(), per_segment
+    assert (per_segment[n - depth :] > 0).all(), per_segment
+    # without truncation the gradient reaches every segment
+    embeds.grad = None
+    rmt().train()(inputs_embeds=embeds, use_cache=False).logits[:, -S:].square().sum().backward()
+    assert (embeds.grad.abs().sum(-1).view(n, S).sum(-1) > 0).all()
+
+
+def test_generate_crosses_segment_boundaries_with_memory():
+    model = rmt(segment_length=3)
+    ids = tokens(2, 5)
+    out = model.generate(ids, max_new_tokens=9, do_sample=False, pad_token_id=0, eos_token_id=None)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(9):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    torch.testing.assert_close(out, seq, rtol=0, atol=0)
+
+
+def test_cache_memory_after_a_full_segment_equals_the_streamed_memory():
+    model = rmt()
+    ids = tokens(2, 8)
+    with torch.no_grad():
+        cached = model(ids, use_cache=True)
+        plain = model(ids, use_cache=False)
+    torch.testing.assert_close(cached.memory_state, plain.memory_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.logits, plain.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_right_alignment_and_padding():
+    model = rmt(segment_alignment="right")
+    ids = tokens(2, 9)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding, counted from the row's own end: the boundaries of the 6 real tokens
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        alone = model(ids[:1, 3:]).logits
+        out = model.generate(ids[1:], max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+        seq = ids[1:]
+        for _ in range(3):
+            seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], 1)
+    torch.testing.assert_close(batched[0, 3:], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, seq, rtol=0, atol=0)
+
+
+def test_wraps_a_transformers_gpt2_and_round_trips(tmp_path):
+    gpt2 = tiny_gpt2()
+    model = RMTForCausalLM.from_backbone(gpt2, num_mem_tokens=2, segment_length=6).eval()
+    assert model.model.backbone is gpt2
+    ids = torch.randint(0, 97, (2, 15))
+    out = model(ids, labels=ids, use_cache=False)
+    assert out.logits.shape == (2, 15, 97) and torch.isfinite(out.loss)
+    _, loss, _ = paper_loop(model, ids)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is RMTForCausalLM and type(loaded.model.backbone) is GPT2LMHeadModel
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+        gen = model.generate(ids[:, :7], max_new_tokens=8, do_sample=False, pad_token_id=0)
+        seq = ids[:, :7]
+        for _ in range(8):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    torch.testing.assert_close(gen, seq, rtol=0, atol=0)
+
+
+def authors_forward(state_dict, backbone, ids, mask, num_mem_tokens, segment_size, alignment):
+    """The forward of the authors' RecurrentWrapper / MemoryCell (booydar/recurrent-memory-transformer), written
+    here from their conventions: split the batch tensor into segments by alignment; per segment, embed, put the
+    memory before and after, pad the attention mask with ones at the memory; the logits between the memory
+    positions are the segment's and the last-layer hidden states at the write positions the next memory."""
+    M = num_mem_tokens
+    backbone.load_state_dict(
+        {k[len("memory_cell.model.") :]: v for k, v in state_dict.items() if "model." in k}
+    )
+    T = ids.shape[1]
+    if alignment == "left":
+        cuts = list(range(0, T, segment_size)) + [T]
+    elif alignment == "right":
+        cuts = (list(range(T, 0, -segment_size)) + [0])[::-1]
+    else:
+        cuts = [c[0] for c in torch.arange(T).chunk(math.ceil(T / segment_size))] + [T]
+    memory = state_dict["memory_cell.memory"].repeat(ids.shape[0], 1, 1)
+    logits = []
+    for a, b in zip(cuts, cuts[1:]):
+        x = torch.cat([memory, backbone.get_input_embeddings()(ids[:, a:b]), memory], 1)
+        m = None
+        if mask is not None:
+            m = torch.ones(x.shape[:2], dtype=torch.int64)
+            m[:, M:-M] = mask[:, a:b]
+        out = backbone(inputs_embeds=x, attention_mask=m, output_hidden_states=True)
+        memory = out.hidden_states[-1][:, -M:]
+        logits.append(out.logits[:, M:-M])
+    return torch.cat(logits, 1)
+
+
+@pytest.mark.parametrize("alignment", ["left", "right", "center"])
+def test_from_booydar_gives_the_authors_logits(alignment):
+    gpt2 = tiny_gpt2()
+    torch.manual_seed(2)
+    state_dict = {f"memory_cell.model.{k}": v.clone() for k, v in gpt2.state_dict().items()}
+    state_dict["memory_cell.memory"] = torch.randn(3, 32) * 0.02
+    ids = torch.randint(0, 97, (2, 17))
+    mask = None
+    if alignment == "left":  # the authors' default: right padding
+        mask = torch.ones_like(ids)
+        mask[1, 12:] = 0
+    with torch.no_grad():
+        model = RMTForCausalLM.from_booydar(
+            state_dict, gpt2.config, num_mem_tokens=3, segment_length=5, segment_alignment=alignment
+        ).eval()
+        got = model(ids, attention_mask=mask, use_cache=False).logits
+        ref = authors_forward(state_dict, tiny_gpt2(), ids, mask, 3, 5, alignment)
+    real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    torch.testing.assert_close(got[real], ref[real], rtol=1e-5, atol=1e-5)
+    assert got.abs().sum() > 0
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="num_mem_tokens"):
+        RMTConfig(num_mem_tokens=-1)
+    with pytest.raises(ValueError, match="segment_length"):
+        RMTConfig(segment_length=0)
+    with pytest.raises(ValueError, match="bptt_depth"):
+        RMTConfig(bptt_depth=0)
+    model = rmt()
+    with pytest.raises(ValueError, match="memory_state has shape"):
+        model(tokens(1, 4), memory_state=torch.zeros(1, 5, 32), use_cache=False)
+    gpt2 = tiny_gpt2()
+    sd = {f"memory_cell.model.{k}": v for k, v in gpt2.state_dict().items()}
+    sd["memory_cell.memory"] = torch.zeros(3, 32)
+    with pytest.raises(ValueError, match="num_mem_tokens=4"):
+        RMTForCausalLM.from_booydar(sd, gpt2.config, num_mem_tokens=4, segment_length=5)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="padded on the right"):
+        model(tokens(2, 6), attention_mask=mask, use_cache=True)

@@ -1,0 +1,614 @@
+"""Recurrent Memory Transformer (Bulatov et al., 2022, "Recurrent Memory Transformer", arXiv:2207.06881; Bulatov
+et al., 2023, "Scaling Transformer to 1M tokens and beyond with RMT", arXiv:2304.11062).
+
+A wrapper over any causal LM (the backbone). A long input is cut into segments; each segment is processed as
+``[memory, segment, memory]``: every token reads the memory placed before it, and the memory tokens placed after
+it attend to the whole segment, so their final hidden states are the memory the next segment reads. The loss
+spans all segments (the logits of all segments, concatenated, shifted once).
+
+Conventions follow the authors' ``RecurrentWrapper`` / ``MemoryCell`` (``booydar/recurrent-memory-transformer``,
+``modeling_rmt/language_modeling.py``) so that their checkpoints load (:meth:`RMTForCausalLM.from_booydar`) and
+give the same logits: memory initialised as ``randn * std(input embeddings)``; the same memory tensor is placed
+at the read and write positions; memory positions count in the attention mask as ones; the backbone is called
+on ``inputs_embeds`` and numbers positions itself within each segment; the new memory is the last entry of the
+backbone's ``hidden_states``. Where zoo differs:
+
+- ``bptt_depth`` really truncates. The authors' ``manage_gradients`` rebinds a local name to the detached memory
+  and returns, so their ``k2`` setting never cuts the graph. Here the memory written by a segment more than
+  ``bptt_depth`` segments before the last one is detached.
+- Left and right segment alignment are counted from each row's own real tokens (leading padding is moved to the
+  end for left alignment, trailing padding to the front for right alignment), and a row whose segment holds no
+  real token keeps its memory; so a padded batch gives every row what it gives alone. On right-padded input
+  with left alignment (the authors' default) the logits of the real tokens are theirs.
+- Decoding extends the last segment token by token with the backbone's cache and, when the segment fills, writes
+  memory and opens a new one (the authors' ``generate`` stays in the last segment); the logits equal those of a
+  full forward over the same tokens.
+- Packed documents (``position_ids`` restarting at 0) are processed one by one, each from the initial memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.loss.loss_utils import ForSequenceClassificationLoss
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+
+from zoo.models.heads import last_token_index
+from zoo.models.rmt.configuration_rmt import RMTConfig
+from zoo.models.utils import (
+    CACHE_NAME,
+    check_input_ids,
+    model_forward,
+    output_cache,
+    resolve_use_cache,
+    with_cache,
+)
+from zoo.modules.documents import document_starts, has_several_documents
+
+
+@dataclass
+class RMTModelOutput(BaseModelOutputWithPast):
+    """``last_hidden_state`` and ``logits`` (the backbone's) over the input tokens; ``memory_state`` (B, M, C)
+    the memory after the last segment (None while a decoding cache holds a segment open)."""
+
+    logits: torch.FloatTensor | None = None
+    memory_state: torch.FloatTensor | None = None
+
+
+@dataclass
+class RMTCausalLMOutput(CausalLMOutputWithPast):
+    memory_state: torch.FloatTensor | None = None
+
+
+class RMTCache:
+    """Decoding state: the memory the open segment reads, the backbone's cache over ``[memory, tokens so far]``
+    of that segment, and its attention mask. Its size is bounded by one segment, whatever the input length."""
+
+    is_compileable = False
+
+    def __init__(self, memory: torch.Tensor | None):
+        self.memory = memory  # (B, M, C) or None without memory tokens
+        self.backbone_cache = None
+        self.mask: torch.Tensor | None = None  # (B, M + open_len) over the open segment
+        self.open_len = 0  # tokens in the open segment
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, *args, **kwargs):
+        return self.seen_tokens, 0
+
+    def _map(self, fn, method: str, *args) -> None:
+        if self.memory is not None:
+            self.memory = fn(self.memory)
+        if self.mask is not None:
+            self.mask = fn(self.mask)
+        if self.backbone_cache is not None:
+            getattr(self.backbone_cache, method)(*args)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)), "reorder_cache", beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0), "batch_repeat_interleave", repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices], "batch_select_indices", indices)
+
+
+def segment_bounds(length: int, segment_length: int, alignment: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of each segment of a sequence of ``length`` tokens (the authors' ``split_tensor``)."""
+    if length == 0:
+        return []
+    if alignment == "left":
+        starts = list(range(0, length, segment_length))
+    elif alignment == "right":
+        starts = sorted({max(0, e - segment_length) for e in range(length, 0, -segment_length)})
+    elif alignment == "center":
+        size = math.ceil(length / math.ceil(length / segment_length))
+        starts = list(range(0, length, size))
+    else:
+        raise ValueError(f"segment_alignment={alignment!r}; expected 'left', 'right' or 'center'")
+    return list(zip(starts, starts[1:] + [length]))
+
+
+def _roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Row ``b`` of ``x`` (B, T, ...) moved left by ``shift[b]`` places, cyclically."""
+    T = x.shape[1]
+    idx = (torch.arange(T, device=x.device)[None] + shift[:, None]) % T  # (B, T)
+    return x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+class RMTPreTrainedModel(PreTrainedModel):
+    config_class = RMTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = [CACHE_NAME]
+    _is_stateful = True
+    _supports_sdpa = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # The model builds its own RMTCache, which holds the backbone's cache inside.
+        return False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, RMTModel) and module.memory is not None:
+            std = getattr(self.config.backbone, "initializer_range", 0.02)
+            module.memory.normal_(0.0, std)
+
+
+class RMTModel(RMTPreTrainedModel):
+    """The memory tokens and the segment loop over ``backbone``, a causal LM; returns its logits and last hidden
+    states over the input tokens, and the memory."""
+
+    def __init__(self, config: RMTConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.backbone = (
+            backbone if backbone is not None else AutoModelForCausalLM.from_config(config.backbone)
+        )
+        width = self.backbone.get_input_embeddings().weight.shape[1]
+        M = config.num_mem_tokens
+        self.memory = nn.Parameter(torch.zeros(M, width)) if M > 0 else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.backbone.set_input_embeddings(value)
+
+    def initial_memory(self, batch_size: int) -> torch.Tensor | None:
+        if self.memory is None:
+            return None
+        return self.memory[None].expand(batch_size, -1, -1)
+
+    def _backbone(self, embeds, mask, cache=None, use_cache=False):
+        kwargs = {CACHE_NAME: cache} if cache is not None else {}
+        return self.backbone(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            use_cache=use_cache,
+            output_hidden_states=True,
+            **kwargs,
+        )
+
+    def _segment(self, embeds, mask, memory, with_hidden: bool):
+        """One segment as ``[memory, tokens, memory]``: (logits, last hidden, hidden states of every layer or
+        None) over its tokens, and the memory its write tokens hold."""
+        M, t = self.config.num_mem_tokens, embeds.shape[1]
+        if memory is not None:
+            embeds = torch.cat([memory.to(embeds.dtype), embeds, memory.to(embeds.dtype)], dim=1)
+            if mask is not None:
+                ones = mask.new_ones(mask.shape[0], M)
+                mask = torch.cat([ones, mask, ones], dim=1)
+        out = self._backbone(embeds, mask)
+        hidden = out.hidden_states[-1]
+        layers = tuple(h[:, M : M + t] for h in out.hidden_states) if with_hidden else None
+        new_memory = hidden[:, M + t :] if memory is not None else None
+        return out.logits[:, M : M + t], hidden[:, M : M + t], layers, new_memory
+
+    @model_forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: RMTCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        memory_state: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> RMTModelOutput:
+        """``memory_state`` (B, M, C): the memory to start from (default: the learned initial memory); the output
+        carries the memory after the last segment, written even when that segment is short, so that calls over
+        consecutive segments equal one call. ``cache``: decoding state (see :class:`RMTCache`). ``position_ids``
+        only mark packed documents (where they restart at 0); inside a segment the backbone numbers positions."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            check_input_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if cache is not None and not isinstance(cache, RMTCache):
+            raise ValueError(f"RMTModel: the cache must be an RMTCache, got {type(cache).__name__}")
+        if cache is not None and memory_state is not None:
+            raise ValueError("pass either memory_state or cache, not both (the cache holds the memory)")
+        B, T, _ = inputs_embeds.shape
+        if memory_state is not None and (
+            self.memory is None or memory_state.shape != (B, *self.memory.shape)
+        ):
+            want = None if self.memory is None else (B, *self.memory.shape)
+            raise ValueError(f"memory_state has shape {tuple(memory_state.shape)}, expected {want}")
+        with_hidden = bool(output_hidden_states)
+        fresh = cache is None or cache.seen_tokens == 0
+        if position_ids is not None and fresh and has_several_documents(position_ids):
+            return self._documents(inputs_embeds, attention_mask, position_ids, with_hidden)
+        left = self.config.segment_alignment == "left"
+        # by default, right and center alignments (which cut the whole input anew) run without a cache
+        if cache is None and not (resolve_use_cache(self, use_cache) and (left or use_cache)):
+            return self._segments(inputs_embeds, attention_mask, memory_state, with_hidden)
+        if not left:
+            raise ValueError(
+                f"decoding with a cache extends the last segment, which needs segment_alignment='left', got "
+                f"{self.config.segment_alignment!r}; pass use_cache=False"
+            )
+        return self._cached(inputs_embeds, attention_mask, cache, memory_state, with_hidden)
+
+    def _segments(self, embeds, mask, memory, with_hidden) -> RMTModelOutput:
+        """The whole input, segment by segment, without a cache (training, streaming by ``memory_state``)."""
+        B, T, _ = embeds.shape
+        align = self.config.segment_alignment
+        shift = None
+        if mask is not None and align in ("left", "right"):
+            real = mask.bool()
+            if align == "left":  # leading padding moves to the end
+                shift = (real.long().cumsum(-1) == 0).sum(-1)
+            else:  # trailing padding moves to the front
+                shift = -(real.flip(-1).long().cumsum(-1) == 0).sum(-1)
+            embeds, mask = _roll_rows(embeds, shift), _roll_rows(mask, shift)
+        memory = memory if memory is not None else self.initial_memory(B)
+        bounds = segment_bounds(T, self.config.segment_length, align)
+        depth = self.config.bptt_depth
+        logits, hidden, layers = [], [], []
+        for i, (s, e) in enumerate(bounds):
+            seg_mask = mask[:, s:e] if mask is not None else None
+            if self.gradient_checkpointing and self.training:
+                # Per-segment checkpointing: only the segment's inputs and memory are kept for the backward.
+                out = checkpoint(
+                    self._segment, embeds[:, s:e], seg_mask, memory, with_hidden, use_reentrant=False
+                )
+            else:
+                out = self._segment(embeds[:, s:e], seg_mask, memory, with_hidden)
+            seg_logits, seg_hidden, seg_layers, new_memory = out
+            if new_memory is not None:
+                if seg_mask is not None:  # a row without a real token in this segment keeps its memory
+                    new_memory = torch.where(seg_mask.bool().any(-1)[:, None, None], new_memory, memory)
+                if depth is not None and i < len(bounds) - depth:
+                    new_memory = new_memory.detach()
+                memory = new_memory
+            logits.append(seg_logits)
+            hidden.append(seg_hidden)
+            layers.append(seg_layers)
+        logits, hidden = torch.cat(logits, 1), torch.cat(hidden, 1)
+        all_hidden = tuple(torch.cat(h, 1) for h in zip(*layers)) if with_hidden else None
+        if shift is not None:
+            logits, hidden = _roll_rows(logits, -shift), _roll_rows(hidden, -shift)
+            if all_hidden is not None:
+                all_hidden = tuple(_roll_rows(h, -shift) for h in all_hidden)
+        return with_cache(
+            RMTModelOutput,
+            None,
+            last_hidden_state=hidden,
+            logits=logits,
+            hidden_states=all_hidden,
+            memory_state=memory,
+        )
+
+    def _documents(self, embeds, mask, position_ids, with_hidden) -> RMTModelOutput:
+        """Packed documents: each processed alone, from the initial memory. No cache or memory is returned."""
+        starts = document_starts(position_ids)
+        rows = []
+        for b in range(embeds.shape[0]):
+            idx = starts[b].nonzero().flatten().tolist() + [embeds.shape[1]]
+            docs = [
+                self._segments(
+                    embeds[b : b + 1, s:e], None if mask is None else mask[b : b + 1, s:e], None, with_hidden
+                )
+                for s, e in zip(idx, idx[1:])
+            ]
+            rows.append(docs)
+
+        def stitch(field):
+            return torch.cat([torch.cat([getattr(d, field) for d in docs], 1) for docs in rows], 0)
+
+        all_hidden = None
+        if with_hidden:
+            per_row = [tuple(torch.cat(h, 1) for h in zip(*(d.hidden_states for d in docs))) for docs in rows]
+            all_hidden = tuple(torch.cat(h, 0) for h in zip(*per_row))
+        return with_cache(
+            RMTModelOutput,
+            None,
+            last_hidden_state=stitch("last_hidden_state"),
+            logits=stitch("logits"),
+            hidden_states=all_hidden,
+        )
+
+    def _cached(self, embeds, mask, cache, memory_state, with_hidden) -> RMTModelOutput:
+        """Extends the open segment of ``cache`` with the backbone's own cache; writes the memory and opens a new
+        segment each time one fills."""
+        B, T, _ = embeds.shape
+        M, S = self.config.num_mem_tokens, self.config.segment_length
+        if cache is None:
+            cache = RMTCache(memory_state if memory_state is not None else self.initial_memory(B))
+        if mask is not None:
+            mask = mask[:, -T:]
+            if cache.seen_tokens == 0 and bool((mask.long().cumsum(-1) == 0).any()):
+                raise ValueError(
+                    "RMT decoding with a cache needs prompts padded on the right (left padding would shift "
+                    "the segment boundaries of the padded rows); pad on the right or decode row by row"
+                )
+        logits, hidden, layers = [], [], []
+        pos = 0
+        while pos < T:
+            take = min(T - pos, S - cache.open_len)
+            piece = embeds[:, pos : pos + take]
+            piece_mask = (
+                mask[:, pos : pos + take] if mask is not None else piece.new_ones(B, take, dtype=torch.long)
+            )
+            if cache.open_len == 0:  # a new segment reads the memory first
+                cache.backbone_cache, cache.mask = None, piece_mask.new_ones(B, M)
+                if cache.memory is not None:
+                    piece = torch.cat([cache.memory.to(piece.dtype), piece], dim=1)
+            cache.mask = torch.cat([cache.mask, piece_mask], dim=1)
+            out = self._backbone(
+                piece, self._mask_or_none(cache.mask, mask), cache.backbone_cache, use_cache=True
+            )
+            cache.backbone_cache = output_cache(out)
+            n = out.logits.shape[1]
+            logits.append(out.logits[:, n - take :])
+            hidden.append(out.hidden_states[-1][:, n - take :])
+            layers.append(tuple(h[:, n - take :] for h in out.hidden_states) if with_hidden else None)
+            cache.open_len += take
+            cache.seen_tokens += take
+            pos += take
+            if cache.open_len == S:
+                self._close_segment(cache, mask)
+        all_hidden = tuple(torch.cat(h, 1) for h in zip(*layers)) if with_hidden else None
+        return with_cache(
+            RMTModelOutput,
+            cache,
+            last_hidden_state=torch.cat(hidden, 1),
+            logits=torch.cat(logits, 1),
+            hidden_states=all_hidden,
+            memory_state=cache.memory if cache.open_len == 0 else None,
+        )
+
+    @staticmethod
+    def _mask_or_none(full_mask, given):
+        # the backbone gets a mask when the caller gave one or some token of the open segment is padding
+        if given is None and bool(full_mask.all()):
+            return None
+        return full_mask
+
+    def _close_segment(self, cache: RMTCache, given_mask) -> None:
+        """The write memory tokens, after the segment in the backbone's cache, become the next memory."""
+        memory = cache.memory
+        if memory is not None:
+            M = memory.shape[1]
+            full_mask = torch.cat([cache.mask, cache.mask.new_ones(cache.mask.shape[0], M)], dim=1)
+            out = self._backbone(
+                memory, self._mask_or_none(full_mask, given_mask), cache.backbone_cache, use_cache=True
+            )
+            real = cache.mask[:, M:].bool().any(-1)
+            cache.memory = torch.where(real[:, None, None], out.hidden_states[-1][:, -M:], memory)
+        cache.backbone_cache, cache.mask, cache.open_len = None, None, 0
+
+
+class RMTForCausalLM(RMTPreTrainedModel, GenerationMixin):
+    """RMT language model: the backbone's logits over every segment, and the loss over all of them."""
+
+    def __init__(self, config: RMTConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.model = RMTModel(config, backbone)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.backbone.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.model.backbone.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.model.backbone.set_output_embeddings(value)
+
+    @model_forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: RMTCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        memory_state: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        shift_labels: torch.LongTensor | None = None,
+    ) -> RMTCausalLMOutput:
+        """``labels``: the input ids (shifted inside, across segment boundaries too), -100 where there is no
+        target. See :meth:`RMTModel.forward` for ``memory_state`` and ``cache``."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            memory_state=memory_state,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = outputs.logits[:, keep]
+        loss = None
+        if labels is not None or shift_labels is not None:
+            loss = self.loss_function(
+                logits=outputs.logits,
+                labels=labels,
+                vocab_size=self.config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                shift_labels=shift_labels,
+            )
+        return with_cache(
+            RMTCausalLMOutput,
+            output_cache(outputs),
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            memory_state=outputs.memory_state,
+        )
+
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate``. Prompt segments are processed into memory by the first forward; decoding
+        extends the last segment and carries the memory across the segment boundaries it crosses. Right and
+        center alignments cut the whole sequence anew at every step, so they decode without a cache."""
+        if self.config.segment_alignment != "left":
+            kwargs["use_cache"] = False
+        return super().generate(*args, **kwargs)
+
+    @classmethod
+    def from_backbone(
+        cls, path_or_model, *, num_mem_tokens: int, segment_length: int, **config_kwargs
+    ) -> RMTForCausalLM:
+        """Wrap a pretrained causal LM (a transformers or zoo model, or a path / hub id to load one with
+        ``AutoModelForCausalLM``); the memory starts as ``randn * std(input embeddings)``, as the authors'."""
+        backbone = path_or_model
+        if isinstance(path_or_model, str):
+            backbone = AutoModelForCausalLM.from_pretrained(path_or_model)
+        if not isinstance(backbone, PreTrainedModel):
+            raise ValueError(
+                f"from_backbone takes a causal LM (PreTrainedModel) or a path, got {type(path_or_model).__name__}"
+            )
+        # building the wrapper's config and model resets its sub-config's attention setting (the backbone's
+        # own config object): keep the backbone's
+        attn = backbone.config._attn_implementation
+        config = RMTConfig(
+            backbone=backbone.config,
+            num_mem_tokens=num_mem_tokens,
+            segment_length=segment_length,
+            **config_kwargs,
+        )
+        config._attn_implementation = attn
+        model = cls(config, backbone=backbone)
+        backbone.config._attn_implementation = attn
+        if model.model.memory is not None:
+            emb = backbone.get_input_embeddings().weight
+            with torch.no_grad():
+                model.model.memory.copy_(torch.randn_like(model.model.memory) * emb.std())
+        return model
+
+    @classmethod
+    def from_booydar(
+        cls, state_dict: dict, backbone, *, num_mem_tokens: int, segment_length: int, **config_kwargs
+    ) -> RMTForCausalLM:
+        """Load a checkpoint of the authors' ``RecurrentWrapper`` (keys ``memory_cell.memory`` and
+        ``memory_cell.model.*``) over ``backbone``, a causal LM or its config (the authors' ``segment_size`` is
+        ``segment_length``, their ``segment_alignment`` the same name, default left)."""
+        if not isinstance(backbone, PreTrainedModel):
+            backbone = AutoModelForCausalLM.from_config(backbone)
+        prefix = "memory_cell.model."
+        inner = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        other = sorted(k for k in state_dict if not k.startswith(prefix) and k != "memory_cell.memory")
+        if other or not inner:
+            raise ValueError(
+                f"not a RecurrentWrapper checkpoint: expected keys 'memory_cell.memory' and 'memory_cell.model.*', "
+                f"got unexpected {other[:5]}"
+                if other
+                else "not a RecurrentWrapper checkpoint: no 'memory_cell.model.*' keys"
+            )
+        memory = state_dict.get("memory_cell.memory")
+        have = 0 if memory is None else memory.shape[0]
+        if have != num_mem_tokens:
+            raise ValueError(
+                f"num_mem_tokens={num_mem_tokens} but the checkpoint's memory_cell.memory holds {have}"
+            )
+        model = cls.from_backbone(
+            backbone, num_mem_tokens=num_mem_tokens, segment_length=segment_length, **config_kwargs
+        )
+        missing, unexpected = model.model.backbone.load_state_dict(inner, strict=False)
+        tied = (
+            {k for k in missing if k.endswith("lm_head.weight")}
+            if backbone.config.tie_word_embeddings
+            else set()
+        )
+        # old transformers saved GPT-2's causal mask buffers, which are no longer parameters
+        stale = {k for k in unexpected if k.endswith((".attn.bias", ".attn.masked_bias"))}
+        if set(missing) - tied or set(unexpected) - stale:
+            raise ValueError(
+                f"the checkpoint does not fit the backbone: missing {sorted(set(missing) - tied)[:5]}, "
+                f"unexpected {sorted(set(unexpected) - stale)[:5]}"
+            )
+        if memory is not None:
+            with torch.no_grad():
+                model.model.memory.copy_(memory)
+        return model
+
+
+class RMTForSequenceClassification(RMTPreTrainedModel):
+    """Scores the final hidden state of the last real token, after every segment (as the RMT encoder papers
+    classify long documents), with a linear ``score`` head."""
+
+    def __init__(self, config: RMTConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = RMTModel(config, backbone)
+        width = self.model.get_input_embeddings().weight.shape[1]
+        self.score = nn.Linear(width, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is getattr(self, "score", None):
+            module.weight.normal_(0.0, getattr(self.config.backbone, "initializer_range", 0.02))
+
+    @model_forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = outputs.last_hidden_state
+        B, T, _ = hidden.shape
+        idx = last_token_index(
+            B, T, attention_mask=attention_mask, input_ids=input_ids, pad_token_id=None, device=hidden.device
+        )
+        logits = self.score(hidden[torch.arange(B, device=hidden.device), idx])
+        loss = None
+        if labels is not None:
+            loss = ForSequenceClassificationLoss(labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+__all__ = [
+    "RMTCache",
+    "RMTForCausalLM",
+    "RMTForSequenceClassification",
+    "RMTModel",
+    "RMTPreTrainedModel",
+    "segment_bounds",
+]

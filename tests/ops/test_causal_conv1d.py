@@ -1,4 +1,4 @@
-"""Causal conv1d (zoo.ops.causal_conv1d): the F.conv1d backend against the naive oracle and torch's nn.Conv1d.
+"""Causal conv1d (zoo.ops.causal_conv1d): the F.conv1d and Triton backends against the naive oracle and nn.Conv1d.
 
 Errors are max |a - b| / max |b| over all elements: below 1e-10 for float64 runs and 1e-5 for float32 runs, both
 against the oracle in float64. The harness's checks (state chaining, packed sequences, step decoding) use its
@@ -8,7 +8,6 @@ norm-wise relative error under the same tolerances.
 from __future__ import annotations
 
 import functools
-import logging
 
 import pytest
 import torch
@@ -90,7 +89,7 @@ def check_against(fn, ref, inputs: dict, dtype: torch.dtype, what: str = "") -> 
 
 
 @pytest.mark.parametrize("K", [1, 2, 4])
-@pytest.mark.parametrize("backend", ["naive", "torch"])
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
 def test_equals_nn_conv1d(backend, K):
     """The convention of transformers' MambaMixer: nn.Conv1d(C, C, K, groups=C, padding=K - 1) on (B, C, T), its
     first T outputs, with weight[:, None, :]; weight[:, -1] multiplies the current token."""
@@ -131,7 +130,7 @@ def test_forward_backward(T, activation, dtype):
 
 
 @pytest.mark.parametrize("K", [1, 4])
-@pytest.mark.parametrize("backend", ["naive", "torch"])
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
 def test_empty_sequence(backend, K):
     """T = 0: an empty output, and the initial state (or zeros) passed on as the final one, packed too."""
     inputs = make_inputs(0, K=K)
@@ -255,22 +254,115 @@ def test_low_precision_inputs():
     assert max_rel(y, ref) < 2e-2 and torch.equal(state, inputs["x"][:, -3:].transpose(1, 2))
 
 
-def test_triton_runs_the_torch_form_with_a_warning_once(monkeypatch, caplog):
-    """No Triton kernel yet: asking for triton (or a CUDA device choosing it) runs the torch form, warning once."""
-    import zoo.ops.causal_conv1d as ops
+@pytest.mark.parametrize("name", ["naive", "torch", "triton"])
+def test_routes_to_the_chosen_backend(monkeypatch, name):
+    """The backend= argument and ZOO_BACKEND reach the form dispatch picked (triton: the Triton kernels)."""
+    from zoo.ops.causal_conv1d import chunk, naive
+    from zoo.ops.causal_conv1d import triton as triton_impl
 
     monkeypatch.delenv("ZOO_BACKEND", raising=False)
-    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
-    monkeypatch.setattr(ops, "_warned_no_triton", False)
-    inputs = make_inputs(20)
-    with caplog.at_level(logging.WARNING, logger="zoo.ops"):
-        y, _ = op("triton")(**inputs)
-        op("triton")(**inputs)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [
-        "zoo.ops.causal_conv1d: no Triton kernel yet, running the torch form (F.conv1d) instead"
-    ]
-    assert torch.equal(y, op("torch")(**inputs)[0])
+    monkeypatch.setattr(dispatch, "_logged", set())
+    calls = []
+    for form, module, attr in (
+        ("naive", naive, "naive_causal_conv1d"),
+        ("torch", chunk, "chunk_causal_conv1d"),
+        ("triton", triton_impl, "triton_causal_conv1d"),
+    ):
+        original = getattr(module, attr)
+
+        def spy(*args, _form=form, _original=original, **kwargs):
+            calls.append(_form)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, attr, spy)
+    inputs = make_inputs(5)
+    op(name)(**inputs)
+    monkeypatch.setenv("ZOO_BACKEND", name)
+    causal_conv1d(**inputs)
+    assert calls == [name, name]
+
+
+# ------------------------------------------------------------------------------------------- Triton kernels
+# Under the CPU interpreter (tests/conftest.py), at small sizes; float64 runs compute in float64, float32 runs in
+# float32, both against the oracle in float64.
+
+
+@pytest.mark.parametrize(
+    ("T", "K", "activation", "bias", "initial_state"),
+    [
+        (1, 4, "silu", True, True),  # shorter than the history: the final state reaches into the initial one
+        (2, 3, None, False, True),
+        (37, 4, "silu", True, True),  # more than one block of tokens, not a multiple of it
+        (33, 2, None, True, False),
+        (19, 3, "silu", False, False),
+        (9, 1, "silu", True, False),  # no history at all
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_triton_forward_backward(dtype, T, K, activation, bias, initial_state):
+    """The Triton kernels against the oracle: output, final state, and the gradients of x, weight, bias and the
+    initial state; widths 1 to 4, with and without SiLU, bias and initial state."""
+    inputs = make_inputs(T, K=K, bias=bias, initial_state=initial_state)
+    what = f"T={T} K={K} {activation} bias={bias} h0={initial_state}"
+    check_against(op("triton", activation), op("naive", activation), inputs, dtype, what=what)
+
+
+def test_triton_only_output_or_only_state():
+    """A loss on y alone (no final state asked for), and one on the final state alone (which reaches x and the
+    initial state only), both against the oracle."""
+    inputs = make_inputs(11, K=3)
+    no_state = op("triton", output_final_state=False)
+    check_against(no_state, op("naive", output_final_state=False), inputs, torch.float64)
+    grads = {}
+    for backend in ("triton", "naive"):
+        leaves = clone_inputs(make_inputs(2, K=4))
+        _, final = op(backend)(**leaves)
+        grads[backend] = torch.autograd.grad(final.sin().sum(), [leaves["x"], leaves["initial_state"]])
+    for a, b in zip(grads["triton"], grads["naive"]):
+        assert max_rel(a, b) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize("split", [2, 23])
+def test_triton_state_chaining(split):
+    """[0, split) then the rest from the first part's final state equals the whole (split 2 < K - 1)."""
+    for dtype in (torch.float64, torch.float32):
+        inputs = {n: x.to(dtype) for n, x in make_inputs(40).items()}
+        check_state_chaining(
+            op("triton"), inputs, split=split, seq_dims=SEQ_DIMS, tol=TOL[dtype], what="triton"
+        )
+
+
+def test_triton_varlen():
+    """Four packed sequences (lengths 17, 1, 20, 2) equal four separate calls, gradients included."""
+    shared = make_inputs(1, batch=1)
+    sequences = []
+    for i, T in enumerate((17, 1, 20, 2)):
+        seq = {**make_inputs(T, batch=1, seed=i + 1), "weight": shared["weight"], "bias": shared["bias"]}
+        sequences.append(seq)
+    check_varlen(op("triton"), sequences, seq_dims=SEQ_DIMS, tol=TOL[torch.float64], what="triton")
+
+
+@pytest.mark.parametrize(("K", "activation"), [(4, "silu"), (2, None)])
+@pytest.mark.parametrize("initial_state", [True, False], ids=["h0", "no_h0"])
+def test_triton_packed_equals_the_oracle(initial_state, K, activation):
+    """Packed sequences (empty ones, and ones shorter than the history, included) against the oracle run sequence
+    by sequence: outputs, final states and every gradient."""
+    lengths = (0, 5, 1, 2, 0, 3, 10, 1, 14, 0)
+    inputs = make_inputs(sum(lengths), K=K, batch=1, initial_state=False)
+    if initial_state:
+        inputs["initial_state"] = torch.randn(len(lengths), C, K - 1, dtype=torch.float64)
+    inputs["cu_seqlens"] = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    for dtype in (torch.float64, torch.float32):
+        check_against(op("triton", activation), op("naive", activation), inputs, dtype, what=f"K={K}")
+
+
+def test_triton_low_precision_inputs():
+    """bfloat16 in, bfloat16 out and state (float32 sums); close to the float32 result at bfloat16's resolution."""
+    inputs = {n: x.bfloat16() for n, x in make_inputs(33).items()}
+    y, state = op("triton")(**inputs)
+    ref, _ = op("naive")(**{n: x.float() for n, x in inputs.items()})
+    assert y.dtype == torch.bfloat16 and state.dtype == torch.bfloat16
+    assert max_rel(y, ref) < 2e-2 and torch.equal(state, inputs["x"][:, -3:].transpose(1, 2))
 
 
 @pytest.mark.parametrize(

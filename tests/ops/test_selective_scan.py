@@ -1,7 +1,7 @@
 """Selective scan (zoo.ops.selective_scan): the torch and triton backends against the naive oracle.
 
-torch runs in float64 and float32; triton (its forward kernel under the CPU interpreter, the torch backward from
-the states it stores) in float32. Errors are max |a - b| / max |b| over all elements (``max_rel``): below 1e-10
+torch runs in float64 and float32; triton (its forward and backward kernels, under the CPU interpreter) in float32,
+at smaller sizes than torch (the interpreter walks the kernels' loops over time in Python). Errors are max |a - b| / max |b| over all elements (``max_rel``): below 1e-10
 for float64 runs and 1e-5 for float32 runs, both against the oracle in float64; the harness's checks (state
 chaining, packed sequences, step decoding) use the same tolerances.
 """
@@ -25,6 +25,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 # (backend, dtype) runs; the Triton kernel computes in float32
 RUNS = [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32)]
 RUN_IDS = ["torch-f64", "torch-f32", "triton-f32"]
+TORCH_RUNS, TORCH_RUN_IDS = RUNS[:2], RUN_IDS[:2]
 SEQ_DIMS = {"x": 1, "dt": 1, "B": 1, "C": 1, "z": 1}
 
 
@@ -158,7 +159,7 @@ def test_naive_equals_the_formula_written_out():
 # ------------------------------------------------------------------------------------------- torch vs naive
 
 
-@pytest.mark.parametrize(("backend", "dtype"), RUNS, ids=RUN_IDS)
+@pytest.mark.parametrize(("backend", "dtype"), TORCH_RUNS, ids=TORCH_RUN_IDS)
 @pytest.mark.parametrize("chunk_size", [16, 64])
 @pytest.mark.parametrize("T", [1, 7, 63, 64, 200])
 def test_forward_backward(T, chunk_size, backend, dtype):
@@ -175,7 +176,7 @@ def test_options(groups, extras, softplus):
     """B/C shared ([B, T, N]) or grouped (G = 1, 2); with and without D, z and dt_bias; dt through softplus or
     used as given."""
     inputs = make_inputs(50, groups=groups, D=extras, z=extras, dt_bias=extras, softplus=softplus)
-    for backend, dtype in RUNS:
+    for backend, dtype in TORCH_RUNS:
         fn, ref = op(backend, 16, softplus), op("naive", softplus=softplus)
         check_against(fn, ref, inputs, dtype, what=f"{backend} {dtype}")
 
@@ -184,16 +185,17 @@ def test_options(groups, extras, softplus):
 def test_chunk_sizes(T, chunk_size):
     """Chunk sizes that are not powers of 2, of one token, and longer than the sequence."""
     check_against(op("torch", chunk_size), op("naive"), make_inputs(T), torch.float64)
-    if T < 150:
+    if T <= 30:
         check_against(op("triton", chunk_size), op("naive"), make_inputs(T, batch=1), torch.float32)
 
 
 @pytest.mark.parametrize(("backend", "dtype"), RUNS, ids=RUN_IDS)
 def test_without_states(backend, dtype):
     """No initial state in, no final state out."""
-    inputs = make_inputs(40, initial_state=False)
+    T = 20 if backend == "triton" else 40
+    inputs = make_inputs(T, initial_state=False)
     y, final = op(backend, 16, output_final_state=False)(**inputs)
-    assert final is None and y.shape == (2, 40, DC)
+    assert final is None and y.shape == (2, T, DC)
     no_state = op(backend, 16, output_final_state=False)
     check_against(no_state, op("naive", output_final_state=False), inputs, dtype)
 
@@ -210,7 +212,7 @@ def test_empty_sequence():
 @pytest.mark.parametrize(("backend", "dtype"), RUNS, ids=RUN_IDS)
 def test_strong_decay_stays_finite(backend, dtype):
     """dt A down to about -1000 per token (a trained Mamba's large-dt resets): no overflow, no nan."""
-    inputs = make_inputs(100, batch=1)
+    inputs = make_inputs(40 if backend == "triton" else 100, batch=1)
     inputs["dt"][:, ::5] = 8.0  # softplus(8 + bias) ~ 8
     inputs["A"][:, -1] = -120.0
     errors = check_against(op(backend, 64), op("naive"), inputs, dtype)
@@ -234,6 +236,52 @@ def test_gradcheck(packed):
     assert torch.autograd.gradcheck(fn, leaves)
 
 
+# ------------------------------------------------------------------------------------------- Triton vs naive
+# The Triton forward and backward kernels under the CPU interpreter, in float32 against the oracle in float64, at
+# T <= 40 (the interpreter walks every token of the kernels' loops in Python).
+
+
+@pytest.mark.parametrize(
+    ("T", "chunk_size", "batch"),
+    [(1, 64, 2), (7, 16, 2), (40, 16, 1), (37, 8, 1), (40, 64, 1)],
+)
+def test_triton_forward_backward(T, chunk_size, batch):
+    """Everything on (grouped B/C, D, z, dt_bias, softplus, initial and final state): one token; a sequence
+    inside one chunk; chunks that divide T and that do not; one chunk holding the whole sequence. The backward
+    recomputes every chunk's states from the state the forward stored for it."""
+    inputs = make_inputs(T, batch=batch)
+    check_against(
+        op("triton", chunk_size), op("naive"), inputs, torch.float32, what=f"T={T} chunk={chunk_size}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("groups", "extras", "softplus"),
+    [(None, True, True), (None, False, False), (1, True, False), (2, False, True), (3, True, True)],
+    ids=["BC-all", "BC-plain", "G1-raw_dt", "G2-plain", "G3-all"],
+)
+def test_triton_options(groups, extras, softplus):
+    """B/C shared or grouped (G = 1, 2, 3: blocks of channels that do not fill the kernel's block); with and
+    without D, z and dt_bias; dt through softplus or as given."""
+    inputs = make_inputs(20, batch=1, groups=groups, D=extras, z=extras, dt_bias=extras, softplus=softplus)
+    fn, ref = op("triton", 8, softplus), op("naive", softplus=softplus)
+    check_against(fn, ref, inputs, torch.float32, what=f"groups={groups} extras={extras} softplus={softplus}")
+
+
+def test_triton_gradient_of_the_final_state_only():
+    """A loss on the final state alone (the gradient entering the backward at the last token; C, D and z do not
+    reach it) gives every input it depends on, the initial state included, the oracle's gradient."""
+    inputs = make_inputs(13, batch=1, D=False, z=False)
+    names = ["x", "dt", "A", "B", "dt_bias", "initial_state"]
+    grads = {}
+    for backend, dtype in (("triton", torch.float32), ("naive", torch.float64)):
+        leaves = clone_inputs(inputs, dtype)
+        _, final = op(backend, 4)(**leaves)
+        grads[backend] = torch.autograd.grad(final.sin().sum(), [leaves[n] for n in names])
+    errors = {n: max_rel(a, b) for n, a, b in zip(names, grads["triton"], grads["naive"])}
+    assert all(e < TOL[torch.float32] for e in errors.values()), errors
+
+
 # ------------------------------------------------------------------------------------------- states, packing, steps
 
 
@@ -246,10 +294,11 @@ def test_state_chaining(backend, dtype):
 
 @pytest.mark.parametrize(("backend", "dtype"), [("naive", torch.float64), *RUNS], ids=["naive", *RUN_IDS])
 def test_varlen(backend, dtype):
-    """Four packed sequences (lengths 17, 1, 64, 50; chunk 16) equal four separate calls, gradients included."""
+    """Four packed sequences (lengths 17, 1, 64, 50; chunk 16; triton: 9, 1, 20, 5) equal four separate calls,
+    gradients included."""
     shared = make_inputs(1, batch=1)
     sequences = []
-    for i, T in enumerate((17, 1, 64, 50)):
+    for i, T in enumerate((9, 1, 20, 5) if backend == "triton" else (17, 1, 64, 50)):
         seq = make_inputs(T, batch=1, seed=i + 1)
         seq.update({n: shared[n] for n in ("A", "D", "dt_bias")})
         sequences.append({n: x if x is None else x.to(dtype) for n, x in seq.items()})
@@ -261,17 +310,23 @@ def test_varlen(backend, dtype):
 PACKED_LENGTHS = (0, 5, 1, 10, 0, 3, 3, 10, 16, 1, 30, 2, 17, 9, 0)
 
 
+# The same cases for the Triton kernels with chunk 8, in fewer tokens: starts at 16 and 32, sequences across 8, 24
+# and 32, empty ones first and last.
+PACKED_LENGTHS_SHORT = (0, 5, 1, 10, 0, 3, 8, 1, 4, 0)
+
+
 @pytest.mark.parametrize("initial_state", [True, False], ids=["h0", "no_h0"])
 @pytest.mark.parametrize(("backend", "dtype"), RUNS, ids=RUN_IDS)
 def test_packed_equals_the_oracle(backend, dtype, initial_state):
     """One pass over packed sequences (empty ones included) against the oracle run sequence by sequence."""
-    inputs = make_inputs(sum(PACKED_LENGTHS), batch=1, initial_state=False)
+    lengths, chunk_size = (PACKED_LENGTHS_SHORT, 8) if backend == "triton" else (PACKED_LENGTHS, 16)
+    inputs = make_inputs(sum(lengths), batch=1, initial_state=False)
     if initial_state:
-        inputs["initial_state"] = torch.randn(len(PACKED_LENGTHS), DC, N, dtype=torch.float64)
-    inputs["cu_seqlens"] = torch.tensor([0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()])
-    check_against(op(backend, 16), op("naive"), inputs, dtype)
-    _, final = op(backend, 16)(**inputs)
-    assert final.shape == (len(PACKED_LENGTHS), DC, N)
+        inputs["initial_state"] = torch.randn(len(lengths), DC, N, dtype=torch.float64)
+    inputs["cu_seqlens"] = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    check_against(op(backend, chunk_size), op("naive"), inputs, dtype)
+    _, final = op(backend, chunk_size)(**inputs)
+    assert final.shape == (len(lengths), DC, N)
 
 
 @pytest.mark.parametrize("layout", ["BD", "B1D"])

@@ -74,18 +74,18 @@ def run_retention(Dk: int, Dv: int, dtype: torch.dtype) -> None:
 
 
 def run_selective_scan(Dc: int, N: int, dtype: torch.dtype) -> None:
-    """The Triton selective scan (its forward; the backward is PyTorch's) over packed sequences with initial and
-    final states."""
+    """Forward and backward of the Triton selective scan over packed sequences with initial and final states."""
     from zoo.ops.selective_scan import selective_scan
 
     T = 80
-    x, dt, z = (torch.randn(1, T, Dc, dtype=dtype) for _ in range(3))
-    B, C = (torch.randn(1, T, N, dtype=dtype) for _ in range(2))
-    A, D, dt_bias = -torch.rand(Dc, N), torch.randn(Dc), torch.randn(Dc)
-    selective_scan(
-        x, dt, A, B, C, D, z, dt_bias=dt_bias, dt_softplus=True, initial_state=torch.randn(2, Dc, N),
+    x, dt, z = (torch.randn(1, T, Dc, dtype=dtype).requires_grad_() for _ in range(3))
+    B, C = (torch.randn(1, T, N, dtype=dtype).requires_grad_() for _ in range(2))
+    A, D, dt_bias = (t.requires_grad_() for t in (-torch.rand(Dc, N), torch.randn(Dc), torch.randn(Dc)))
+    y, state = selective_scan(
+        x, dt, A, B, C, D, z, dt_bias=dt_bias, dt_softplus=True, initial_state=torch.randn(2, Dc, N).requires_grad_(),
         output_final_state=True, cu_seqlens=torch.tensor([0, 50, T]), backend="triton",
     )  # fmt: skip
+    torch.autograd.backward([y, state], [torch.ones_like(y), torch.ones_like(state)])
 
 
 def run_gla(Dk: int, Dv: int, dtype: torch.dtype) -> None:
@@ -132,6 +132,21 @@ def run_long_conv(C: int, L: int, dtype: torch.dtype) -> None:
     long_conv(u, h, backend="triton")[0].sum().backward()
 
 
+def run_causal_conv1d(C: int, K: int, dtype: torch.dtype) -> None:
+    """Forward and backward of the Triton causal conv1d (C channels, K taps) with every feature on: bias, SiLU,
+    two packed sequences with initial and final states."""
+    from zoo.ops.causal_conv1d import causal_conv1d
+
+    T = 80
+    x, w, b = (torch.randn(*shape, dtype=dtype).requires_grad_() for shape in ((1, T, C), (C, K), (C,)))
+    h0 = torch.randn(2, C, K - 1, dtype=dtype).requires_grad_()
+    y, state = causal_conv1d(
+        x, w, b, activation="silu", initial_state=h0, output_final_state=True, cu_seqlens=torch.tensor([0, 50, T]),
+        backend="triton",
+    )  # fmt: skip
+    torch.autograd.backward([y, state], [torch.ones_like(y), torch.ones_like(state)])
+
+
 # op: (module of kernels, run(size, size, dtype), sizes)
 OPS = {
     # (Dk, Dv): RetNet's default (128, 256), tiny (32, 64), small (256, 512)
@@ -152,6 +167,8 @@ OPS = {
     "wkv4": ("zoo.ops.wkv4.triton", run_wkv4, [(768, 2), (2560, 2)]),
     # (C, L): Hyena's inner width and filter length (the kernel's blocks do not depend on them)
     "long_conv": ("zoo.ops.long_conv.triton", run_long_conv, [(64, 40)]),
+    # (C, K): Mamba's inner width and kernel width (the kernels' blocks do not depend on C)
+    "causal_conv1d": ("zoo.ops.causal_conv1d.triton", run_causal_conv1d, [(1536, 4)]),
 }
 
 

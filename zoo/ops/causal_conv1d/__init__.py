@@ -8,9 +8,8 @@ section 3.4) filters every channel on its own over its last K inputs before the 
     y_t[c] = act(bias[c] + sum_{k=0}^{K-1} weight[c, k] x_{t-K+1+k}[c])        (weight[:, -1] meets x_t)
 
 The state is the last K - 1 inputs, oldest first ([B, C, K - 1], as transformers' ``conv_states`` without the
-slot for the current token). Backends (see ``zoo.ops.dispatch``): ``naive`` (the sum over taps, the oracle) and
-``torch`` (one grouped ``F.conv1d``). There is no Triton kernel yet: ``triton`` (asked for, or chosen on a CUDA
-device) runs the ``torch`` form, with a warning once.
+slot for the current token). Backends (see ``zoo.ops.dispatch``): ``naive`` (the sum over taps, the oracle),
+``torch`` (one grouped ``F.conv1d``) and ``triton`` (Triton kernels, forward and backward, ``triton.py``).
 
     y, final_state = causal_conv1d(x, weight, bias, activation="silu", output_final_state=True)
     y_t, state = causal_conv1d_step(x_t, weight, bias, state, activation="silu")     # decoding, O(1) per token
@@ -18,17 +17,12 @@ device) runs the ``torch`` form, with a warning once.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from zoo.ops.causal_conv1d import chunk, naive
 from zoo.ops.dispatch import resolve_backend
 
 __all__ = ["causal_conv1d", "causal_conv1d_step"]
-
-logger = logging.getLogger("zoo.ops")
-_warned_no_triton = False
 
 
 def _shape_error(name: str, got: torch.Tensor, expected: str) -> ValueError:
@@ -116,17 +110,11 @@ def causal_conv1d(
     if name == "naive":
         return naive.naive_causal_conv1d(*args)
     if name == "triton":
-        _warn_no_triton()
+        # imported here so that zoo imports without triton, and triton is only imported when asked for
+        from zoo.ops.causal_conv1d import triton as triton_impl
+
+        return triton_impl.triton_causal_conv1d(*args)
     return chunk.chunk_causal_conv1d(*args)
-
-
-def _warn_no_triton() -> None:
-    global _warned_no_triton
-    if not _warned_no_triton:
-        _warned_no_triton = True
-        logger.warning(
-            "zoo.ops.causal_conv1d: no Triton kernel yet, running the torch form (F.conv1d) instead"
-        )
 
 
 def causal_conv1d_step(

@@ -8,8 +8,8 @@ Algorithm 2). Every channel d has N states, decayed and written per token throug
 
 with dt <- softplus(dt + dt_bias) when ``dt_softplus`` (mamba_ssm's ``selective_scan_fn(u, delta, A, B, C, D, z,
 delta_bias, delta_softplus)``, here batch-first). Backends (see ``zoo.ops.dispatch``): ``naive`` (the loop over
-time, the oracle), ``torch`` (a chunked scan with a hand-written backward) and ``triton`` (a Triton forward, one
-pass over time holding the states in registers, with the ``torch`` backward).
+time, the oracle), ``torch`` (a chunked scan with a hand-written backward) and ``triton`` (Triton kernels: a forward in
+one pass over time holding the states in registers, a backward recomputing the states chunk by chunk).
 
     y, final_state = selective_scan(x, dt, A, B, C, D, z, dt_softplus=True, output_final_state=True)
     y_t, state = selective_scan_step(x_t, dt_t, A, B_t, C_t, D, z_t, state, dt_softplus=True)   # O(1) decoding

@@ -178,7 +178,7 @@ class SelectiveScan(torch.autograd.Function):
 
 
 def scan_backward(x, dt, A, B, C, h0, states, L: int, docs: _Documents | None, dy, d_final) -> tuple:
-    """The gradients of ``SelectiveScan`` (also the backward of the Triton forward, which saves the same tensors):
+    """The gradients of ``SelectiveScan`` (``triton.py`` computes the same ones from the same saved tensors):
     chunks in reverse, each chunk's states recomputed from the state entering it (``states``, one per chunk of L)."""
     dy = dy.contiguous()  # it arrives transposed; batched matmuls over strided operands go slice by slice
     T, batch, G, Dg = x.shape

@@ -24,6 +24,6 @@ ZOO_BACKEND=triton timeout "${OP_TESTS_TIMEOUT:-300}" "$PY" -m pytest tests/ops 
 echo "op tests exit: ${PIPESTATUS[0]}"
 
 echo "== bench on CUDA"
-timeout "${BENCH_TIMEOUT:-200}" "$PY" -m bench --device cuda --no-progress \
+timeout "${BENCH_TIMEOUT:-200}" "$PY" -m bench retnet --device cuda --no-progress \
   --out "$OUT_DIR/retnet_vs_transformer_cuda.json" 2>&1 | tail -n 60
 echo "bench exit: ${PIPESTATUS[0]}"

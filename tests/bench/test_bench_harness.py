@@ -19,6 +19,7 @@ from bench.harness import (
 )
 
 TINY = [
+    "retnet",
     "--quick",
     "--lengths", "32", "64",
     "--decode-contexts", "16", "48",
@@ -39,7 +40,7 @@ def run(tmp_path_factory):
 
 def test_json_schema(run):
     assert run["schema_version"] == 1
-    assert run["command"].startswith("python -m bench --quick")
+    assert run["command"].startswith("python -m bench retnet --quick")
     for key in ("cpu_count", "torch", "torch_threads", "platform", "python"):
         assert key in run["machine"]
     assert run["machine"]["torch_threads"] == 1

@@ -28,10 +28,7 @@ BASELINE_MAX_POSITIONS = 65536
 OBJECTIVES = ("causal_lm", "masked_lm")
 
 # Registered model types whose entry is being written in another module (see the module docstring).
-PENDING: dict[str, str] = {
-    "zoo_infini": "bench/infini.py (to become bench/entries/infini.py)",
-    "zoo_rmt": "bench/rmt.py (to become bench/entries/rmt.py)",
-}
+PENDING: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@ import types
 
 import pytest
 import yaml
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, ModelCardData
 
 from tests.models.tiny_configs import TINY, tiny_config
 from zoo.hub import add_eval_results, render_model_card, write_model_card
-from zoo.hub.card import fill_template, template_for
+from zoo.hub.card import fill_template, hub_id, template_for
 
 
 @pytest.mark.parametrize(
@@ -90,3 +90,51 @@ def test_write_card_and_merge_eval_results(tmp_path):
     assert "## Long-context evaluation" in merged.text
     with pytest.raises(FileNotFoundError, match="model_index.yaml"):
         add_eval_results(tmp_path / "model", tmp_path / "missing")
+
+
+INDEX = [
+    {
+        "name": "tiny",
+        "results": [
+            {
+                "task": {"type": "text-generation", "name": "passkey"},
+                "dataset": {"type": "passkey", "name": "passkey"},
+                "metrics": [{"type": "accuracy", "value": 0.75}],
+            }
+        ],
+    }
+]
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_every_architecture_card_parses_with_valid_metadata(tmp_path, model_type):
+    """The saved card loads with ``ModelCard.load``; its metadata rebuilds a ``ModelCardData`` with the Hub's
+    fields, and ``model-index`` carries the evaluation numbers."""
+    card = render_model_card(
+        tiny_config(model_type),
+        name="tiny",
+        metrics={"val_loss": 1.5},
+        model_index=INDEX,
+        datasets=["HuggingFaceFW/fineweb-edu"],
+        base_model="me/base",
+    )
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    meta = yaml.safe_load(loaded.content.split("---")[1])
+    assert meta["library_name"] == "transformers" and meta["license"] == "apache-2.0"
+    assert meta["pipeline_tag"] == "text-generation" and model_type.split("@")[0] in meta["tags"]
+    assert meta["datasets"] == ["HuggingFaceFW/fineweb-edu"] and meta["base_model"] == "me/base"
+    assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.75
+    (result,) = loaded.data.eval_results
+    assert (result.metric_type, result.metric_value, result.dataset_name) == ("accuracy", 0.75, "passkey")
+    assert loaded.data.model_name == "tiny"
+    rebuilt = ModelCardData(**{k.replace("-", "_"): v for k, v in meta.items() if k != "model-index"})
+    assert rebuilt.to_dict() == {k: v for k, v in meta.items() if k != "model-index"}
+
+
+def test_hub_ids_for_base_model_and_datasets(tmp_path):
+    assert hub_id("HuggingFaceFW/fineweb-edu") == "HuggingFaceFW/fineweb-edu"
+    assert hub_id("hf:me/data") == "me/data"
+    assert hub_id("default") is None and hub_id("synthetic:passkey") is None and hub_id(None) is None
+    (tmp_path / "local").mkdir()
+    assert hub_id(str(tmp_path / "local")) is None

@@ -4,7 +4,8 @@ The source is recognised, and the conversion dispatched to the architecture's ``
 
 - a transformers folder (its ``config.json``): ``llama`` -> ``zoo_transformer``, ``mamba`` and ``falcon_mamba``
   -> ``zoo_mamba``, ``mamba2`` -> ``zoo_mamba2``, ``bamba`` -> ``zoo_hybrid``, ``longformer`` (its
-  ``LongformerForMaskedLM``) -> ``zoo_longformer``, ``big_bird`` (``BigBirdForMaskedLM``) -> ``zoo_bigbird``;
+  ``LongformerForMaskedLM``) -> ``zoo_longformer``, ``big_bird`` (``BigBirdForMaskedLM``) -> ``zoo_bigbird``,
+  ``reformer`` (``ReformerModelWithLMHead`` or ``ReformerForMaskedLM``, by ``is_decoder``) -> ``zoo_reformer``;
 - a zoo folder (``model_type: zoo_*``) -> the transformers class of the same architecture, where one exists
   (``zoo_transformer`` -> ``LlamaForCausalLM``, ``zoo_mamba`` -> ``MambaForCausalLM`` or, with
   ``mixer_rms_norm``, ``FalconMambaForCausalLM``, ``zoo_mamba2`` -> ``Mamba2ForCausalLM``, ``zoo_hybrid`` of
@@ -63,6 +64,10 @@ def _to_zoo(model_type: str):
         from zoo.models.bigbird.convert_bigbird import from_transformers
 
         return "BigBirdForMaskedLM", from_transformers
+    if model_type == "reformer":
+        from zoo.models.reformer.convert_reformer import TransformersReformer, from_transformers
+
+        return TransformersReformer, from_transformers
     return None
 
 
@@ -142,10 +147,12 @@ def convert(src: str | Path, dst: str | Path, *, heads: int | None = None, **ret
             entry = _to_zoo(model_type)
             if entry is None:
                 raise ValueError(
-                    f"no zoo converter for transformers model_type {model_type!r} (known: llama, mamba, falcon_mamba, mamba2, bamba, rwkv, longformer, big_bird)"
+                    f"no zoo converter for transformers model_type {model_type!r} (known: llama, mamba, falcon_mamba, mamba2, bamba, rwkv, longformer, big_bird, reformer)"
                 )
             class_name, to_zoo = entry
-            model = to_zoo(getattr(transformers, class_name).from_pretrained(src))
+            # a class name, or a loader that picks the class from the config (Reformer: causal or masked LM)
+            loader = getattr(transformers, class_name) if isinstance(class_name, str) else class_name
+            model = to_zoo(loader.from_pretrained(src))
     elif src.is_file():
         from zoo.models.retnet.convert_retnet import (
             from_torchscale,

@@ -123,6 +123,25 @@ TINY = {
         eos_token_id=1,
         sep_token_id=1,
     ),
+    # chunks of 64 positions, longer than the suite's inputs (up to 33 tokens): its generic checks hold for plain
+    # attention only. Hashed chunks change with padding (padding tokens take slots of the sorted order), with
+    # packing, and with later tokens (a query's chunk neighbours in bucket order shift as tokens arrive), and local
+    # chunks of positions shift under left padding; tests/models/test_reformer.py checks those regimes instead
+    "zoo_reformer": dict(
+        vocab_size=259,
+        hidden_size=32,
+        num_attention_heads=2,
+        attention_head_size=16,
+        attn_layers=["local", "lsh"],
+        feed_forward_size=64,
+        local_attn_chunk_length=64,
+        lsh_attn_chunk_length=64,
+        num_hashes=2,
+        num_buckets=4,
+        axial_pos_shape=[8, 16],
+        axial_pos_embds_dim=[8, 24],
+        max_position_embeddings=128,
+    ),
     # RMT over a tiny zoo_transformer: 2 memory tokens, segments of 8 tokens (the suite's inputs span 1 to 5)
     "zoo_rmt": dict(
         backbone=dict(

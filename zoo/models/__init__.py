@@ -8,6 +8,7 @@ from zoo.models import (  # noqa: F401
     longformer,
     mamba,
     mamba2,
+    reformer,
     retnet,
     rmt,
     rwkv,

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.loss.loss_utils import ForSequenceClassificationLoss
-from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
+from transformers.activations import ACT2FN
+from transformers.loss.loss_utils import ForMaskedLMLoss, ForSequenceClassificationLoss
+from transformers.modeling_outputs import (
+    CausalLMOutputWithPast,
+    MaskedLMOutput,
+    SequenceClassifierOutputWithPast,
+)
 
 from zoo.models.utils import model_forward, output_cache, with_cache
 
@@ -44,6 +49,57 @@ class BackboneHead:
 
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
+
+
+class EncoderLMHead(nn.Module):
+    """BERT's and RoBERTa's language-model head, ``decoder(norm(act(dense(h))))``: a dense layer, the activation
+    (``config.hidden_act``) and a LayerNorm (``config.layer_norm_eps``), then the decoder (tied to the token
+    embedding with ``tie_word_embeddings``) with a bias per token. The encoders' masked language models use it, and
+    their causal variants too (a post-norm encoder's last LayerNorm read by a bare tied projection collapses in
+    training; see ``ZooLongformerForCausalLM``)."""
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.hidden_size
+        self.dense = nn.Linear(C, C)
+        self.act = ACT2FN[config.hidden_act]
+        self.norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(C, config.vocab_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.dense(hidden_states))))  # (B, T, vocab)
+
+
+class MaskedLMHead(BackboneHead):
+    """Masked language modelling over an encoder backbone through :class:`EncoderLMHead`.
+
+    ``class XForMaskedLM(MaskedLMHead, XPreTrainedModel)`` with ``backbone_class = XModel``; its ``forward`` names
+    the backbone's own inputs and returns ``self.masked_lm_output(labels, **those inputs)``.
+    """
+
+    backbone_class: type
+    _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self.backbone_class(config)
+        self.lm_head = EncoderLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, value):
+        self.lm_head.decoder = value
+
+    def masked_lm_output(self, labels: torch.LongTensor | None, **backbone_inputs) -> MaskedLMOutput:
+        """``labels``: the original ids at masked positions, -100 elsewhere."""
+        out = self.model(use_cache=False, **backbone_inputs)
+        logits = self.lm_head(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = ForMaskedLMLoss(logits, labels, vocab_size=self.config.vocab_size)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
 class CausalLMHead(BackboneHead):

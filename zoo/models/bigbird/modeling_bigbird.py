@@ -27,13 +27,12 @@ import torch
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.loss.loss_utils import ForMaskedLMLoss, ForSequenceClassificationLoss
+from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, MaskedLMOutput, SequenceClassifierOutput
 
 from zoo.models.bigbird.configuration_bigbird import ZooBigBirdConfig
-from zoo.models.heads import BackboneHead, CausalLMHead, last_token_index
-from zoo.models.longformer.modeling_longformer import LongformerLMHead
+from zoo.models.heads import BackboneHead, CausalLMHead, EncoderLMHead, MaskedLMHead, last_token_index
 from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
 from zoo.ops.sparse_attention import SparsePattern, sparse_attention, sparse_attention_step
 
@@ -331,22 +330,11 @@ class ZooBigBirdModel(ZooBigBirdPreTrainedModel):
         )
 
 
-class ZooBigBirdForMaskedLM(BackboneHead, ZooBigBirdPreTrainedModel):
-    """Masked language modelling through BERT's LM head (dense, activation, LayerNorm, tied decoder with a bias)."""
+class ZooBigBirdForMaskedLM(MaskedLMHead, ZooBigBirdPreTrainedModel):
+    """Masked language modelling through BERT's LM head (:class:`zoo.models.heads.EncoderLMHead`: dense,
+    activation, LayerNorm, tied decoder with a bias)."""
 
-    _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: ZooBigBirdConfig):
-        super().__init__(config)
-        self.model = ZooBigBirdModel(config)
-        self.lm_head = LongformerLMHead(config)
-        self.post_init()
-
-    def get_output_embeddings(self):
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, value):
-        self.lm_head.decoder = value
+    backbone_class = ZooBigBirdModel
 
     @model_forward
     def forward(
@@ -360,20 +348,15 @@ class ZooBigBirdForMaskedLM(BackboneHead, ZooBigBirdPreTrainedModel):
         output_hidden_states: bool | None = None,
     ) -> MaskedLMOutput:
         """``labels``: the original ids at masked positions, -100 elsewhere."""
-        out = self.model(
+        return self.masked_lm_output(
+            labels,
             input_ids=input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
-            use_cache=False,
             output_hidden_states=output_hidden_states,
         )
-        logits = self.lm_head(out.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = ForMaskedLMLoss(logits, labels, vocab_size=self.config.vocab_size)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
 class ZooBigBirdForCausalLM(CausalLMHead, ZooBigBirdPreTrainedModel, GenerationMixin):
@@ -394,7 +377,7 @@ class ZooBigBirdForCausalLM(CausalLMHead, ZooBigBirdPreTrainedModel, GenerationM
         # CausalLMHead's __init__ builds a bare projection; this model builds BERT's head instead
         super(CausalLMHead, self).__init__(config)
         self.model = ZooBigBirdModel(config)
-        self.lm_head = LongformerLMHead(config)
+        self.lm_head = EncoderLMHead(config)
         self.post_init()
 
     def get_output_embeddings(self):

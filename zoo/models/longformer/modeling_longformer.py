@@ -24,7 +24,6 @@ from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.loss.loss_utils import (
-    ForMaskedLMLoss,
     ForQuestionAnsweringLoss,
     ForSequenceClassificationLoss,
     ForTokenClassification,
@@ -38,7 +37,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from zoo.models.heads import BackboneHead, CausalLMHead, last_token_index
+from zoo.models.heads import BackboneHead, CausalLMHead, EncoderLMHead, MaskedLMHead, last_token_index
 from zoo.models.longformer.configuration_longformer import ZooLongformerConfig
 from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
 from zoo.ops.sparse_attention import SparsePattern, sparse_attention, sparse_attention_step
@@ -266,39 +265,10 @@ def _encode(head, **kwargs):
     return head.model(use_cache=False, **kwargs)
 
 
-class LongformerLMHead(nn.Module):
-    """RoBERTa's language-model head, ``decoder(norm(act(dense(h))))``: a dense layer, the activation and a
-    LayerNorm, then the decoder (tied to the token embedding with ``tie_word_embeddings``) with a bias per token. The
-    masked and the causal language models both use it."""
+class ZooLongformerForMaskedLM(MaskedLMHead, ZooLongformerPreTrainedModel):
+    """Masked language modelling through RoBERTa's head (:class:`zoo.models.heads.EncoderLMHead`)."""
 
-    def __init__(self, config: ZooLongformerConfig):
-        super().__init__()
-        C = config.hidden_size
-        self.dense = nn.Linear(C, C)
-        self.act = ACT2FN[config.hidden_act]
-        self.norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.decoder = nn.Linear(C, config.vocab_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.norm(self.act(self.dense(hidden_states))))  # (B, T, vocab)
-
-
-class ZooLongformerForMaskedLM(BackboneHead, ZooLongformerPreTrainedModel):
-    """Masked language modelling through RoBERTa's head (:class:`LongformerLMHead`)."""
-
-    _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: ZooLongformerConfig):
-        super().__init__(config)
-        self.model = ZooLongformerModel(config)
-        self.lm_head = LongformerLMHead(config)
-        self.post_init()
-
-    def get_output_embeddings(self):
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, value):
-        self.lm_head.decoder = value
+    backbone_class = ZooLongformerModel
 
     @model_forward
     def forward(
@@ -313,8 +283,8 @@ class ZooLongformerForMaskedLM(BackboneHead, ZooLongformerPreTrainedModel):
         output_hidden_states: bool | None = None,
     ) -> MaskedLMOutput:
         """``labels``: the original ids at masked positions, -100 elsewhere."""
-        out = _encode(
-            self,
+        return self.masked_lm_output(
+            labels,
             input_ids=input_ids,
             attention_mask=attention_mask,
             global_attention_mask=global_attention_mask,
@@ -323,17 +293,12 @@ class ZooLongformerForMaskedLM(BackboneHead, ZooLongformerPreTrainedModel):
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
         )
-        logits = self.lm_head(out.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = ForMaskedLMLoss(logits, labels, vocab_size=self.config.vocab_size)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
 class ZooLongformerForCausalLM(CausalLMHead, ZooLongformerPreTrainedModel, GenerationMixin):
     """The causal sliding-window variant: language modelling and ``generate()`` with a window-sized cache.
 
-    Its head is RoBERTa's (:class:`LongformerLMHead`, as in transformers' ``RobertaForCausalLM``), not the bare
+    Its head is RoBERTa's (:class:`EncoderLMHead`, as in transformers' ``RobertaForCausalLM``), not the bare
     tied projection the pre-norm models use: with the decoder reading the last post-norm LayerNorm directly, the
     hidden states of all tokens collapsed onto one vector within a few dozen steps at learning rates of 1e-3 and
     above, and training stopped at the unigram entropy.
@@ -352,7 +317,7 @@ class ZooLongformerForCausalLM(CausalLMHead, ZooLongformerPreTrainedModel, Gener
         # CausalLMHead's __init__ builds a bare projection; this model builds RoBERTa's head instead
         super(CausalLMHead, self).__init__(config)
         self.model = ZooLongformerModel(config)
-        self.lm_head = LongformerLMHead(config)
+        self.lm_head = EncoderLMHead(config)
         self.post_init()
 
     def get_output_embeddings(self):

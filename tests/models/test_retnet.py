@@ -1,6 +1,9 @@
 """RetNet: the three retention modes agree, the torchscale layout maps in, decoding is O(1) in the context."""
 
 import math
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,8 +219,9 @@ def test_torchscale_layout_maps_by_renaming(xpos):
 # fairseq's retnet_base (swish feed-forward, value width 864/512 = 27/16), at tiny widths
 TORCHSCALE_SETUPS = {
     "torchscale_default": dict(hidden=48, value_dim=80, activation="gelu", scale_embedding=False),
-    "retnet_base": dict(hidden=32, value_dim=54, activation="swish", scale_embedding=True),
+    "retnet_base": dict(hidden=512, value_dim=864, activation="swish", scale_embedding=True),
 }
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _torchscale_checkpoint(setup, tmp_path, store_options):
@@ -258,8 +262,9 @@ def _cli(*args):
 @pytest.mark.parametrize("setup", sorted(TORCHSCALE_SETUPS))
 def test_torchscale_checkpoints_convert_through_the_cli(setup, tmp_path):
     """Both torchscale configurations, converted by the documented command lines, give the literal rendering's
-    logits: the options stored in the checkpoint (in-process ``main``) and given as flags for a bare state dict
-    (the README's command, in a fresh interpreter); converting back writes torchscale's layout and options."""
+    logits: with the options stored in the checkpoint, and given as flags for a bare state dict in a fresh
+    interpreter (for ``retnet_base``, the README's command line verbatim); converting back writes torchscale's
+    layout and options."""
     from transformers import AutoModelForCausalLM
 
     from zoo.convert import main
@@ -271,11 +276,17 @@ def test_torchscale_checkpoints_convert_through_the_cli(setup, tmp_path):
     )
     bare = tmp_path / "bare.pt"
     torch.save(torch.load(stored)["model"], bare)
-    flags = ["--heads", "2", "--activation", s["activation"], "--value-dim", str(s["value_dim"])]
-    flags += ["--scale-embedding"] if s["scale_embedding"] else []
     assert main([str(stored), str(tmp_path / "from_cfg")]) == 0
-    result = _cli(bare, tmp_path / "from_flags", *flags)
-    assert result.returncode == 0, result.stderr
+    if setup == "retnet_base":  # the README's command line, verbatim, in a fresh interpreter
+        line = re.search(r"`(python -m zoo\.convert CHECKPOINT\.pt OUT --heads[^`]*)`", README.read_text())
+        args = shlex.split(line.group(1))[3:]
+        args = [{"CHECKPOINT.pt": str(bare), "OUT": str(tmp_path / "from_flags")}.get(a, a) for a in args]
+        result = _cli(*args)
+        assert result.returncode == 0, result.stderr
+    else:
+        flags = ["--heads", "2", "--activation", s["activation"], "--value-dim", str(s["value_dim"])]
+        result = _cli(bare, tmp_path / "from_flags", *flags)
+        assert result.returncode == 0, result.stderr
     for out in ("from_cfg", "from_flags"):
         model = AutoModelForCausalLM.from_pretrained(tmp_path / out).double().eval()
         assert model.config.hidden_act == {"swish": "silu"}.get(s["activation"], s["activation"])
@@ -307,7 +318,9 @@ def test_torchscale_options_that_disagree_or_are_missing_are_errors(tmp_path, ca
     torch.save(torch.load(stored)["model"], bare)
     with pytest.raises(ValueError, match="give --heads"):
         convert(bare, out)
-    with pytest.raises(ValueError, match="decoder_value_embed_dim=64 .the options. but the weights have 54"):
+    with pytest.raises(
+        ValueError, match="decoder_value_embed_dim=1024 .the options. but the weights have 864"
+    ):
         convert(bare, out, heads=2, value_factor=2)
     blob = torch.load(stored)
     blob["cfg"]["model"]["deepnorm"] = True
@@ -315,7 +328,7 @@ def test_torchscale_options_that_disagree_or_are_missing_are_errors(tmp_path, ca
     with pytest.raises(ValueError, match="deepnorm=True, which zoo's RetNet does not implement"):
         convert(tmp_path / "deepnorm.pt", out)
     blob["cfg"]["model"]["deepnorm"] = False
-    blob["model"]["decoder.layernorm_embedding.weight"] = torch.ones(32)
+    blob["model"]["decoder.layernorm_embedding.weight"] = torch.ones(512)
     torch.save(blob, tmp_path / "embnorm.pt")
     with pytest.raises(ValueError, match="layernorm_embedding"):
         convert(tmp_path / "embnorm.pt", out)

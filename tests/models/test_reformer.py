@@ -129,6 +129,56 @@ def test_reversible_backward_equals_ordinary_backward(dropout):
         torch.testing.assert_close(grads[0][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _context_tensors(loss: torch.Tensor) -> list[torch.Tensor]:
+    """Distinct tensors kept as attributes of custom autograd Functions' contexts in the graph of ``loss`` (the
+    saved-tensor hooks see only ``save_for_backward``)."""
+    found, seen, stack = {}, set(), [loss.grad_fn]
+
+    def collect(x):
+        if isinstance(x, torch.Tensor):
+            found[x.untyped_storage().data_ptr()] = x
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                collect(y)
+        elif isinstance(x, dict):
+            collect(list(x.values()))
+
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        collect(list(getattr(node, "__dict__", {}).values()))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return list(found.values())
+
+
+def test_reversible_training_memory_does_not_grow_with_depth():
+    """What a training forward keeps for the backward, at 2 and 6 layers (local + LSH, 2 hash rounds): the bytes
+    autograd saves (``bench.memprobe.saved_for_backward_bytes``, parameters excluded) are the same with reversible
+    layers and grow by at least one (B, T, hidden) float32 tensor per added layer without. Beside them the
+    reversible Function holds, per layer, only integers: the random states that replay dropout and the LSH
+    layers' buckets (B, H, rounds, T), no activations."""
+    from bench.memprobe import saved_for_backward_bytes
+
+    B, T, C, H, n = 2, 32, 16, 2, 2
+    ids = torch.randint(3, 50, (B, T), generator=torch.Generator().manual_seed(7))
+    saved, held = {}, {}
+    for reversible in (True, False):
+        for layers in (2, 6):
+            model = zoo_causal(reversible=reversible, attn_layers=["local", "lsh"] * (layers // 2)).train()
+            saved[reversible, layers] = saved_for_backward_bytes(model, ids)
+            if reversible:
+                held[layers] = _context_tensors(model(ids, labels=ids).loss)
+    assert saved[True, 6] == saved[True, 2] > 0
+    assert saved[False, 6] - saved[False, 2] >= 4 * B * T * C * 4
+    for layers, tensors in held.items():
+        assert not any(t.is_floating_point() for t in tensors), f"{layers} layers: an activation is held"
+    nbytes = {layers: sum(t.untyped_storage().nbytes() for t in tensors) for layers, tensors in held.items()}
+    rng_state = torch.get_rng_state().numel()
+    assert nbytes[6] - nbytes[2] <= 4 * 2 * rng_state + 2 * B * H * n * T * 8
+
+
 def test_prefix_then_token_by_token_equals_full_forward():
     """Local chunks of 4 crossed while decoding (the cache's window rule); LSH layers within one chunk of 32."""
     model = zoo_causal(attn_layers=["local", "lsh", "local"], lsh_attn_chunk_length=32).eval()

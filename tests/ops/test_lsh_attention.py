@@ -155,3 +155,79 @@ def test_bad_input_is_a_value_error(kwargs, match):
     base = dict(num_buckets=4, chunk_length=4, rotations=torch.zeros(2, 8, 1, 2))
     with pytest.raises(ValueError, match=match):
         lsh_attention(qk, v, **{**base, **kwargs})
+
+
+# The Triton form (under the CPU interpreter here: tiny sizes) in float32 against the float64 oracle.
+@pytest.mark.parametrize(
+    "T, chunk, num_hashes, before, after, causal, padded",
+    [
+        (32, 8, 2, 1, 0, False, False),
+        (32, 8, 2, 1, 0, True, False),
+        (16, 8, 1, 1, 1, False, False),  # a window of 3 over 2 chunks: a chunk attended twice
+        (48, 16, 2, 1, 1, False, True),  # several rounds, look-ahead, padding and segments
+        (32, 8, 2, 1, 0, True, True),
+        (7, 16, 2, 1, 0, True, True),  # shorter than a chunk: plain attention
+    ],
+)
+def test_triton_lsh_forward_backward(T, chunk, num_hashes, before, after, causal, padded):
+    H, D = 2, 8
+    rot = random_rotations(H, D, num_hashes, 4, seed=T, dtype=torch.float64)
+    inputs = make_inputs(
+        2, T, H, D, seed=T, **(dict(pad=[0, 5], segments=[T // 3, T - T // 3]) if padded else {})
+    )
+    # hashed once in float64: hashing in two precisions may differ at ties
+    buckets = hash_buckets(inputs["qk"], rot, 4, inputs.get("key_padding_mask"))
+    kw = dict(
+        buckets=buckets,
+        num_buckets=4,
+        chunk_length=chunk,
+        num_chunks_before=before,
+        num_chunks_after=after,
+        causal=causal,
+    )
+    check_forward_backward(
+        lsh("triton", **kw),
+        lsh("naive", **kw),
+        inputs,
+        dtype=torch.float32,
+        what=f"triton lsh T={T} c={chunk}",
+    )
+
+
+@pytest.mark.parametrize(
+    "T, chunk, before, after, causal, padded",
+    [
+        (32, 8, 1, 0, True, True),
+        (32, 16, 1, 1, False, True),
+        (24, 8, 2, 0, False, False),
+        (5, 8, 1, 0, True, False),
+    ],
+)
+def test_triton_local_forward_backward(T, chunk, before, after, causal, padded):
+    kw = dict(chunk_length=chunk, num_chunks_before=before, num_chunks_after=after, causal=causal)
+    extra = dict(pad=[0, 3], segments=[T // 2, T - T // 2]) if padded else {}
+    inputs = make_inputs(2, T, local=True, seed=T, **extra)
+    check_forward_backward(
+        functools.partial(local_attention, backend="triton", **kw),
+        functools.partial(local_attention, backend="naive", **kw),
+        inputs,
+        dtype=torch.float32,
+        what=f"triton local T={T} c={chunk}",
+    )
+
+
+def test_triton_backend_launches_the_kernels():
+    """backend="triton" runs the kernels (forward, dq, dk/dv), and with attention dropout the torch form."""
+    from tests.ops.harness import record_triton_launches
+
+    inputs = make_inputs(1, 16, seed=0)
+    rot = random_rotations(2, 8, 1, 4, seed=0, dtype=torch.float64)
+    kw = dict(rotations=rot, num_buckets=4, chunk_length=8, backend="triton")
+    qk, v = (x.float().requires_grad_() for x in (inputs["qk"], inputs["v"]))
+    launches = record_triton_launches(lambda: lsh_attention(qk, v, **kw).sum().backward())
+    assert {launch.kernel for launch in launches} == {
+        "_chunk_attn_fwd_kernel",
+        "_chunk_attn_dq_kernel",
+        "_chunk_attn_dkv_kernel",
+    }
+    assert record_triton_launches(lambda: lsh_attention(qk, v, dropout=0.1, **kw)) == []

@@ -8,8 +8,9 @@ for masked keys), and the rounds are combined by the softmax of their log-sum-ex
 instead of buckets (separate q and k, no self rule). Inputs no longer than one chunk get plain attention.
 
 - ``naive``: dense T x T count matrices built from ranks (``naive.py``), the oracle;
-- ``torch``: sorted chunks, O(n * T * c) memory (``chunk.py``), the CPU path and the fallback; there is no
-  ``triton`` form yet: asking for it runs ``torch``.
+- ``torch``: sorted chunks, O(n * T * c) memory (``chunk.py``), the CPU path and the fallback;
+- ``triton``: the attention over the sorted chunks as Triton kernels, forward and backward (``triton.py``; hashing
+  and sorting stay in PyTorch); with attention dropout it runs ``torch``.
 
 Lengths above ``chunk_length`` must be a multiple of it (the model pads, as transformers' Reformer does). Hashing
 takes ``rotations`` (a tensor, so that hashing is reproducible on any device; see :func:`random_rotations`) or
@@ -60,6 +61,18 @@ def _check_common(op, T, B, chunk_length, before, after, key_padding_mask, segme
         raise ValueError(f"{op}: dropout={dropout!r}, expected a probability in [0, 1)")
 
 
+def _pick(backend, device, op):
+    """The form of ``op`` (``lsh_attention`` or ``local_attention``) the backend names."""
+    name = resolve_backend("lsh_attention", backend, device)
+    if name == "triton":
+        from zoo.ops.lsh_attention import triton as kernels
+
+        return getattr(kernels, f"triton_{op}")
+    if name == "naive":
+        return getattr(naive, f"naive_{op}")
+    return getattr(chunk, f"chunk_{op}")
+
+
 def lsh_attention(
     qk: torch.Tensor,
     v: torch.Tensor,
@@ -91,7 +104,7 @@ def lsh_attention(
             their own after the others.
         segment_ids: [B, T] integers; a query attends only keys of its own segment (packed documents).
         dropout: on the attention weights (0 outside training).
-        backend: ``naive`` or ``torch`` (``triton`` runs ``torch``).
+        backend: ``naive``, ``torch`` or ``triton`` (default: see ``zoo.ops.dispatch``).
 
     Returns:
         out [B, T, H, Dv].
@@ -128,8 +141,7 @@ def lsh_attention(
         )
     if T == 0:
         return v.new_zeros(B, 0, H, v.shape[-1])
-    name = resolve_backend("lsh_attention", backend, qk.device)
-    fn = naive.naive_lsh_attention if name == "naive" else chunk.chunk_lsh_attention
+    fn = _pick(backend, qk.device, "lsh_attention")
     return fn(
         qk,
         v,
@@ -182,8 +194,7 @@ def local_attention(
     )
     if T == 0:
         return v.new_zeros(B, 0, H, v.shape[-1])
-    name = resolve_backend("lsh_attention", backend, q.device)
-    fn = naive.naive_local_attention if name == "naive" else chunk.chunk_local_attention
+    fn = _pick(backend, q.device, "local_attention")
     return fn(
         q,
         k,

@@ -68,25 +68,46 @@ def _gather_tokens(x, index):
     return torch.gather(x, 2, idx)
 
 
+def shared_keys(qk_h: torch.Tensor) -> torch.Tensor:
+    """The keys of shared-QK attention: the query-keys (B, H, T, D) unit-normalised (RMS), scaled by D^-1/2."""
+    D = qk_h.shape[-1]
+    return qk_h * torch.rsqrt(qk_h.pow(2).mean(-1, keepdim=True) + 1e-6) * D**-0.5
+
+
+def sorted_order(buckets: torch.Tensor, chunk_length: int) -> tuple[torch.Tensor, int]:
+    """The token at every slot of each round's order, (B, H, n, T), sorted by bucket then position, and the chunk
+    length; one round in position order, one chunk of T, when T is no longer than ``chunk_length``."""
+    B, H, _, T = buckets.shape
+    if T <= chunk_length:
+        return torch.arange(T, device=buckets.device).expand(B, H, 1, T), T
+    key = buckets * T + torch.arange(T, device=buckets.device)
+    return torch.argsort(key, dim=-1), chunk_length  # distinct keys, so the sort is stable
+
+
+def combine_rounds(out: torch.Tensor, lse: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Slot-order out (B, H, n * T, Dv) and lse (B, H, n * T) back to position order (slot r * T + s holds token
+    order[r, s]), the rounds weighed by the softmax of their lse -> (B, T, H, Dv)."""
+    B, H, n, T = order.shape
+    undo = torch.argsort(order, dim=-1)
+    out = _gather_tokens(out.reshape(B, H * n, T, -1), undo.reshape(B, H * n, T)).view(B, H, n, T, -1)
+    if n == 1:
+        return out[:, :, 0].transpose(1, 2)
+    lse = torch.gather(lse.reshape(B, H, n, T), 3, undo)
+    w = torch.softmax(lse, dim=2)
+    return (out * w[..., None]).sum(2).transpose(1, 2)
+
+
 def chunk_lsh_attention(
     qk, v, buckets, chunk_length, before, after, causal, key_padding_mask, segment_ids, dropout=0.0
 ):
     """qk, v (B, T, H, D); buckets (B, H, n, T). Returns (B, T, H, D)."""
     B, T, H, D = qk.shape
-    n = buckets.shape[2]
     qk_h, v_h = qk.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-    keys = qk_h * torch.rsqrt(qk_h.pow(2).mean(-1, keepdim=True) + 1e-6) * D**-0.5
+    keys = shared_keys(qk_h)
     ok = _key_ok(key_padding_mask, B, T, qk.device)
-    if T <= chunk_length:
-        # one chunk holds the whole sequence: plain attention
-        order = torch.arange(T, device=qk.device).expand(B, H, 1, T)
-        n, c = 1, T
-    else:
-        key = buckets * T + torch.arange(T, device=qk.device)
-        order = torch.argsort(key, dim=-1)  # (B, H, n, T): distinct keys, so the sort is stable
-        c = chunk_length
-    num_chunks = n * T // c
-    slots = order.reshape(B, H, n * T)
+    order, c = sorted_order(buckets, chunk_length)
+    num_chunks = order.shape[2] * T // c
+    slots = order.reshape(B, H, -1)
     pos_q = slots.view(B, H, num_chunks, c)
     pos_k = _windows(pos_q, before, after) if T > chunk_length else pos_q
     q = _gather_tokens(qk_h, slots).view(B, H, num_chunks, c, D)
@@ -96,16 +117,7 @@ def chunk_lsh_attention(
         k, vv = _windows(k, before, after), _windows(vv, before, after)
     allowed = _allowed(pos_q, pos_k, ok, segment_ids, causal)
     out, lse = _chunk_attend(q, k, vv, pos_q, pos_k, allowed, True, dropout)
-    # back to position order: slot r * T + s holds token order[r, s]
-    out = out.reshape(B, H, n, T, -1)
-    lse = lse.reshape(B, H, n, T)
-    undo = torch.argsort(order, dim=-1)
-    out = _gather_tokens(out.reshape(B, H * n, T, -1), undo.reshape(B, H * n, T)).view(B, H, n, T, -1)
-    lse = torch.gather(lse, 3, undo)
-    if n == 1:
-        return out[:, :, 0].transpose(1, 2)
-    w = torch.softmax(lse, dim=2)
-    return (out * w[..., None]).sum(2).transpose(1, 2)
+    return combine_rounds(out.reshape(B, H, num_chunks * c, -1), lse.reshape(B, H, -1), order)
 
 
 def chunk_local_attention(

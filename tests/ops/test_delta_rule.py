@@ -1,15 +1,14 @@
-"""The delta rule family (zoo.ops.delta_rule): the chunked torch form against the naive oracle, via harness.py,
-and the DeltaNet / Gated DeltaNet wrappers against the papers' equations written out here.
+"""The delta rule family (zoo.ops.delta_rule): the chunked torch form and the Triton kernels against the naive
+oracle, via harness.py, and the DeltaNet / Gated DeltaNet wrappers against the papers' equations written out here.
 
 torch runs in float64 against the float64 oracle (harness tolerance 1e-11, elementwise max |a - b| / max |b|) and
-in float32 (harness tolerance 5e-5). Inputs are shaped as RWKV-7 makes them: a = -κ̂ and b = κ̂ * iclr with κ̂ a
+in float32 (harness tolerance 5e-5); triton in float32 (5e-5; under TRITON_INTERPRET=1 on a CPU, so at small sizes). Inputs are shaped as RWKV-7 makes them: a = -κ̂ and b = κ̂ * iclr with κ̂ a
 unit vector and iclr in (0, 1), log-decays g = -exp(-0.5) sigmoid(.) ... down to strong ones.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import math
 
 import pytest
@@ -34,7 +33,14 @@ SEQ_DIMS = {"q": 1, "k": 1, "v": 1, "a": 1, "b": 1, "g": 1}
 
 
 def make_inputs(
-    T: int, *, B: int = 2, initial_state: bool = True, decay: str = "rwkv7", seed: int = 0
+    T: int,
+    *,
+    B: int = 2,
+    initial_state: bool = True,
+    decay: str = "rwkv7",
+    seed: int = 0,
+    dk: int = DK,
+    dv: int = DV,
 ) -> dict[str, torch.Tensor | None]:
     """float64 inputs for ``dplr_delta_rule`` as RWKV-7 makes them; the harness casts them per run.
 
@@ -46,23 +52,23 @@ def make_inputs(
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    kappa = F.normalize(randn(B, T, H, DK), dim=-1)  # κ̂, unit per head
-    iclr = torch.sigmoid(randn(B, T, H, DK))
+    kappa = F.normalize(randn(B, T, H, dk), dim=-1)  # κ̂, unit per head
+    iclr = torch.sigmoid(randn(B, T, H, dk))
     if decay == "rwkv7":
-        g = -math.exp(-0.5) * torch.sigmoid(randn(B, T, H, DK))
+        g = -math.exp(-0.5) * torch.sigmoid(randn(B, T, H, dk))
     else:
-        g = -torch.exp(2 * randn(B, T, H, DK) - 2).clamp(max=3.0)
+        g = -torch.exp(2 * randn(B, T, H, dk) - 2).clamp(max=3.0)
         if decay == "strong":
-            g[:, 5:40:3, :, : DK // 2] = -30.0
+            g[:, 5:40:3, :, : dk // 2] = -30.0
             g[:, 100:130, :, -1] = -30.0
     return {
-        "q": randn(B, T, H, DK),
-        "k": randn(B, T, H, DK),
-        "v": randn(B, T, H, DV),
+        "q": randn(B, T, H, dk),
+        "k": randn(B, T, H, dk),
+        "v": randn(B, T, H, dv),
         "a": -kappa,
         "b": kappa * iclr,
         "g": g,
-        "initial_state": randn(B, H, DK, DV) if initial_state else None,
+        "initial_state": randn(B, H, dk, dv) if initial_state else None,
     }
 
 
@@ -155,7 +161,7 @@ def test_per_head_decay_and_no_states():
 def test_empty_sequence():
     """T = 0: an empty output, and the initial state passed on as the final one."""
     inputs = make_inputs(0)
-    for backend in ("naive", "torch"):
+    for backend in ("naive", "torch", "triton"):
         out, final = op(backend)(**inputs)
         assert out.shape == (2, 0, H, DV)
         torch.testing.assert_close(final, inputs["initial_state"])
@@ -175,6 +181,69 @@ def test_long_sequence_float32_stays_finite_and_accurate():
     assert all(math.isfinite(e) for e in errors.values())
     out, final = op("torch", 64)(**{n: x.float() for n, x in inputs.items()})
     assert torch.isfinite(out).all() and torch.isfinite(final).all()
+
+
+# ------------------------------------------------------------------------------------------- triton vs naive
+# The Triton kernels run chunks of 16 tokens (chunk_size is the torch form's), under the interpreter on a CPU.
+
+F32 = TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize(("T", "B", "decay"), [(1, 2, "rwkv7"), (37, 1, "rwkv7"), (40, 2, "strong")])
+def test_triton_forward_backward(T, B, decay):
+    """Output, final state and every gradient (q, k, v, a, b, g, initial state) in float32 against the float64
+    oracle: one token, lengths that are not a multiple of 16, channels decaying by e^-30 per token."""
+    inputs = make_inputs(T, B=B, decay=decay)
+    check_forward_backward(op("triton"), naive_op(), inputs, dtype=torch.float32, what=f"T={T} {decay}")
+
+
+def test_triton_several_key_and_value_tiles(monkeypatch):
+    """Head sizes over one block (Dk = Dv = 20: two key tiles of the pair kernels, two value tiles of 16)."""
+    from zoo.ops.delta_rule import triton as triton_impl
+
+    config = triton_impl.launch_config
+    monkeypatch.setattr(triton_impl, "launch_config", lambda K, V: config(K, V)._replace(BV=16))
+    inputs = make_inputs(17, B=1, decay="mixed", dk=20, dv=20)
+    check_forward_backward(op("triton"), naive_op(), inputs, dtype=torch.float32, what="Dk=Dv=20")
+
+
+def test_triton_per_head_decay_without_states():
+    """g [B, T, H] broadcast over the key channels; no initial state in, none out."""
+    inputs = make_inputs(9, initial_state=False)
+    inputs["g"] = inputs["g"][..., 0]
+    no_state = op("triton", output_final_state=False)
+    check_forward_backward(no_state, naive_op(output_final_state=False), inputs, dtype=torch.float32)
+
+
+def test_triton_state_chaining():
+    """[0, 11) then [11, 34) from the first part's final state equals the whole (neither split on a chunk)."""
+    inputs = {n: x.float() for n, x in make_inputs(34, B=1, decay="mixed").items()}
+    check_state_chaining(op("triton"), inputs, split=11, seq_dims=SEQ_DIMS, tol=F32)
+
+
+def test_triton_varlen():
+    """Three packed sequences (lengths 9, 1, 18) equal three separate calls, gradients included."""
+    sequences = [make_inputs(T, B=1, decay="mixed", seed=i) for i, T in enumerate((9, 1, 18))]
+    sequences = [{n: x.float() for n, x in seq.items()} for seq in sequences]
+    check_varlen(op("triton"), sequences, seq_dims=SEQ_DIMS, tol=F32)
+
+
+def test_triton_packed_equals_the_oracle():
+    """One pass over packed sequences (empty ones first, inside and last; one of exactly one chunk) against the
+    oracle run sequence by sequence; an empty sequence passes its initial state on exactly."""
+    inputs = make_inputs(sum(PACKED_LENGTHS), B=1, initial_state=False)
+    inputs["initial_state"] = torch.randn(len(PACKED_LENGTHS), H, DK, DV, dtype=torch.float64)
+    inputs["cu_seqlens"] = torch.tensor([0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()])
+    check_forward_backward(op("triton"), naive_op(), inputs, dtype=torch.float32)
+    _, final = op("triton")(**inputs)
+    assert torch.equal(final[0], inputs["initial_state"][0])
+
+
+def test_triton_gated_deltanet():
+    """delta_rule (Gated DeltaNet) on the Triton kernels against the paper's equations."""
+    wrapper = functools.partial(delta_rule, backend="triton", output_final_state=True)
+    inputs = deltanet_inputs(20, "head")
+    check_forward_backward(wrapper, deltanet_equations, inputs, dtype=torch.float32, what="triton gated")
 
 
 # ------------------------------------------------------------------------------------------- states, packing, steps
@@ -317,14 +386,18 @@ def test_delta_rule_step_and_packing():
 # ------------------------------------------------------------------------------------------- dispatch, errors
 
 
-def test_backends_and_the_triton_fallback(monkeypatch, caplog):
-    """backend= and ZOO_BACKEND pick the form; ``triton`` (no kernels yet) runs the torch form and says so."""
+def test_backends_route_to_their_forms(monkeypatch):
+    """backend= and ZOO_BACKEND pick the form: naive, the chunked torch form, the Triton kernels."""
     from zoo.ops import delta_rule as package
+    from zoo.ops.delta_rule import triton as triton_impl
 
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
-    monkeypatch.setattr(package, "_warned", set())
     calls = []
-    for module, attr in ((package.naive, "naive_dplr_delta_rule"), (package.chunk, "chunk_dplr_delta_rule")):
+    for module, attr in (
+        (package.naive, "naive_dplr_delta_rule"),
+        (package.chunk, "chunk_dplr_delta_rule"),
+        (triton_impl, "triton_dplr_delta_rule"),
+    ):
         original = getattr(module, attr)
 
         def spy(*args, _attr=attr, _original=original, **kwargs):
@@ -336,13 +409,10 @@ def test_backends_and_the_triton_fallback(monkeypatch, caplog):
     dplr_delta_rule(**inputs, backend="naive")
     monkeypatch.setenv("ZOO_BACKEND", "torch")
     dplr_delta_rule(**inputs)
-    with caplog.at_level(logging.WARNING, logger="zoo.ops"):
-        dplr_delta_rule(**inputs, backend="triton")
-        dplr_delta_rule(**inputs, backend="triton")
-    assert calls == ["naive", "chunk", "chunk", "chunk"]
-    assert [r.getMessage() for r in caplog.records] == [
-        "zoo.ops.dplr_delta_rule: no Triton kernels yet; running the chunked torch form"
-    ]
+    dplr_delta_rule(**inputs, backend="triton")
+    monkeypatch.setenv("ZOO_BACKEND", "triton")
+    dplr_delta_rule(**inputs)
+    assert calls == ["naive", "chunk", "triton", "triton"]
 
 
 @pytest.mark.parametrize(

@@ -110,18 +110,35 @@ def run_gla(Dk: int, Dv: int, dtype: torch.dtype) -> None:
         torch.autograd.backward([out, state], [torch.ones_like(out), torch.ones_like(state)])
 
 
+def run_delta_rule(Dk: int, Dv: int, dtype: torch.dtype) -> None:
+    """Forward and backward of the Triton generalised delta rule over two packed sequences with initial and final
+    states (RWKV-7's gates: a per-channel log-decay)."""
+    from zoo.ops.delta_rule import dplr_delta_rule
+
+    T, H = 80, 2
+    q, k, a, b = (torch.randn(1, T, H, Dk, dtype=dtype).requires_grad_() for _ in range(4))
+    v = torch.randn(1, T, H, Dv, dtype=dtype).requires_grad_()
+    g = (-torch.rand(1, T, H, Dk)).to(dtype).requires_grad_()
+    out, state = dplr_delta_rule(
+        q, k, v, a, b, g, scale=1.0, initial_state=torch.randn(2, H, Dk, Dv).requires_grad_(),
+        output_final_state=True, cu_seqlens=torch.tensor([0, 50, T]), backend="triton",
+    )  # fmt: skip
+    torch.autograd.backward([out, state], [torch.ones_like(out), torch.ones_like(state)])
+
+
 def run_wkv4(C: int, N: int, dtype: torch.dtype) -> None:
-    """The Triton WKV4 forward (its backward is PyTorch's) over N packed sequences with initial and final states."""
+    """Forward and backward of the Triton WKV4 over N packed sequences with initial and final states."""
     from zoo.ops.wkv4 import wkv4
 
     T = 80
-    k, v = (torch.randn(1, T, C, dtype=dtype) for _ in range(2))
-    h0 = torch.stack([torch.randn(N, C), torch.rand(N, C) + 0.5, torch.randn(N, C)], 1)
+    k, v = (torch.randn(1, T, C, dtype=dtype).requires_grad_() for _ in range(2))
+    h0 = torch.stack([torch.randn(N, C), torch.rand(N, C) + 0.5, torch.randn(N, C)], 1).requires_grad_()
+    w, u = (-torch.rand(C)).requires_grad_(), torch.randn(C).requires_grad_()
     cu_seqlens = torch.linspace(0, T, N + 1).long()
-    wkv4(
-        -torch.rand(C), torch.randn(C), k, v, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens,
-        backend="triton",
+    y, state = wkv4(
+        w, u, k, v, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens, backend="triton",
     )  # fmt: skip
+    torch.autograd.backward([y, state], [torch.ones_like(y), torch.ones_like(state)])
 
 
 def run_long_conv(C: int, L: int, dtype: torch.dtype) -> None:
@@ -147,6 +164,22 @@ def run_causal_conv1d(C: int, K: int, dtype: torch.dtype) -> None:
     torch.autograd.backward([y, state], [torch.ones_like(y), torch.ones_like(state)])
 
 
+def run_lsh_attention(D: int, chunk: int, dtype: torch.dtype) -> None:
+    """Forward and backward of the Triton LSH attention (head size D, chunks of ``chunk`` slots) with every mask on:
+    causal, padding, two packed segments, two hashing rounds."""
+    from zoo.ops.lsh_attention import lsh_attention
+
+    T, H = 4 * chunk, 2
+    qk, v = (torch.randn(1, T, H, D, dtype=dtype).requires_grad_() for _ in range(2))
+    mask = torch.ones(1, T, dtype=torch.long)
+    mask[:, -3:] = 0
+    out = lsh_attention(
+        qk, v, buckets=torch.randint(0, 4, (1, H, 2, T)), num_buckets=4, chunk_length=chunk, causal=True,
+        key_padding_mask=mask, segment_ids=(torch.arange(T) >= T // 2).long()[None], backend="triton",
+    )  # fmt: skip
+    out.sum().backward()
+
+
 # op: (module of kernels, run(size, size, dtype), sizes)
 OPS = {
     # (Dk, Dv): RetNet's default (128, 256), tiny (32, 64), small (256, 512)
@@ -163,12 +196,16 @@ OPS = {
     ),
     # (Dk, Dv): RWKV-6's head size 64, and the ends of the range GLA models use
     "gla": ("zoo.ops.gla.triton", run_gla, [(32, 32), (64, 64), (256, 256)]),
+    # (Dk, Dv): RWKV-7's head size 64
+    "delta_rule": ("zoo.ops.delta_rule.triton", run_delta_rule, [(64, 64)]),
     # (C, sequences): RWKV-4's widths (the kernel's blocks do not depend on them)
     "wkv4": ("zoo.ops.wkv4.triton", run_wkv4, [(768, 2), (2560, 2)]),
     # (C, L): Hyena's inner width and filter length (the kernel's blocks do not depend on them)
     "long_conv": ("zoo.ops.long_conv.triton", run_long_conv, [(64, 40)]),
     # (C, K): Mamba's inner width and kernel width (the kernels' blocks do not depend on C)
     "causal_conv1d": ("zoo.ops.causal_conv1d.triton", run_causal_conv1d, [(1536, 4)]),
+    # (D, chunk): Reformer's default head size and chunk length
+    "lsh_attention": ("zoo.ops.lsh_attention.triton", run_lsh_attention, [(64, 64)]),
 }
 
 

@@ -1,9 +1,9 @@
 """WKV4 (zoo.ops.wkv4): the oracle against transformers and the paper's formula; the torch and triton backends
 against the oracle.
 
-torch runs in float64 (the harness's 1e-11, elementwise max |a - b| / max |b|) and float32 (5e-5), triton in float32
-(5e-5; under TRITON_INTERPRET=1 on a CPU), all against the oracle in float64: the outputs, the final (numerator,
-denominator, max) state, and the gradients of w, u, k, v and the initial state.
+torch runs in float64 (the harness's 1e-11, elementwise max |a - b| / max |b|) and float32 (5e-5), triton (forward and
+backward kernels) in float32 (5e-5; under TRITON_INTERPRET=1 on a CPU), all against the oracle in float64: the
+outputs, the final (numerator, denominator, max) state, and the gradients of w, u, k, v and the initial state.
 """
 
 from __future__ import annotations
@@ -115,17 +115,46 @@ def test_forward_backward(T, chunk_size, dtype):
     )
 
 
-@pytest.mark.parametrize(("T", "chunk_size"), [(1, 16), (7, 5), (100, 16)])
-def test_triton_forward_backward(T, chunk_size):
-    """The Triton forward (and the backward through the chunked form, chunk 5 dividing none of the lengths)."""
+@pytest.mark.parametrize("T", [1, 7, 100])
+def test_triton_forward_backward(T):
+    """The Triton forward and its reverse walk: outputs, final state and every gradient."""
     inputs = make_inputs(T, key_scale=3.0)
-    check_forward_backward(
-        op("triton", chunk_size),
-        op("naive"),
-        inputs,
-        dtype=torch.float32,
-        what=f"triton T={T} C={chunk_size}",
-    )
+    check_forward_backward(op("triton"), op("naive"), inputs, dtype=torch.float32, what=f"triton T={T}")
+
+
+def test_triton_gradient_of_one_output_only():
+    """A loss on the outputs alone (no gradient reaches the final state) and one on the final state alone (none
+    reaches the outputs, the max component included): the Triton gradients equal the oracle's."""
+    inputs = make_inputs(12, key_scale=3.0)
+    for which in (0, 1):
+        grads = {}
+        for backend, dtype in (("naive", torch.float64), ("triton", torch.float32)):
+            leaves = {n: x.to(dtype).requires_grad_() for n, x in inputs.items()}
+            result = op(backend)(**leaves)[which]
+            weight = torch.linspace(-1, 1, result.numel(), dtype=torch.float64).view(result.shape)
+            loss = (result.double() * weight).sum()
+            found = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            # the final state does not depend on u: no gradient, or a zero one
+            grads[backend] = [torch.zeros_like(x) if d is None else d for x, d in zip(leaves.values(), found)]
+        for name, a, b in zip(inputs, grads["triton"], grads["naive"]):
+            assert rel_err(a, b) < TOLERANCE[torch.float32], (which, name)
+        assert (
+            grads["naive"][1].abs().max() > 0
+            if which == 0
+            else torch.equal(grads["triton"][1], 0 * inputs["u"].float())
+        )
+
+
+def test_triton_max_ties_split_the_gradient():
+    """Where the decayed max equals the key exactly (max + w == k_t), the new max's gradient goes half to each side,
+    as the oracle's torch.maximum sends it."""
+    inputs = make_inputs(3, B=1, key_scale=3.0)
+    inputs["w"] = -torch.tensor([1.0, 0.5, 2.0, 0.25, 4.0], dtype=torch.float64)
+    inputs["initial_state"][:, 2] = torch.tensor([2.0, 1.0, 3.0, -1.0, 0.5], dtype=torch.float64)
+    inputs["k"][:, 0] = (
+        inputs["initial_state"][:, 2] + inputs["w"]
+    )  # a tie on every channel, exact in float32
+    check_forward_backward(op("triton"), op("naive"), inputs, dtype=torch.float32, what="ties")
 
 
 def test_triton_wide_channels():
@@ -249,9 +278,10 @@ def test_step_from_no_state_and_prefill():
 def test_long_sequence_strong_decay_large_keys_float32(backend):
     """T = 4096 in float32: decays from -exp(-6) (a state living thousands of tokens) to -exp(5) (gone after one
     token), keys up to +-80 (e^80 overflows no float32 product here: every exponent is shifted by its max). Outputs,
-    final state and every gradient stay finite and match the float64 oracle. The triton forward walks the recurrence
-    in float32, as the paper's kernel does, and loses what that loses: the oracle's own recurrence run in float32 is
-    off by 5.8e-5 here (its max accumulates w token after token), hence 1.5e-4 for it."""
+    final state and every gradient stay finite and match the float64 oracle. The triton kernels walk the recurrence
+    (forward and back) in float32, as the paper's kernel does, and lose what that loses: the oracle's own recurrence
+    run in float32 is off by 5.8e-5 in the output and 1.9e-4 in dk here (its max accumulates w token after token),
+    the triton kernels by the same, hence 3e-4 for them."""
     gen = torch.Generator().manual_seed(3)
     T, Cl = 4096, 6
     k = 20 * torch.randn(1, T, Cl, generator=gen, dtype=torch.float64)
@@ -269,7 +299,7 @@ def test_long_sequence_strong_decay_large_keys_float32(backend):
         op("naive"),
         inputs,
         dtype=torch.float32,
-        tol=1.5e-4 if backend == "triton" else None,
+        tol=3e-4 if backend == "triton" else None,
         what=f"{backend} T=4096",
     )
     assert all(math.isfinite(e) for e in errors.values())

@@ -28,8 +28,8 @@ Special cases, all through the same op:
   segment, which the model does without this op.
 
 Backends (see ``zoo.ops.dispatch``): ``naive`` (the loop over time, the oracle), ``torch`` (chunks through the
-WY / UT transform, see ``chunk.py``). There is no Triton kernel yet: ``triton`` runs the ``torch`` form (which
-runs on CUDA too), saying so once in the log.
+WY / UT transform, see ``chunk.py``) and ``triton`` (the same chunked form as Triton kernels, forward and backward,
+in chunks of 16 tokens whatever ``chunk_size``; see ``triton.py``).
 
     out, final_state = dplr_delta_rule(q, k, v, a, b, g, initial_state=h0, output_final_state=True)
     out_t, state = dplr_delta_rule_step(q_t, k_t, v_t, a_t, b_t, g_t, state)        # decoding, O(1) per token
@@ -38,17 +38,12 @@ runs on CUDA too), saying so once in the log.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from zoo.ops.delta_rule import chunk, naive
 from zoo.ops.dispatch import resolve_backend
 
 __all__ = ["delta_rule", "delta_rule_step", "dplr_delta_rule", "dplr_delta_rule_step"]
-
-logger = logging.getLogger("zoo.ops")
-_warned: set[str] = set()
 
 
 def _shape_error(op: str, name: str, got: torch.Tensor, expected: str) -> ValueError:
@@ -137,7 +132,8 @@ def dplr_delta_rule(
             float64 inputs).
         cu_seqlens: LongTensor [N + 1] of cumulative lengths of sequences packed along T, with B == 1. No state
             crosses a boundary.
-        chunk_size: tokens per chunk of the ``torch`` backend, a power of 2.
+        chunk_size: tokens per chunk of the ``torch`` backend, a power of 2 (the ``triton`` backend's chunks are
+            16 tokens).
         backend: ``naive``, ``torch`` or ``triton``; default from ``ZOO_BACKEND``, then the device.
 
     Returns:
@@ -153,9 +149,11 @@ def dplr_delta_rule(
     args = (q, k, v, a, b, g, scale, initial_state, output_final_state, cu_seqlens)
     if name == "naive":
         return naive.naive_dplr_delta_rule(*args)
-    if name == "triton" and op not in _warned:
-        _warned.add(op)
-        logger.warning("zoo.ops.%s: no Triton kernels yet; running the chunked torch form", op)
+    if name == "triton":
+        # imported here so that zoo imports without triton, and triton is only imported when asked for
+        from zoo.ops.delta_rule import triton as triton_impl
+
+        return triton_impl.triton_dplr_delta_rule(*args)
     return chunk.chunk_dplr_delta_rule(*args, chunk_size=chunk_size)
 
 

@@ -8,8 +8,8 @@ with w = -exp(time_decay) < 0 and u = time_first:
 kept in the numerically stable max-tracking form of transformers' ``RwkvSelfAttention``: the state is one tensor
 [N, 3, C] of (numerator, denominator, max), ``state.unbind(1)`` being transformers' ``[num, den, max]`` (see
 ``naive.py``). Backends (see ``zoo.ops.dispatch``): ``naive`` (the recurrence, a loop over time, the oracle),
-``torch`` (chunked, ``chunk.py``) and ``triton`` (the recurrence as a Triton kernel walking time, ``triton.py``; its
-backward differentiates the ``torch`` form).
+``torch`` (chunked, ``chunk.py``) and ``triton`` (the recurrence as Triton kernels walking time forward, and back
+for the gradients, ``triton.py``).
 
     out, final_state = wkv4(w, u, k, v, initial_state=h0, output_final_state=True)
     out_t, state = wkv4_step(w, u, k_t, v_t, state)          # decoding, O(1) per token
@@ -95,8 +95,8 @@ def wkv4(
             inputs).
         cu_seqlens: LongTensor [N + 1] of cumulative lengths of sequences packed along T, with B == 1. No state
             crosses a boundary.
-        chunk_size: tokens per chunk of the ``torch`` backend, and of the ``triton`` backend's backward (its memory
-            is about chunk_size times that of k).
+        chunk_size: tokens per chunk of the ``torch`` backend (its memory is about chunk_size times that of k); the
+            ``triton`` backend walks token by token and has no chunks.
         backend: ``naive``, ``torch`` or ``triton``; default from ``ZOO_BACKEND``, then the device.
 
     Returns:
@@ -113,7 +113,7 @@ def wkv4(
         # imported here so that zoo imports without triton, and triton is only imported when asked for
         from zoo.ops.wkv4 import triton as triton_impl
 
-        return triton_impl.triton_wkv4(*args, chunk_size=chunk_size)
+        return triton_impl.triton_wkv4(*args)
     return chunk.chunk_wkv4(*args, chunk_size=chunk_size)
 
 

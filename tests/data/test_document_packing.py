@@ -98,3 +98,24 @@ def test_make_packed_dataset_and_collator():
 
     with pytest.raises(ValueError, match="text_column"):
         make_packed_dataset(ds, tok, 32, text_column="content")
+
+
+def test_one_document_per_block_with_attention_mask():
+    docs = [[5, 6], [7, 8, 9, 10, 11, 12], [13]]
+    out = pack_documents(docs, 4, EOS, pad_token_id=0, one_per_block=True, attention_mask=True)
+    # Each document starts a block; the rest of the block before is padding (labels -100, attention 0); a
+    # document longer than a block continues in the next one.
+    assert out["input_ids"] == [[5, 6, 1, 0], [7, 8, 9, 10], [11, 12, 1, 0], [13, 1, 0, 0]]
+    assert out["position_ids"] == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]]
+    assert out["labels"] == [
+        [-100, 6, 1, -100],
+        [-100, 8, 9, 10],
+        [-100, 12, 1, -100],
+        [-100, 1, -100, -100],
+    ]
+    assert out["attention_mask"] == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]]
+    # Without the options: the packing every existing run uses, and no attention_mask row.
+    plain = pack_documents(docs, 4, EOS, pad_token_id=0)
+    assert "attention_mask" not in plain and plain["input_ids"][0] == [5, 6, 1, 7]
+    masked = pack_documents(docs, 4, EOS, pad_token_id=0, attention_mask=True)
+    assert masked["input_ids"] == plain["input_ids"] and masked["attention_mask"][:-1] == [[1] * 4] * 2

@@ -71,3 +71,49 @@ def test_markov_entropy_matches_samples():
     docs = synthetic_documents("markov", 3, seed=5, length=64, alphabet="abcd", concentration=0.5)
     assert all(len(d) == 64 and set(d) <= set("abcd") for d in docs)
     assert markov_chain("abcd", 0.5, chain_seed=1).transitions != chain.transitions
+
+
+def test_passkey_format():
+    import re
+
+    docs = synthetic_documents("passkey", 50, seed=0, min_len=200, max_len=600, key_digits=6)
+    tail = "What is the pass key? The pass key is "
+    for doc in docs:
+        assert 200 <= len(doc) <= 600 + 100 and doc.count(tail) == 1 and doc.endswith(".")
+        question, answer = doc.rsplit(tail, 1)
+        key = answer.removesuffix(".")
+        # Stated once in the context, six digits, and that is the answer.
+        assert re.fullmatch(r"[1-9]\d{5}", key)
+        assert re.findall(r"The pass key is (\d+)\. Remember it\.", question) == [key]
+    # The key sits at different depths: not always right after the start or right before the question.
+    depths = [doc.index("Remember it") / len(doc) for doc in docs]
+    assert min(depths) < 0.3 and max(depths) > 0.6
+
+
+def test_babi_single_fact_answer_is_the_last_move():
+    import re
+
+    docs = synthetic_documents("babi_single_fact", 50, seed=0, num_facts=5, min_len=100, max_len=400)
+    for doc in docs:
+        assert 100 <= len(doc) <= 400 + 100
+        story, question = doc.rsplit(" Where is ", 1)
+        person, answer = question.split("? ")
+        moves = re.findall(
+            r"([A-Z][a-z]+) (?:went to|moved to|walked to|travelled to|ran to|went back to) the (\w+)\.",
+            story,
+        )
+        assert len(moves) == 5
+        assert answer == [place for who, place in moves if who == person][-1]
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("passkey", {"min_len": 50, "max_len": 10}, "min_len <= max_len"),
+        ("passkey", {"key_digits": 0}, "key_digits must be in 1..18"),
+        ("babi_single_fact", {"num_facts": 0}, "num_facts must be >= 1"),
+    ],
+)
+def test_long_context_options_are_checked(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        synthetic_documents(name, 2, **options)

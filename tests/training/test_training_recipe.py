@@ -59,7 +59,11 @@ def write_recipe(tmp_path: Path, **sections) -> Path:
         ({"schedule": {"name": "linear"}}, "schedule.name: 'linear' is not one of cosine, wsd, constant"),
         ({"hub": {"push": True}}, "hub.repo_id: required"),
         ({"checkpointing": {"resume": "/no/such/ckpt"}}, "checkpointing.resume:"),
-        ({"model": {"type": "zoo_transformer", "pretrained": "x"}}, "model: give exactly one of"),
+        (
+            {"model": {"type": "zoo_transformer", "pretrained": "x"}},
+            "model.type: zoo_transformer has no initialisation from another architecture's checkpoint",
+        ),
+        ({"model": {"num_hidden_layers": 2}}, "model: give `type:` (train from scratch), `pretrained:`"),
         # Values that used to pass validation and failed (or silently misbehaved) later.
         ({"optim": {"lr": float("nan")}}, "optim.lr: expected a finite number, got nan"),
         ({"optim": {"lr": float("inf")}}, "optim.lr: expected a finite number, got inf"),

@@ -14,6 +14,10 @@ Models that support packed sequences read the boundaries from ``position_ids`` (
 rule for every consumer): :func:`cu_seqlens_from_position_ids` gives the ``cu_seqlens`` of fla and flash-attn's varlen kernels,
 :func:`document_mask_from_position_ids` a dense block-diagonal causal mask. A last, incomplete block is padded
 with ``pad_token_id`` (labels -100, positions counting from 0 as a document of its own) unless ``drop_last``.
+
+Two options: ``one_per_block`` starts every document in a new block, padding the rest of the one before (for
+question-answer documents whose question must stay with its context, as ``synthetic:passkey``); and
+``attention_mask`` adds a fourth row, 0 on padding and 1 elsewhere (for encoders, which read the whole block).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ def pack_documents(
     drop_last: bool = False,
     *,
     pad_token_id: int | None = None,
+    one_per_block: bool = False,
+    attention_mask: bool = False,
 ) -> dict[str, list[list[int]]]:
     """Pack token lists into blocks of ``block_size`` with ``input_ids``, ``position_ids`` and ``labels``.
 
@@ -54,6 +60,9 @@ def pack_documents(
         bos_token_id: prepended to each document; None prepends nothing.
         drop_last: drop the last, incomplete block instead of padding it.
         pad_token_id: fills the last block; defaults to ``eos_token_id``, else 0.
+        one_per_block: start each document in a new block, padding the rest of the current one (a document
+            longer than a block still continues in the next).
+        attention_mask: add an ``attention_mask`` row, 0 on padding.
 
     Empty documents are skipped.
     """
@@ -65,11 +74,23 @@ def pack_documents(
     suffix = [eos_token_id] if eos_token_id is not None else []
 
     blocks: dict[str, list[list[int]]] = {"input_ids": [], "position_ids": [], "labels": []}
+    if attention_mask:
+        blocks["attention_mask"] = []
+
+    def pad_and_emit(ids: list[int], pos: list[int]) -> None:
+        real = len(ids)
+        ids.extend([pad_token_id] * (block_size - real))
+        pos.extend(range(block_size - real))
+        _emit(blocks, ids, pos, ignore_from=real)
+
     ids: list[int] = []
     pos: list[int] = []
     for doc in docs:
         if len(doc) == 0:
             continue
+        if one_per_block and ids:
+            pad_and_emit(ids, pos)
+            ids, pos = [], []
         tokens = [*prefix, *doc, *suffix]
         start = 0
         while start < len(tokens):
@@ -82,11 +103,7 @@ def pack_documents(
                 _emit(blocks, ids, pos)
                 ids, pos = [], []
     if ids and not drop_last:
-        pad = block_size - len(ids)
-        ids.extend([pad_token_id] * pad)
-        labels_from = len(pos)
-        pos.extend(range(pad))
-        _emit(blocks, ids, pos, ignore_from=labels_from)
+        pad_and_emit(ids, pos)
     return blocks
 
 
@@ -97,6 +114,9 @@ def _emit(blocks: dict[str, list[list[int]]], ids: list[int], pos: list[int], ig
     blocks["input_ids"].append(ids)
     blocks["position_ids"].append(pos)
     blocks["labels"].append(labels)
+    if "attention_mask" in blocks:
+        real = len(ids) if ignore_from is None else ignore_from
+        blocks["attention_mask"].append([1] * real + [0] * (len(ids) - real))
 
 
 def make_packed_dataset(
@@ -108,13 +128,16 @@ def make_packed_dataset(
     *,
     drop_last: bool = False,
     batch_size: int = 1000,
+    one_per_block: bool = False,
+    attention_mask: bool = False,
 ):
     """Tokenise ``dataset[text_column]`` and pack it into blocks; a ``datasets.Dataset`` of
     ``input_ids`` / ``position_ids`` / ``labels``.
 
     Each document gets the tokenizer's eos token (and its bos token, when it has one distinct from eos).
     Packing runs per ``batch_size`` documents (and per worker with ``num_proc``), so each such batch ends with
-    one padded block (or, with ``drop_last``, without it).
+    one padded block (or, with ``drop_last``, without it). ``one_per_block`` and ``attention_mask``: as in
+    :func:`pack_documents`.
     """
     if text_column not in dataset.column_names:
         raise ValueError(
@@ -128,7 +151,16 @@ def make_packed_dataset(
         return {"input_ids": tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]}
 
     def pack(batch):
-        return pack_documents(batch["input_ids"], block_size, eos, bos, drop_last, pad_token_id=pad)
+        return pack_documents(
+            batch["input_ids"],
+            block_size,
+            eos,
+            bos,
+            drop_last,
+            pad_token_id=pad,
+            one_per_block=one_per_block,
+            attention_mask=attention_mask,
+        )
 
     num_proc = num_proc if num_proc and num_proc > 1 else None
     tokenized = dataset.map(
@@ -150,9 +182,10 @@ def make_packed_dataset(
 
 
 class DataCollatorForPacked:
-    """Stacks packed examples into ``[B, block_size]`` LongTensors: input_ids, position_ids, labels."""
+    """Stacks packed examples into ``[B, block_size]`` LongTensors: input_ids, position_ids, labels (and
+    attention_mask when the examples have one)."""
 
-    keys = ("input_ids", "position_ids", "labels")
+    keys = ("input_ids", "position_ids", "labels", "attention_mask")
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if not features:

@@ -14,7 +14,18 @@ task                    example                               what it takes
 ``counting``            ``count a in abacad -> 3``            counting over the context
 ``arithmetic``          ``37+508=545``                        carrying digits
 ``markov``              text of an order-2 char Markov chain  reaching a known entropy rate
+``passkey``             ``... The pass key is 40517. ...``    retrieval across a long context
+                        ``... What is the pass key? The
+                        pass key is 40517.``
+``babi_single_fact``    ``Mary went to the kitchen. ...       finding the one supporting fact
+                        Where is Mary? kitchen``              among distractors
 ======================  ====================================  ==================================
+
+The two long-context tasks hide what must be recalled in filler sentences, up to a length drawn between
+``min_len`` and ``max_len`` characters (tokens, with the byte tokenizer): ``passkey`` a five-digit key, as in
+passkey retrieval (Mohtashami & Jaggi, 2023, arXiv:2305.16300), ``babi_single_fact`` a short story of people moving
+between places, asked where one of them is, as bAbI's first task (Weston et al., 2015, arXiv:1502.05698) hidden in
+long text as BABILong does (Kuratov et al., 2024, arXiv:2406.10149). Templates and filler sentences are zoo's own.
 
 The Markov chain is fixed by ``chain_seed``, not ``seed``, so training and evaluation sets drawn with
 different seeds come from the same chain; :func:`markov_chain` gives it with its entropy rate, the best
@@ -200,6 +211,87 @@ def markov(
     return [chain.sample(length, rng) for _ in range(n)]
 
 
+# Filler for the long-context tasks: plain sentences that carry nothing a question asks about.
+FILLER_SENTENCES = (
+    "The train left the station on time.",
+    "A light rain fell over the hills.",
+    "The market opened early that morning.",
+    "Birds sang in the old oak tree.",
+    "The lamp in the window stayed lit.",
+    "Someone was baking bread next door.",
+    "The river was calm and wide.",
+    "A dog barked somewhere down the road.",
+    "The clock in the hall struck nine.",
+    "Clouds drifted slowly to the east.",
+    "The shop on the corner sold maps.",
+    "Leaves covered the path to the gate.",
+)
+PEOPLE = ("Mary", "John", "Sandra", "Daniel", "Anna", "Peter")
+PLACES = ("kitchen", "garden", "hallway", "bathroom", "bedroom", "office", "cellar", "balcony")
+MOVES = ("went to", "moved to", "walked to", "travelled to", "ran to", "went back to")
+
+
+def _hide_in_filler(rng: random.Random, target_len: int, sentences: list[str], tail: str) -> str:
+    """``sentences`` in order at random places among filler sentences, then ``tail``: as many filler sentences
+    as bring the whole to at least ``target_len`` characters."""
+    length = sum(len(x) + 1 for x in [*sentences, tail])
+    filler = []
+    while length < target_len:
+        filler.append(rng.choice(FILLER_SENTENCES))
+        length += len(filler[-1]) + 1
+    # Each inserted sentence goes before filler sentence number `slot`; equal slots keep their order.
+    slots = sorted(rng.randint(0, len(filler)) for _ in sentences)
+    parts = []
+    for i in range(len(filler) + 1):
+        parts.extend(x for x, slot in zip(sentences, slots) if slot == i)
+        if i < len(filler):
+            parts.append(filler[i])
+    return " ".join([*parts, tail])
+
+
+def passkey(
+    n: int, seed: int = 0, *, min_len: int = 256, max_len: int = 1024, key_digits: int = 5
+) -> list[str]:
+    """A ``key_digits``-digit pass key stated once at a random place in filler text of ``min_len..max_len``
+    characters, asked for at the end: ``... What is the pass key? The pass key is <key>.``"""
+    _check_lengths(min_len, max_len)
+    if not 1 <= key_digits <= 18:
+        raise ValueError(f"key_digits must be in 1..18, got {key_digits}")
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        key = str(rng.randrange(10 ** (key_digits - 1), 10**key_digits))
+        needle = f"The pass key is {key}. Remember it."
+        tail = f"What is the pass key? The pass key is {key}."
+        docs.append(_hide_in_filler(rng, rng.randint(min_len, max_len), [needle], tail))
+    return docs
+
+
+def babi_single_fact(
+    n: int, seed: int = 0, *, num_facts: int = 4, min_len: int = 256, max_len: int = 1024
+) -> list[str]:
+    """``num_facts`` sentences of people moving between places (``Mary went to the kitchen.``) hidden in filler
+    text of ``min_len..max_len`` characters, then ``Where is <person>? <place>``: the place of that person's last
+    move, the one fact that answers it."""
+    _check_lengths(min_len, max_len)
+    if num_facts < 1:
+        raise ValueError(f"num_facts must be >= 1, got {num_facts}")
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        where: dict[str, str] = {}
+        facts = []
+        for _ in range(num_facts):
+            person, place = rng.choice(PEOPLE), rng.choice(PLACES)
+            facts.append(f"{person} {rng.choice(MOVES)} the {place}.")
+            where[person] = place
+        person = rng.choice(list(where))
+        docs.append(
+            _hide_in_filler(rng, rng.randint(min_len, max_len), facts, f"Where is {person}? {where[person]}")
+        )
+    return docs
+
+
 SYNTHETIC_TASKS: dict[str, Callable[..., list[str]]] = {
     "copy": copy,
     "reverse": reverse,
@@ -208,6 +300,8 @@ SYNTHETIC_TASKS: dict[str, Callable[..., list[str]]] = {
     "counting": counting,
     "arithmetic": arithmetic,
     "markov": markov,
+    "passkey": passkey,
+    "babi_single_fact": babi_single_fact,
 }
 
 

@@ -4,8 +4,9 @@
    ``default`` (zoo's embedded corpus), ``synthetic:<task>``, a local text/json/jsonl/parquet file or folder, or a
    Hub dataset name.
 2. :func:`packed_dataset` tokenises and packs them with ``zoo.data.packing.make_packed_dataset`` (rows of
-   ``block_size`` tokens, ``position_ids`` restarting at every document, ``labels`` -100 at document starts), and
-   caches the result on disk keyed by the data, the tokenizer and the block size.
+   ``block_size`` tokens, ``position_ids`` restarting at every document, ``labels`` -100 at document starts;
+   documents end to end, or each starting a new row with ``data.packing: per_document``), and caches the result
+   on disk keyed by the data, the tokenizer, the block size and the packing.
 3. :class:`BlockSampler` decides which rows every process reads at every micro-step as a pure function of
    (seed, step), so that a resumed run continues with exactly the data an uninterrupted run would have seen.
 """
@@ -27,7 +28,7 @@ from zoo.training.recipe import DataConfig, RecipeError, is_local_path
 
 logger = logging.getLogger(__name__)
 
-BATCH_COLUMNS = ("input_ids", "position_ids", "labels")
+BATCH_COLUMNS = ("input_ids", "position_ids", "labels", "attention_mask")
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -114,8 +115,17 @@ def _cache_root(cfg: DataConfig) -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "zoo-packed"
 
 
-def packed_dataset(text: datasets.Dataset, tokenizer, block_size: int, cfg: DataConfig, label: str):
-    """Tokenise and pack ``text`` into rows of ``block_size`` tokens, from the on-disk cache when possible.
+def packed_dataset(
+    text: datasets.Dataset,
+    tokenizer,
+    block_size: int,
+    cfg: DataConfig,
+    label: str,
+    attention_mask: bool = False,
+):
+    """Tokenise and pack ``text`` into rows of ``block_size`` tokens, from the on-disk cache when possible;
+    ``cfg.packing: per_document`` starts every document in a new row; ``attention_mask`` adds that column (0 on
+    padding), for encoders.
 
     Call on the main process first (``accelerator.main_process_first()``) so the others read the cache.
     """
@@ -127,6 +137,8 @@ def packed_dataset(text: datasets.Dataset, tokenizer, block_size: int, cfg: Data
         "column": cfg.text_column,
         "tokenizer": _tokenizer_digest(tokenizer),
         "block_size": block_size,
+        "one_per_block": cfg.packing == "per_document",
+        "attention_mask": attention_mask,
         "packing": hashlib.sha256(inspect.getsource(packing).encode()).hexdigest(),
     }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -137,7 +149,14 @@ def packed_dataset(text: datasets.Dataset, tokenizer, block_size: int, cfg: Data
         except Exception as err:  # a corrupt cache is rebuilt, never fatal
             logger.warning("packed-data cache %s unreadable (%s); rebuilding", path, err)
             shutil.rmtree(path, ignore_errors=True)
-    packed = packing.make_packed_dataset(text, tokenizer, block_size, text_column=cfg.text_column)
+    packed = packing.make_packed_dataset(
+        text,
+        tokenizer,
+        block_size,
+        text_column=cfg.text_column,
+        one_per_block=cfg.packing == "per_document",
+        attention_mask=attention_mask,
+    )
     packed = packed.select_columns([c for c in BATCH_COLUMNS if c in packed.column_names])
     if len(packed) == 0:
         raise RecipeError(f"data: the {label} split packs into 0 blocks of {block_size} tokens; add data")

@@ -8,10 +8,11 @@ Plain code, top to bottom, in :func:`train`:
 2. set up: output folder, ``recipe.yaml``, optimizer and schedule, ``accelerator.prepare``, trackers; resume from
    the newest complete checkpoint (``checkpointing.resume: auto``), restoring weights, optimizer, schedule, RNG
    states and the step; the data order is a pure function of the step (:class:`BlockSampler`);
-3. loop over optimizer steps: ``grad_accum`` micro-batches under ``Accelerator.accumulate``, a finite-loss check
-   before every backward, clipping, logging, periodic evaluation and atomic checkpoints;
-4. evaluate, save the final model, print a greedy sample (every process takes part when the parameters are
-   sharded), the validation loss and a summary; push to the Hub.
+3. loop over optimizer steps: ``grad_accum`` micro-batches under ``Accelerator.accumulate`` (cut to the length of
+   the ``training.curriculum`` stage; masked for ``training.objective: mlm``), a finite-loss check before every
+   backward, clipping, logging, periodic evaluation and atomic checkpoints;
+4. evaluate, save the final model, print a greedy sample (causal models; every process takes part when the
+   parameters are sharded), the validation loss and a summary; push to the Hub.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ from tqdm.auto import tqdm
 from zoo.training.checkpoint import CheckpointManager
 from zoo.training.data import BlockSampler, eval_batches, get_batch, load_text_splits, packed_dataset
 from zoo.training.export import save_final
+from zoo.training.mlm import Masker, batch_seed
 from zoo.training.modeling import build_model, build_tokenizer, count_parameters
 from zoo.training.optim import build_optimizer, build_scheduler
-from zoo.training.recipe import Recipe, RecipeError
+from zoo.training.recipe import Recipe, RecipeError, curriculum_length
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +161,18 @@ def unigram_entropy(dataset, max_rows: int = 4096) -> float:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, dataset, batch_size: int, max_batches: int) -> dict:
-    """Token-weighted mean validation loss over the first ``max_batches`` batches, and its perplexity."""
+def evaluate(
+    accelerator,
+    model,
+    dataset,
+    batch_size: int,
+    max_batches: int,
+    masker: Masker | None = None,
+    seed: int = 0,
+) -> dict:
+    """Token-weighted mean validation loss over the first ``max_batches`` batches, and its perplexity. With a
+    ``masker`` (the MLM objective) each batch is masked the same way at every evaluation (drawn from ``seed`` and
+    its first row), and the loss is over the masked tokens."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     batches = eval_batches(
@@ -168,8 +180,11 @@ def evaluate(accelerator, model, dataset, batch_size: int, max_batches: int) -> 
     )
     for indices in batches:
         batch = get_batch(dataset, indices, accelerator.device)
+        if masker is not None:
+            batch = masker(batch, batch_seed(seed, -1, indices[0]))
         loss = model(**batch).loss
-        n = (batch["labels"][:, 1:] != -100).sum()
+        # causal models shift the labels inside; masked LMs predict every labelled position
+        n = (batch["labels"][:, 1:] != -100).sum() if masker is None else (batch["labels"] != -100).sum()
         totals += torch.stack([loss.double() * n, n.double()])
     totals = accelerator.reduce(totals, reduction="sum")
     model.train()
@@ -278,13 +293,17 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
 
     tokenizer = build_tokenizer(recipe)
     model = build_model(recipe, tokenizer)
-    check_sample_prompt(recipe, tokenizer, model.config)
+    # The MLM objective masks every batch; an encoder has no greedy sample to print at the end.
+    masker = Masker(tokenizer, cfg.mlm_probability) if cfg.objective == "mlm" else None
+    if masker is None:
+        check_sample_prompt(recipe, tokenizer, model.config)
     arch = type(model).__name__
     total_params, trainable_params = count_parameters(model)
     with accelerator.main_process_first():
         train_text, val_text = load_text_splits(recipe.data, cfg.seed)
-        train_data = packed_dataset(train_text, tokenizer, cfg.block_size, recipe.data, "train")
-        val_data = packed_dataset(val_text, tokenizer, cfg.block_size, recipe.data, "validation")
+        mlm = masker is not None
+        train_data = packed_dataset(train_text, tokenizer, cfg.block_size, recipe.data, "train", mlm)
+        val_data = packed_dataset(val_text, tokenizer, cfg.block_size, recipe.data, "validation", mlm)
     ckpt = CheckpointManager(output_dir / "checkpoints", recipe.checkpointing.keep_last)
     try:
         resume_from = ckpt.resolve_resume(recipe.checkpointing.resume)
@@ -350,11 +369,16 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
     while state.step < cfg.max_steps:
         step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         grad_norm = None
+        length = curriculum_length(cfg, state.step)
         for micro in range(cfg.grad_accum):
             batch = get_batch(
                 train_data, sampler.indices(state.step, micro, accelerator.process_index), accelerator.device
             )
-            if cfg.randomized_positions:
+            if length < cfg.block_size:
+                batch = {key: value[:, :length] for key, value in batch.items()}
+            if masker is not None:
+                batch = masker(batch, batch_seed(cfg.seed, state.step, micro, accelerator.process_index))
+            elif cfg.randomized_positions:
                 batch["position_ids"] = randomized_batch_positions(
                     batch["position_ids"],
                     cfg.randomized_positions,
@@ -384,7 +408,7 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
             step_loss += loss.detach().double() / cfg.grad_accum
             window_tokens += batch["input_ids"].numel() * accelerator.num_processes
         state.step += 1
-        state.tokens += cfg.batch_size * cfg.block_size * cfg.grad_accum * accelerator.num_processes
+        state.tokens += cfg.batch_size * length * cfg.grad_accum * accelerator.num_processes
         window_loss += step_loss
         window_steps += 1
         bar.update(1)
@@ -412,7 +436,9 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
             window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
 
         if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < cfg.max_steps:
-            result = evaluate(accelerator, model, val_data, eval_batch_size, recipe.eval.max_batches)
+            result = evaluate(
+                accelerator, model, val_data, eval_batch_size, recipe.eval.max_batches, masker, cfg.seed
+            )
             accelerator.log(
                 {"eval/loss": result["val_loss"], "eval/perplexity": result["val_perplexity"]},
                 step=state.step,
@@ -431,7 +457,9 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
     bar.close()
 
     # 4. finish
-    result = evaluate(accelerator, model, val_data, eval_batch_size, recipe.eval.max_batches)
+    result = evaluate(
+        accelerator, model, val_data, eval_batch_size, recipe.eval.max_batches, masker, cfg.seed
+    )
     accelerator.log(
         {"eval/loss": result["val_loss"], "eval/perplexity": result["val_perplexity"]}, step=state.step
     )
@@ -447,13 +475,14 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
         "parameters": total_params,
     }
     save_final(accelerator, model, tokenizer, recipe, metrics)
-    if main or params_sharded(accelerator):
+    if masker is None and (main or params_sharded(accelerator)):
         sample = greedy_sample(
             accelerator, model, tokenizer, recipe.logging.sample_prompt, recipe.logging.sample_tokens
         )
     if main:
         steps_run = state.step - start_step
-        print(f"sample (greedy): {recipe.logging.sample_prompt!r} -> {sample!r}")
+        if masker is None:
+            print(f"sample (greedy): {recipe.logging.sample_prompt!r} -> {sample!r}")
         print(
             f"validation loss {metrics['val_loss']:.4f} nats/token (perplexity {metrics['val_perplexity']:.2f});"
             f" unigram entropy of the training tokens {metrics['unigram_entropy']:.4f} nats/token"

@@ -6,9 +6,15 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from zoo.training.recipe import Recipe, RecipeError, check_position_limits
+from zoo.training.recipe import (
+    INIT_FROM_OTHER_ARCHITECTURE,
+    Recipe,
+    RecipeError,
+    check_position_limits,
+    is_local_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +41,27 @@ TOKENIZER_FILES = (
 
 def build_tokenizer(recipe: Recipe):
     """``tokenizer.name`` if given; else the tokenizer saved with ``model.pretrained``; else zoo's byte tokenizer.
+    For ``training.objective: mlm`` a tokenizer without a mask token gets ``<mask>`` at the next free id.
 
     A pretrained model's tokenizer that exists but fails to load is an error, never a silent switch to bytes
     (the ids would mean something else); only a local folder with no tokenizer files falls back, with a warning.
     """
+    tokenizer = _load_tokenizer(recipe)
+    if recipe.training.objective == "mlm":
+        from zoo.training.mlm import ensure_mask_token
+
+        ensure_mask_token(tokenizer)
+    return tokenizer
+
+
+def _load_tokenizer(recipe: Recipe):
     from zoo.data.tokenizer import load_tokenizer
 
     name = recipe.tokenizer.name
     pretrained = recipe.model.get("pretrained")
+    if is_cross_architecture(recipe):
+        # the source checkpoint is checked first, so a bad path or architecture is named as such
+        source_config(recipe)
     if name is None and pretrained is not None:
         folder = Path(pretrained).expanduser()
         if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
@@ -65,6 +84,67 @@ def build_tokenizer(recipe: Recipe):
         raise RecipeError(f"tokenizer.name: could not load tokenizer {name!r}: {err}") from None
 
 
+def is_cross_architecture(recipe: Recipe) -> bool:
+    """Whether the recipe initialises a ``type`` model from a ``pretrained`` checkpoint of another kind."""
+    return "type" in recipe.model and "pretrained" in recipe.model
+
+
+def source_config(recipe: Recipe):
+    """The configuration of ``model.pretrained`` for a cross-architecture recipe, checked to be a source that
+    ``model.type``'s initialising classmethod accepts; a :class:`RecipeError` naming the problem otherwise."""
+    _register_zoo()
+    target, source = recipe.model["type"], recipe.model["pretrained"]
+    method, accepted = INIT_FROM_OTHER_ARCHITECTURE[target]
+    where = f"model.pretrained: the checkpoint to initialise {target} from, {source!r},"
+    advice = "give a folder saved by save_pretrained (a finished run's output_dir) or a Hub id"
+    if is_local_path(source, Path(".")) and not Path(source).expanduser().exists():
+        raise RecipeError(f"{where} does not exist; {advice}")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as err:
+        raise RecipeError(f"{where} could not be loaded ({err}); {advice}") from None
+    if config.model_type == target:
+        return config
+    if accepted is not None and config.model_type not in accepted:
+        raise RecipeError(
+            f"model.pretrained: {source!r} is a {config.model_type!r} checkpoint, but {target}'s {method}"
+            f" initialises from {' or '.join(map(repr, accepted))} only"
+        )
+    if accepted is None and type(config) not in AutoModelForCausalLM._model_mapping:
+        raise RecipeError(
+            f"model.pretrained: {source!r} is a {config.model_type!r} checkpoint, which is not a causal LM;"
+            f" {target}'s {method} wraps a causal language model"
+        )
+    return config
+
+
+def _model_from_other_architecture(recipe: Recipe):
+    """``model.type``'s classmethod (``from_baseline``, ``from_backbone``) over the ``model.pretrained`` checkpoint,
+    the other ``model`` keys passed to it; None when the checkpoint already is a ``model.type`` model."""
+    config = source_config(recipe)
+    target, source = recipe.model["type"], recipe.model["pretrained"]
+    if config.model_type == target:
+        return None
+    method = INIT_FROM_OTHER_ARCHITECTURE[target][0]
+    target_class = AutoModelForCausalLM._model_mapping[AutoConfig.for_model(target).__class__]
+    kwargs = {k: v for k, v in recipe.model.items() if k not in ("type", "pretrained")}
+    logger.info(
+        "initialising %s from the %s checkpoint %s with %s", target, config.model_type, source, method
+    )
+    try:
+        return getattr(target_class, method)(source, **kwargs)
+    except (ValueError, TypeError, OSError) as err:
+        raise RecipeError(f"model: {target_class.__name__}.{method}({source!r}, **{kwargs}): {err}") from None
+
+
+def check_vocab(config, tokenizer, key: str) -> None:
+    if len(tokenizer) > config.vocab_size:
+        raise RecipeError(
+            f"{key}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size};"
+            f" token ids past {config.vocab_size - 1} would index outside the embedding"
+        )
+
+
 def build_config(recipe: Recipe, tokenizer):
     """The model configuration, with ``vocab_size`` and special token ids taken from the tokenizer when the
     recipe leaves them out; a tokenizer larger than the model's vocabulary is an error."""
@@ -72,6 +152,7 @@ def build_config(recipe: Recipe, tokenizer):
     spec = dict(recipe.model)
     if "pretrained" in spec:
         source = spec.pop("pretrained")
+        spec.pop("type", None)
         try:
             config = AutoConfig.from_pretrained(source)
         except Exception as err:
@@ -90,22 +171,24 @@ def build_config(recipe: Recipe, tokenizer):
             config = AutoConfig.for_model(model_type, **spec)
         except (ValueError, TypeError) as err:
             raise RecipeError(f"model: {err}") from None
-    if len(tokenizer) > config.vocab_size:
-        key = "model.vocab_size" if "pretrained" not in recipe.model else "tokenizer.name"
-        raise RecipeError(
-            f"{key}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size};"
-            f" token ids past {config.vocab_size - 1} would index outside the embedding"
-        )
+    check_vocab(
+        config, tokenizer, "model.vocab_size" if "pretrained" not in recipe.model else "tokenizer.name"
+    )
     check_position_limits(config, recipe.training)
     return config
 
 
 def build_model(recipe: Recipe, tokenizer):
-    config = build_config(recipe, tokenizer)
-    if "pretrained" in recipe.model:
-        overrides = {k: v for k, v in recipe.model.items() if k != "pretrained"}
+    model = _model_from_other_architecture(recipe) if is_cross_architecture(recipe) else None
+    if model is not None:
+        check_vocab(model.config, tokenizer, "tokenizer.name")
+        check_position_limits(model.config, recipe.training)
+    elif "pretrained" in recipe.model:
+        config = build_config(recipe, tokenizer)
+        overrides = {k: v for k, v in recipe.model.items() if k not in ("pretrained", "type")}
+        auto_class = _auto_class(recipe, config)
         try:
-            model = AutoModelForCausalLM.from_pretrained(recipe.model["pretrained"], config=config)
+            model = auto_class.from_pretrained(recipe.model["pretrained"], config=config)
         except Exception as err:
             raise RecipeError(
                 f"model.pretrained: could not load {recipe.model['pretrained']!r}: {err}"
@@ -113,7 +196,8 @@ def build_model(recipe: Recipe, tokenizer):
         if overrides:
             logger.info("config overrides on the pretrained model: %s", overrides)
     else:
-        model = AutoModelForCausalLM.from_config(config)
+        config = build_config(recipe, tokenizer)
+        model = _auto_class(recipe, config).from_config(config)
     model = model.to(torch.float32)
     if recipe.training.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
@@ -125,6 +209,18 @@ def build_model(recipe: Recipe, tokenizer):
 
         model = apply_lora(model, recipe.finetune)
     return model
+
+
+def _auto_class(recipe: Recipe, config):
+    """AutoModelForCausalLM, or AutoModelForMaskedLM for ``training.objective: mlm`` (an encoder's head)."""
+    if recipe.training.objective != "mlm":
+        return AutoModelForCausalLM
+    if type(config) not in AutoModelForMaskedLM._model_mapping:
+        raise RecipeError(
+            f"training.objective: mlm needs a masked-language-model head, and {config.model_type} has none (it is"
+            " causal only); use objective: causal, or an encoder such as zoo_longformer or zoo_bigbird"
+        )
+    return AutoModelForMaskedLM
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -3,8 +3,10 @@
 A recipe is one YAML file with a fixed set of sections (``model``, ``tokenizer``, ``data``, ``optim``,
 ``schedule``, ``training``, ``logging``, ``checkpointing``, ``eval``, ``finetune``, ``hub``). Every section except
 ``model`` is a dataclass below, so the dataclass fields *are* the schema: their names, types and defaults. The
-``model`` section is the keyword arguments of a zoo configuration class (``type:`` names its ``model_type``) or a
-``pretrained:`` path / Hub id with optional config overrides.
+``model`` section is the keyword arguments of a zoo configuration class (``type:`` names its ``model_type``), a
+``pretrained:`` path / Hub id with optional config overrides, or both ``type:`` and ``pretrained:`` to continue
+pre-training a ``type`` model initialised from another architecture's checkpoint (Infini-attention from the
+baseline transformer, RMT around any causal LM: :data:`INIT_FROM_OTHER_ARCHITECTURE`).
 
 Everything is checked in :func:`load_recipe` before any work starts. A problem raises :class:`RecipeError` whose
 message starts with the dotted key (``optim.lr: expected a float, got 'fast'``) and, for unknown keys, suggests the
@@ -88,6 +90,10 @@ class DataConfig:
     # Keyword arguments for synthetic_dataset(name, n, seed, **kw), checked against the task's generator;
     # `n_validation` sizes the held-out set.
     synthetic: dict = field(default_factory=dict)
+    # How documents fill the blocks of training.block_size tokens: `concat` lays them end to end, cut at block
+    # boundaries; `per_document` starts each in a new block and pads the rest of the one before (padding is
+    # masked from the loss), so that a question stays in the block of its context (synthetic:passkey).
+    packing: str = "concat"
     # Tokenised and packed datasets are cached here (default: the datasets cache, subfolder zoo-packed).
     cache_dir: str | None = None
 
@@ -135,6 +141,16 @@ class TrainingConfig:
     # Randomized positional encodings (Ruoss et al., 2023): 0 = off; N = each training document's positions are
     # a sorted random sample from [0, N), so the model meets the positions of inputs up to N tokens long.
     randomized_positions: int = 0
+    # `causal`: next-token prediction (AutoModelForCausalLM). `mlm`: masked language modelling for encoders
+    # (AutoModelForMaskedLM; zoo.training.mlm): mlm_probability of the tokens chosen, 80% of those replaced by the
+    # mask token, 10% by a random token, 10% kept; loss on the chosen tokens, no shift; blocks carry an
+    # attention_mask (0 on padding) and no restarting position ids (documents end to end, as RoBERTa's).
+    objective: str = "causal"
+    mlm_probability: float = 0.15
+    # Length curriculum, [[step, length], ...]: from optimizer step `step` on, train on the first `length`
+    # tokens of every block (steps increasing from 0, lengths up to block_size); empty = whole blocks always.
+    # For segment-recurrent models (RMT, Infini-attention) the number of segments per example grows with it.
+    curriculum: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -214,9 +230,11 @@ class Recipe:
 # Enumerated fields and their allowed values.
 CHOICES = {
     "data.sample_by": ("line", "paragraph", "document"),
+    "data.packing": ("concat", "per_document"),
     "optim.name": ("adamw",),
     "schedule.name": ("cosine", "wsd", "constant"),
     "training.mixed_precision": ("auto", "no", "fp16", "bf16"),
+    "training.objective": ("causal", "mlm"),
     "finetune.method": (None, "lora"),
 }
 DATA_SUFFIXES = (".txt", ".text", ".json", ".jsonl", ".parquet")
@@ -358,25 +376,18 @@ def _config_keys(config_class) -> set[str]:
     return keys - {"model_type", "transformers_version", "architectures"}
 
 
-def _validate_model(model: Any):
-    """The checked ``model`` section, and the configuration it builds (None for ``pretrained:``, whose
-    configuration is only read when the run starts)."""
-    if not isinstance(model, dict) or not model:
-        raise RecipeError(
-            "model: expected a mapping with `type:` (a zoo model_type) or `pretrained:` (path or hub id)"
-        )
-    model = dict(model)
-    if ("type" in model) == ("pretrained" in model):
-        raise RecipeError(
-            "model: give exactly one of `type:` (train from scratch) or `pretrained:` (path or hub id)"
-        )
-    if "pretrained" in model:
-        _check_type(model["pretrained"], str, "model.pretrained")
-        return model, None
-    model_type = _check_type(model["type"], str, "model.type")
-    config_class = _model_config_class(model_type)
+# `type:` and `pretrained:` together: continued pre-training of the `type` architecture from a checkpoint of
+# another one, through a classmethod of the target's causal-LM class, called as
+# `method(pretrained, **other model keys)`; and the source model_types it accepts (None: any causal LM).
+INIT_FROM_OTHER_ARCHITECTURE = {
+    "zoo_infini": ("from_baseline", ("zoo_transformer",)),
+    "zoo_rmt": ("from_backbone", None),
+}
+
+
+def _check_model_kwargs(model_type: str, config_class, kwargs: dict) -> None:
+    """Each key a field of ``config_class``, each number of the type of the field's default."""
     keys = _config_keys(config_class)
-    kwargs = {k: v for k, v in model.items() if k != "type"}
     for key, value in kwargs.items():
         if key not in keys:
             raise RecipeError(f"model.{key}: unknown key for {model_type}{_closest(key, keys)}")
@@ -391,6 +402,43 @@ def _validate_model(model: Any):
             raise RecipeError(f"model.{key}: expected a number like {default!r}, got {value!r}")
         if isinstance(default, int) and isinstance(value, float):
             raise RecipeError(f"model.{key}: expected an integer like {default!r}, got {value!r}")
+
+
+def _validate_model(model: Any):
+    """The checked ``model`` section, and the configuration it builds (None for ``pretrained:``, whose
+    configuration is only read when the run starts).
+
+    Three forms: ``type:`` + config keys (from scratch); ``pretrained:`` + config overrides (continue a
+    checkpoint); ``type:`` + ``pretrained:`` + config keys (initialise a ``type`` model from a checkpoint of
+    another architecture, :data:`INIT_FROM_OTHER_ARCHITECTURE`; the source is read when the run starts).
+    """
+    if not isinstance(model, dict) or not model:
+        raise RecipeError(
+            "model: expected a mapping with `type:` (a zoo model_type) or `pretrained:` (path or hub id)"
+        )
+    model = dict(model)
+    if "type" not in model and "pretrained" not in model:
+        raise RecipeError(
+            "model: give `type:` (train from scratch), `pretrained:` (path or hub id) or both (initialise a"
+            " `type` model from a checkpoint of another architecture)"
+        )
+    if "type" not in model:
+        _check_type(model["pretrained"], str, "model.pretrained")
+        return model, None
+    model_type = _check_type(model["type"], str, "model.type")
+    config_class = _model_config_class(model_type)
+    kwargs = {k: v for k, v in model.items() if k not in ("type", "pretrained")}
+    _check_model_kwargs(model_type, config_class, kwargs)
+    if "pretrained" in model:
+        _check_type(model["pretrained"], str, "model.pretrained")
+        if model_type not in INIT_FROM_OTHER_ARCHITECTURE:
+            able = ", ".join(sorted(INIT_FROM_OTHER_ARCHITECTURE))
+            raise RecipeError(
+                f"model.type: {model_type} has no initialisation from another architecture's checkpoint, so"
+                f" `type:` and `pretrained:` cannot go together; give exactly one of them (`pretrained:` alone"
+                f" continues a checkpoint of its own architecture), or a type that has one: {able}"
+            )
+        return model, None
     # The configuration class has the last word on values (ranges, divisibility, enumerations).
     try:
         config = config_class(**kwargs)
@@ -493,6 +541,67 @@ def _validate_synthetic(data: DataConfig) -> None:
             ) from None
 
 
+def _validate_curriculum(training: TrainingConfig) -> None:
+    stages = training.curriculum
+    for i, stage in enumerate(stages):
+        if len(stage) != 2:
+            raise RecipeError(f"training.curriculum[{i}]: expected [step, length], got {stage}")
+        step, length = stage
+        if not 1 <= length <= training.block_size:
+            raise RecipeError(
+                f"training.curriculum[{i}]: length {length} must be in 1..training.block_size ({training.block_size})"
+            )
+        if i == 0 and step != 0:
+            raise RecipeError(f"training.curriculum[0]: the first stage must start at step 0, got {step}")
+        if i > 0 and step <= stages[i - 1][0]:
+            raise RecipeError(
+                f"training.curriculum[{i}]: steps must increase, got {step} after {stages[i - 1][0]}"
+            )
+
+
+def curriculum_length(training: TrainingConfig, step: int) -> int:
+    """The tokens of each block trained on at optimizer step ``step`` (``block_size`` without a curriculum)."""
+    length = training.block_size
+    for start, stage_length in training.curriculum:
+        if step >= start:
+            length = stage_length
+    return length
+
+
+def _validate_objective(recipe: Recipe) -> None:
+    training = recipe.training
+    p = training.mlm_probability
+    _require(0 < p < 1, "training.mlm_probability", "in (0, 1)", p)
+    if training.objective != "mlm":
+        return
+    if training.randomized_positions:
+        raise RecipeError(
+            "training.randomized_positions: not with training.objective: mlm (an encoder reads a block as one"
+            " sequence, positions from 0); set it to 0"
+        )
+    model_type = recipe.model.get("type")
+    if model_type is not None:
+        from transformers import AutoModelForMaskedLM
+
+        if (
+            "pretrained" in recipe.model
+            or _model_config_class(model_type) not in AutoModelForMaskedLM._model_mapping
+        ):
+            able = sorted(
+                t for t in _zoo_model_types() if _model_config_class(t) in AutoModelForMaskedLM._model_mapping
+            )
+            raise RecipeError(
+                f"training.objective: mlm needs a masked-language-model head, and {model_type} has none (it is"
+                f" causal only); use objective: causal, or an encoder: {', '.join(able)}"
+            )
+
+
+def _zoo_model_types() -> list[str]:
+    from transformers import CONFIG_MAPPING
+
+    return [t for t in CONFIG_MAPPING.keys() if t.startswith("zoo_")]
+
+
 def _require(ok: bool, dotted: str, rule: str, value: Any) -> None:
     if not ok:
         raise RecipeError(f"{dotted}: must be {rule}, got {value!r}")
@@ -529,6 +638,8 @@ def _validate(recipe: Recipe, base: Path, model_config=None) -> None:
             f"training.randomized_positions: must be 0 (off) or >= training.block_size "
             f"({recipe.training.block_size}), got {rp}"
         )
+    _validate_curriculum(recipe.training)
+    _validate_objective(recipe)
     _require(recipe.optim.lr > 0, "optim.lr", "> 0", recipe.optim.lr)
     _require(recipe.optim.eps > 0, "optim.eps", "> 0", recipe.optim.eps)
     max_norm = recipe.optim.max_grad_norm

@@ -1,7 +1,8 @@
 """Exact resume: a run stopped after a checkpoint and resumed ends bitwise equal to an uninterrupted one (CPU), for
 every registered architecture in-process, and with a real SIGKILL at an arbitrary moment (mid-step or mid-save)
-in separate processes for one architecture of each kind (attention with dropout, recurrent state, a wrapper with a
-nested backbone config): the kill exercises the trainer's atomic saves, which do not depend on the architecture."""
+in separate processes for the baseline with dropout: the kill exercises the trainer's atomic saves and the
+restored random states, which do not depend on the architecture (what does, the model's own state, is what the
+in-process test checks for each)."""
 
 import json
 import os
@@ -98,7 +99,7 @@ def test_stop_then_resume_is_bitwise_identical(tmp_path, model_type):
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("model_type", ["zoo_transformer", "zoo_rwkv", "zoo_rmt"])
+@pytest.mark.parametrize("model_type", ["zoo_transformer"])
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, model_type):
     recipe = _recipe(tmp_path, model_type)
     # The uninterrupted reference run and the run to be killed go side by side.

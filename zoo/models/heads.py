@@ -4,6 +4,8 @@ backbone, and last-token pooling. The losses are transformers' own (``loss_funct
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
@@ -74,16 +76,18 @@ class MaskedLMHead(BackboneHead):
     """Masked language modelling over an encoder backbone through :class:`EncoderLMHead`.
 
     ``class XForMaskedLM(MaskedLMHead, XPreTrainedModel)`` with ``backbone_class = XModel``; its ``forward`` names
-    the backbone's own inputs and returns ``self.masked_lm_output(labels, **those inputs)``.
+    the backbone's own inputs and returns ``self.masked_lm_output(labels, **those inputs)``. ``lm_head_class``: a
+    head with a ``decoder`` projection (tied to the token embedding), :class:`EncoderLMHead` by default.
     """
 
     backbone_class: type
+    lm_head_class: type = EncoderLMHead
     _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config):
         super().__init__(config)
         self.model = self.backbone_class(config)
-        self.lm_head = EncoderLMHead(config)
+        self.lm_head = self.lm_head_class(config)
         self.post_init()
 
     def get_output_embeddings(self):
@@ -164,6 +168,39 @@ class CausalLMHead(BackboneHead):
             logits=logits,
             hidden_states=outputs.hidden_states,
         )
+
+
+class EncoderCausalLMHead(CausalLMHead):
+    """The causal variant of an encoder architecture: :class:`CausalLMHead`'s language modelling and
+    ``generate()``, through the encoder's own LM head (``lm_head_class``, :class:`EncoderLMHead` by default) rather
+    than a bare projection: with the decoder reading a post-norm encoder's last LayerNorm directly, the hidden states
+    of all tokens collapsed onto one vector within a few dozen steps at learning rates of 1e-3 and above (zoo's
+    Longformer), as transformers' ``RobertaForCausalLM`` also avoids.
+
+    The model is causal whatever the config says: a copy of the config with ``causal_flag`` set is kept (and
+    saved), so that the backbone of a saved causal model loads causal.
+    """
+
+    backbone_class: type
+    lm_head_class: type = EncoderLMHead
+    causal_flag: str = "causal"
+    _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config):
+        if not getattr(config, self.causal_flag):
+            config = copy.deepcopy(config)
+            setattr(config, self.causal_flag, True)
+        # CausalLMHead's __init__ builds a bare projection: skip it
+        super(CausalLMHead, self).__init__(config)
+        self.model = self.backbone_class(config)
+        self.lm_head = self.lm_head_class(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, value):
+        self.lm_head.decoder = value
 
 
 class SequenceClassificationHead(BackboneHead):

@@ -20,7 +20,6 @@ Weights convert from transformers' ``BigBirdForMaskedLM`` (``convert_bigbird.py`
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -32,7 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, MaskedLMOutput, SequenceClassifierOutput
 
 from zoo.models.bigbird.configuration_bigbird import ZooBigBirdConfig
-from zoo.models.heads import BackboneHead, CausalLMHead, EncoderLMHead, MaskedLMHead, last_token_index
+from zoo.models.heads import BackboneHead, EncoderCausalLMHead, MaskedLMHead, last_token_index
 from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
 from zoo.ops.sparse_attention import SparsePattern, sparse_attention, sparse_attention_step
 
@@ -359,32 +358,11 @@ class ZooBigBirdForMaskedLM(MaskedLMHead, ZooBigBirdPreTrainedModel):
         )
 
 
-class ZooBigBirdForCausalLM(CausalLMHead, ZooBigBirdPreTrainedModel, GenerationMixin):
-    """The causal block-sparse variant: language modelling and ``generate()`` with a key/value cache.
-
-    The head is BERT's LM head, as in the masked model (a bare projection of the post-norm output trains poorly,
-    as zoo's Longformer found). The model is causal whatever ``config.causal`` says: a copy of the config with
-    ``causal=True`` is kept (and saved), so that the backbone of a saved causal model loads causal.
-    """
+class ZooBigBirdForCausalLM(EncoderCausalLMHead, ZooBigBirdPreTrainedModel, GenerationMixin):
+    """The causal block-sparse variant: language modelling and ``generate()`` with a key/value cache, through BERT's
+    LM head as in the masked model (:class:`zoo.models.heads.EncoderCausalLMHead`)."""
 
     backbone_class = ZooBigBirdModel
-    _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: ZooBigBirdConfig):
-        if not config.causal:
-            config = copy.deepcopy(config)
-            config.causal = True
-        # CausalLMHead's __init__ builds a bare projection; this model builds BERT's head instead
-        super(CausalLMHead, self).__init__(config)
-        self.model = ZooBigBirdModel(config)
-        self.lm_head = EncoderLMHead(config)
-        self.post_init()
-
-    def get_output_embeddings(self):
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, value):
-        self.lm_head.decoder = value
 
 
 class ZooBigBirdForSequenceClassification(BackboneHead, ZooBigBirdPreTrainedModel):

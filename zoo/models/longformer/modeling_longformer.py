@@ -16,8 +16,6 @@ Weights convert from and to transformers' ``LongformerForMaskedLM`` (``convert_l
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
@@ -37,7 +35,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from zoo.models.heads import BackboneHead, CausalLMHead, EncoderLMHead, MaskedLMHead, last_token_index
+from zoo.models.heads import BackboneHead, EncoderCausalLMHead, MaskedLMHead, last_token_index
 from zoo.models.longformer.configuration_longformer import ZooLongformerConfig
 from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
 from zoo.ops.sparse_attention import SparsePattern, sparse_attention, sparse_attention_step
@@ -295,36 +293,11 @@ class ZooLongformerForMaskedLM(MaskedLMHead, ZooLongformerPreTrainedModel):
         )
 
 
-class ZooLongformerForCausalLM(CausalLMHead, ZooLongformerPreTrainedModel, GenerationMixin):
-    """The causal sliding-window variant: language modelling and ``generate()`` with a window-sized cache.
-
-    Its head is RoBERTa's (:class:`EncoderLMHead`, as in transformers' ``RobertaForCausalLM``), not the bare
-    tied projection the pre-norm models use: with the decoder reading the last post-norm LayerNorm directly, the
-    hidden states of all tokens collapsed onto one vector within a few dozen steps at learning rates of 1e-3 and
-    above, and training stopped at the unigram entropy.
-
-    The model is causal whatever ``config.causal`` says: a copy of the config with ``causal=True`` is kept (and
-    saved), so that the backbone of a saved causal model loads causal.
-    """
+class ZooLongformerForCausalLM(EncoderCausalLMHead, ZooLongformerPreTrainedModel, GenerationMixin):
+    """The causal sliding-window variant: language modelling and ``generate()`` with a window-sized cache, through
+    RoBERTa's head (:class:`zoo.models.heads.EncoderCausalLMHead`)."""
 
     backbone_class = ZooLongformerModel
-    _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: ZooLongformerConfig):
-        if not config.causal:
-            config = copy.deepcopy(config)
-            config.causal = True
-        # CausalLMHead's __init__ builds a bare projection; this model builds RoBERTa's head instead
-        super(CausalLMHead, self).__init__(config)
-        self.model = ZooLongformerModel(config)
-        self.lm_head = EncoderLMHead(config)
-        self.post_init()
-
-    def get_output_embeddings(self):
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, value):
-        self.lm_head.decoder = value
 
 
 def _default_global(config, input_ids, attention_mask, global_attention_mask, rule):

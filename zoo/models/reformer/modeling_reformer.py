@@ -15,17 +15,14 @@ token's LSH attention is computed over the cached sequence as a forward over tha
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
-from transformers.loss.loss_utils import ForMaskedLMLoss
 from transformers.modeling_outputs import BaseModelOutputWithPast, MaskedLMOutput
 
-from zoo.models.heads import CausalLMHead, SequenceClassificationHead
+from zoo.models.heads import EncoderCausalLMHead, MaskedLMHead, SequenceClassificationHead
 from zoo.models.reformer.configuration_reformer import ZooReformerConfig, default_num_buckets
 from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
 from zoo.ops.lsh_attention import hash_buckets, local_attention, lsh_attention, random_rotations
@@ -484,50 +481,19 @@ class ReformerLMHead(nn.Module):
         return self.decoder(hidden_states)
 
 
-class ZooReformerForCausalLM(CausalLMHead, ZooReformerPreTrainedModel, GenerationMixin):
+class ZooReformerForCausalLM(EncoderCausalLMHead, ZooReformerPreTrainedModel, GenerationMixin):
     """Causal language model (``is_decoder`` forced on, in a copy of the config that is saved) with a cache."""
 
     backbone_class = ZooReformerModel
-    _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: ZooReformerConfig):
-        if not config.is_decoder:
-            config = copy.deepcopy(config)
-            config.is_decoder = True
-        super(CausalLMHead, self).__init__(config)
-        self.model = ZooReformerModel(config)
-        self.lm_head = ReformerLMHead(config)
-        self.post_init()
-
-    def get_output_embeddings(self):
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, value):
-        self.lm_head.decoder = value
+    lm_head_class = ReformerLMHead
+    causal_flag = "is_decoder"
 
 
-class ZooReformerForMaskedLM(ZooReformerPreTrainedModel):
+class ZooReformerForMaskedLM(MaskedLMHead, ZooReformerPreTrainedModel):
     """Masked language model over the bidirectional encoder."""
 
-    _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: ZooReformerConfig):
-        super().__init__(config)
-        self.model = ZooReformerModel(config)
-        self.lm_head = ReformerLMHead(config)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, value):
-        self.lm_head.decoder = value
+    backbone_class = ZooReformerModel
+    lm_head_class = ReformerLMHead
 
     @model_forward
     def forward(
@@ -540,19 +506,14 @@ class ZooReformerForMaskedLM(ZooReformerPreTrainedModel):
         output_hidden_states: bool | None = None,
     ) -> MaskedLMOutput:
         """``labels``: the original ids at masked positions, -100 elsewhere."""
-        out = self.model(
+        return self.masked_lm_output(
+            labels,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
-            use_cache=False,
             output_hidden_states=output_hidden_states,
         )
-        logits = self.lm_head(out.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = ForMaskedLMLoss(logits, labels, vocab_size=self.config.vocab_size)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
 class ZooReformerForSequenceClassification(SequenceClassificationHead, ZooReformerPreTrainedModel):

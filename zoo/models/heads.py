@@ -242,18 +242,28 @@ class SequenceClassificationHead(BackboneHead):
             use_cache=False,
             output_hidden_states=output_hidden_states,
         )
-        hidden_states = outputs.last_hidden_state
-        B, T, _ = hidden_states.shape
-        idx = last_token_index(
-            B,
-            T,
-            attention_mask=attention_mask,
-            input_ids=input_ids,
-            pad_token_id=self.config.pad_token_id,
-            device=hidden_states.device,
+        return classify_last_token(
+            self.score, self.config, outputs, attention_mask, input_ids, self.config.pad_token_id, labels
         )
-        logits = self.score(hidden_states[torch.arange(B, device=hidden_states.device), idx])
-        loss = None
-        if labels is not None:
-            loss = ForSequenceClassificationLoss(labels=labels, pooled_logits=logits, config=self.config)
-        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+def classify_last_token(
+    score: nn.Module, config, outputs, attention_mask, input_ids, pad_token_id, labels
+) -> SequenceClassifierOutputWithPast:
+    """``score`` of each row's last real token (``last_token_index``) in ``outputs.last_hidden_state``, with the
+    classification loss when ``labels`` are given."""
+    hidden_states = outputs.last_hidden_state
+    B, T, _ = hidden_states.shape
+    idx = last_token_index(
+        B,
+        T,
+        attention_mask=attention_mask,
+        input_ids=input_ids,
+        pad_token_id=pad_token_id,
+        device=hidden_states.device,
+    )
+    logits = score(hidden_states[torch.arange(B, device=hidden_states.device), idx])
+    loss = None
+    if labels is not None:
+        loss = ForSequenceClassificationLoss(labels=labels, pooled_logits=logits, config=config)
+    return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)

@@ -35,14 +35,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
 
-from zoo.models.heads import last_token_index
+from zoo.models.heads import classify_last_token
 from zoo.models.rmt.configuration_rmt import RMTConfig
 from zoo.models.utils import (
     CACHE_NAME,
@@ -592,16 +591,8 @@ class RMTForSequenceClassification(RMTPreTrainedModel):
             use_cache=False,
             output_hidden_states=output_hidden_states,
         )
-        hidden = outputs.last_hidden_state
-        B, T, _ = hidden.shape
-        idx = last_token_index(
-            B, T, attention_mask=attention_mask, input_ids=input_ids, pad_token_id=None, device=hidden.device
-        )
-        logits = self.score(hidden[torch.arange(B, device=hidden.device), idx])
-        loss = None
-        if labels is not None:
-            loss = ForSequenceClassificationLoss(labels=labels, pooled_logits=logits, config=self.config)
-        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        # the last real token by the attention mask only (a wrapper's inputs carry no pad id of their own)
+        return classify_last_token(self.score, self.config, outputs, attention_mask, input_ids, None, labels)
 
 
 __all__ = [

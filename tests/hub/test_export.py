@@ -8,24 +8,26 @@ editable install of zoo from its import path and checks that ``import zoo`` fail
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from huggingface_hub import ModelCard
+from packaging.requirements import Requirement
+from packaging.version import Version
 from transformers import AutoModelForCausalLM
 from transformers.dynamic_module_utils import get_imports
 
 import zoo
+from tests.hub.no_zoo_runner import load_without_zoo
 from tests.models.tiny_configs import TINY, model_type_of, tiny_config
 from zoo.hub.__main__ import main
-from zoo.hub.export import ExportError, export
+from zoo.hub.export import ExportError, export, requirements_text
 
-RUNNER = Path(__file__).with_name("no_zoo_runner.py")
+ENCODERS = {"zoo_longformer", "zoo_bigbird", "zoo_reformer"}
 # every TINY entry (variants included) of a registered architecture: a new architecture is picked up by itself
 CASES = sorted(k for k in TINY if model_type_of(k) in zoo.REGISTRY)
 NEW_TOKENS = 4
@@ -57,19 +59,7 @@ def exported(tmp_path_factory):
         torch.save(ids, out / "ids.pt")
         reference[case] = {"logits": logits, "generated": generated}
         spec[case] = str(out)
-    (root / "spec.json").write_text(json.dumps({"folders": spec, "new_tokens": NEW_TOKENS}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_MODULES_CACHE=str(root / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    done = subprocess.run(
-        [sys.executable, "-I", str(RUNNER), str(root / "spec.json"), str(root / "results.pt")],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    loaded = torch.load(root / "results.pt")
+    loaded = load_without_zoo(spec, root / "run", new_tokens=NEW_TOKENS)
     return {case: (reference[case], loaded[case], Path(spec[case])) for case in CASES}
 
 
@@ -97,17 +87,47 @@ def test_export_folder_is_self_contained(exported, case):
     assert not names & (packages | {"zoo", "zoo_models", "zoo_models_registry"})
     config = json.loads((out / "config.json").read_text())
     model_type = model_type_of(case)
+    encoder = {"AutoModelForMaskedLM"} if model_type in ENCODERS else set()
+    if model_type == "zoo_longformer":
+        encoder |= {"AutoModelForQuestionAnswering", "AutoModelForTokenClassification"}
     assert set(config["auto_map"]) == {
         "AutoConfig",
         "AutoModel",
         "AutoModelForCausalLM",
         "AutoModelForSequenceClassification",
+        *encoder,
     }
     assert all(ref.startswith(f"modeling_{model_type}.") for ref in config["auto_map"].values())
     assert (out / "model.safetensors").is_file()
     card = ModelCard.load(out / "README.md")
     assert "custom_code" in card.data.tags and model_type in card.data.tags
-    assert "trust_remote_code=True" in card.text and "## Use without zoo" in card.text
+    load = card.text.split("<!-- zoo:load -->")[1].split("<!-- /zoo:load -->")[0]
+    assert '.from_pretrained("' in load and "trust_remote_code=True)" in load and "import zoo" not in load
+    assert f"modeling_{model_type}.py" in load and "transformers>=" in load
+    requirements = (out / "requirements.txt").read_text().splitlines()
+    assert requirements_text().splitlines() == requirements
+
+
+def test_requirements_pin_the_supported_versions():
+    """torch and transformers in the ranges of zoo's own requirements (setup.cfg); triton commented out, as
+    optional and for CUDA only."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(Path(zoo.__file__).resolve().parents[1] / "setup.cfg")
+    declared = {
+        Requirement(line).name: Requirement(line).specifier
+        for line in parser.get("options", "install_requires").split("\n")
+        if line.strip()
+    }
+    lines = requirements_text().splitlines()
+    active = [Requirement(line) for line in lines if line and not line.startswith("#")]
+    assert [r.name for r in active] == ["torch", "transformers"]
+    assert all(r.specifier == declared[r.name] for r in active)
+    assert Version(transformers.__version__) in active[1].specifier and "," in str(active[1].specifier)
+    (triton,) = [line for line in lines if line.startswith("# triton")]
+    assert Requirement(triton.removeprefix("# ")).specifier == declared["triton"]
+    assert any("CUDA" in line and "Optional" in line for line in lines)
 
 
 def test_export_includes_triton_kernels_behind_a_guard(exported):

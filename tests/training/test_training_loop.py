@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -131,12 +132,19 @@ def test_hub_push_uploads_the_final_folder(tmp_path, monkeypatch):
     calls = {}
     monkeypatch.setenv("HF_TOKEN", "hf_dummy")
     monkeypatch.setattr(HfApi, "create_repo", lambda self, **kw: calls.setdefault("create", kw))
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw))
+    # the trainer uploads a temporary export of the final folder: list its files while it exists
+    monkeypatch.setattr(
+        HfApi,
+        "upload_folder",
+        lambda self, **kw: calls.setdefault("upload", {**kw, "files": sorted(os.listdir(kw["folder_path"]))}),
+    )
     path = write_recipe(tmp_path, hub={"push": True, "repo_id": "me/zoo-tiny"}, training={"max_steps": 2})
     assert main(["--config", str(path)]) == 0
     assert calls["create"]["repo_id"] == "me/zoo-tiny" and calls["create"]["exist_ok"]
     upload = calls["upload"]
-    assert upload["repo_id"] == "me/zoo-tiny" and Path(upload["folder_path"]) == tmp_path / "out"
+    assert upload["repo_id"] == "me/zoo-tiny"
+    assert Path(upload["folder_path"]).parent.parent == tmp_path / "out"
+    assert {"model.safetensors", "modeling_zoo_transformer.py", "README.md"} <= set(upload["files"])
     assert "checkpoints/**" in upload["ignore_patterns"]
     assert (tmp_path / "out" / "model.safetensors").exists()
 

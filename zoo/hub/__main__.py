@@ -1,5 +1,6 @@
 """``python -m zoo.hub``: export a saved zoo model as self-contained remote code, and push a folder to the Hub.
 
+    python -m zoo.hub add-eval MODEL_DIR RESULTS_DIR
     python -m zoo.hub export MODEL_DIR OUT_DIR [--overwrite]
     python -m zoo.hub push DIR --repo-id NAME [--private] [--revision REV] [--dry-run]
 
@@ -15,6 +16,11 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zoo.hub", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    add_eval = commands.add_parser("add-eval", help="put `python -m eval` results into a model folder's card")
+    add_eval.add_argument("model_dir", help="a model folder with a card (README.md)")
+    add_eval.add_argument(
+        "results_dir", help="the --out folder of `python -m eval` (model_index.yaml inside)"
+    )
     export = commands.add_parser("export", help="a folder that loads with trust_remote_code=True without zoo")
     export.add_argument("model_dir", help="a saved zoo model: a run's output_dir or a save_pretrained folder")
     export.add_argument("out_dir")
@@ -27,6 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("--commit-message", default=None)
     push.add_argument("--dry-run", action="store_true", help="list what would be uploaded; touch nothing")
     args = parser.parse_args(argv)
+
+    if args.command == "add-eval":
+        from zoo.hub.card import add_eval_results
+
+        try:
+            card = add_eval_results(args.model_dir, args.results_dir)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"zoo.hub add-eval: {err}", file=sys.stderr)
+            return 2
+        print(f"evaluation results added to {card}")
+        return 0
 
     if args.command == "export":
         from zoo.hub.export import ExportError, export

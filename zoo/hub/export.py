@@ -20,12 +20,16 @@ directory, relative imports only; see transformers' ``dynamic_module_utils``):
   imported only where the op's dispatch chooses them (CUDA and triton present), and the loader's import check
   (which skips ``try`` blocks) does not require triton elsewhere;
 - one entry module, ``modeling_<model_type>.py``, imports the classes named in ``config.json``'s ``auto_map``, so
-  that config and model come from the same copy of the code.
+  that config and model come from the same copy of the code; ``auto_map`` names the registered classes and any
+  other Auto class the architecture registers itself with (the encoders' ``AutoModelForMaskedLM``, ...);
+- ``requirements.txt`` pins torch and transformers to the ranges zoo supports (read from zoo's own requirements)
+  and names triton as optional, for CUDA GPUs only.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -54,7 +58,15 @@ AUTO_CLASSES = {
     "AutoModelForCausalLM": "causal_lm",
     "AutoModelForSequenceClassification": "sequence_classification",
 }
+# Auto classes an architecture may register itself with beyond the registry's (encoders: masked LM and task heads)
+EXTRA_AUTO_CLASSES = (
+    "AutoModelForMaskedLM",
+    "AutoModelForQuestionAnswering",
+    "AutoModelForTokenClassification",
+)
 OPTIONAL_PACKAGES = ("triton",)
+# What the exported code imports at load time; the optional packages are listed as such in requirements.txt.
+REQUIRED_PACKAGES = ("torch", "transformers")
 
 
 class ExportError(ValueError):
@@ -303,11 +315,21 @@ def _nested_architectures(config) -> list:
     return found
 
 
-def _classes(model_type: str) -> dict[str, type]:
+def auto_classes(model_type: str) -> dict[str, type]:
+    """``{Auto class name: zoo class}`` for the zoo architecture ``model_type``: the registered classes, then those
+    of :data:`EXTRA_AUTO_CLASSES` it registered itself with (the encoders' masked LM, ...)."""
+    import transformers
+
     entry = zoo.REGISTRY[model_type]
-    return {
+    found = {
         auto: getattr(entry, attr) for auto, attr in AUTO_CLASSES.items() if getattr(entry, attr) is not None
     }
+    for auto in EXTRA_AUTO_CLASSES:
+        try:
+            found[auto] = getattr(transformers, auto)._model_mapping[entry.config]
+        except KeyError:
+            continue
+    return found
 
 
 def entry_module(model_type: str, nested: list[str]) -> str:
@@ -319,7 +341,7 @@ def entry_module(model_type: str, nested: list[str]) -> str:
         "",
     ]
     by_module: dict[str, list[str]] = {}
-    for cls in _unique(_classes(model_type).values()):
+    for cls in _unique(auto_classes(model_type).values()):
         by_module.setdefault(cls.__module__, []).append(cls.__name__)
     lines += [f"from .{flat_name(m)} import {', '.join(names)}" for m, names in by_module.items()]
     if nested:
@@ -331,7 +353,7 @@ def entry_module(model_type: str, nested: list[str]) -> str:
         lines.append("")
         lines.append("# architectures nested in this one's config through AutoConfig, known here without zoo")
         for nested_type in nested:
-            classes = _classes(nested_type)
+            classes = auto_classes(nested_type)
             config, causal_lm = classes["AutoConfig"], classes["AutoModelForCausalLM"]
             lines += [
                 f"from .{flat_name(config.__module__)} import {config.__name__} as _{nested_type}_config",
@@ -356,7 +378,7 @@ def export_code(config, out_dir: str | Path) -> dict[str, str]:
             f"model_type {model_type!r} is not a zoo architecture; registered: {sorted(zoo.REGISTRY)}"
         )
     nested = list(dict.fromkeys(c.model_type for c in _nested_architectures(config)))
-    roots = [cls.__module__ for t in (model_type, *nested) for cls in _classes(t).values()]
+    roots = [cls.__module__ for t in (model_type, *nested) for cls in auto_classes(t).values()]
     texts = import_graph(roots)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -364,7 +386,50 @@ def export_code(config, out_dir: str | Path) -> dict[str, str]:
         (out_dir / f"{flat_name(module)}.py").write_text(text)
     entry = f"modeling_{model_type}"
     (out_dir / f"{entry}.py").write_text(entry_module(model_type, nested))
-    return {auto: f"{entry}.{cls.__name__}" for auto, cls in _classes(model_type).items()}
+    return {auto: f"{entry}.{cls.__name__}" for auto, cls in auto_classes(model_type).items()}
+
+
+def _zoo_requirements() -> list[str]:
+    """zoo's own ``install_requires``: from ``setup.cfg`` beside the source tree (a checkout), else from the
+    installed distribution's metadata."""
+    import configparser
+
+    setup_cfg = ZOO_SOURCE.parent / "setup.cfg"
+    if setup_cfg.is_file():
+        parser = configparser.ConfigParser()
+        parser.read(setup_cfg)
+        if parser.has_option("options", "install_requires"):
+            lines = parser.get("options", "install_requires").splitlines()
+            return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    return [r for r in importlib.metadata.requires("zoo") or [] if "extra ==" not in r]
+
+
+def requirements_text() -> str:
+    """``requirements.txt`` of an export: torch and transformers in the ranges zoo supports; triton (the Triton
+    kernels, CUDA GPUs only) commented out, as optional."""
+    from packaging.requirements import Requirement
+
+    specs = {}
+    for line in _zoo_requirements():
+        requirement = Requirement(line)
+        specs[requirement.name.lower()] = requirement
+    missing = [name for name in (*REQUIRED_PACKAGES, *OPTIONAL_PACKAGES) if name not in specs]
+    if missing:
+        raise ExportError(f"zoo's install_requires names no {missing}; cannot write requirements.txt")
+
+    def pin(name):
+        # lower bounds first: transformers>=5.24,<5.25
+        bounds = sorted(specs[name].specifier, key=lambda s: (not s.operator.startswith(">"), str(s)))
+        return name + ",".join(str(s) for s in bounds)
+
+    lines = [
+        "# What this folder's remote code needs (trust_remote_code=True); zoo itself is not needed.",
+        *[pin(name) for name in REQUIRED_PACKAGES],
+        "# Optional, CUDA GPUs only: the ops' Triton kernels (shipped here, used when triton is installed); without",
+        "# it the ops run their PyTorch path on any device.",
+        *[f"# {pin(name)}" for name in OPTIONAL_PACKAGES],
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def export(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -397,6 +462,7 @@ def export(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     for name in TOKENIZER_FILES + EXTRA_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out_dir / name)
+    (out_dir / "requirements.txt").write_text(requirements_text())
     from zoo.hub.card import export_card
 
     export_card(model_dir, config, out_dir)

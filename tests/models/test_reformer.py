@@ -11,6 +11,7 @@ from transformers import ReformerConfig, ReformerForMaskedLM, ReformerModelWithL
 from tests.models.decoding import full_and_incremental_logits
 from zoo.convert import convert
 from zoo.models.reformer import ZooReformerConfig, ZooReformerForCausalLM
+from zoo.models.utils import CACHE_NAME, output_cache
 
 
 def hf_config(**overrides):
@@ -189,13 +190,39 @@ def test_prefix_then_token_by_token_equals_full_forward():
 
 def test_lsh_decoding_equals_the_forward_of_each_prefix():
     """Past one chunk, a new token's hashed neighbours depend on the tokens before it only as a forward over that
-    prefix sees them: with one LSH layer, each decoded token's logits equal the last ones of that forward."""
-    model = zoo_causal(attn_layers=["lsh"], lsh_attn_chunk_length=4).eval()
-    ids = torch.randint(3, 50, (1, 14), generator=torch.Generator().manual_seed(6))
-    _, incremental, _ = full_and_incremental_logits(model, ids, prefix=3)
+    prefix sees them (in the full forward, later tokens also take places in the sorted chunks): with local and LSH
+    layers (2 rounds, chunks of 4, hashed from 5 tokens on) and a left-padded row, each decoded token's logits
+    equal the last ones of the forward over its prefix, which is what generation without a cache computes."""
+    model = zoo_causal(attn_layers=["local", "lsh"], lsh_attn_chunk_length=4).eval()
+    ids = torch.randint(3, 50, (2, 16), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    prefix = 3
     with torch.no_grad():
-        per_prefix = torch.cat([model(ids[:, : t + 1]).logits[:, -1:] for t in range(ids.shape[1])], dim=1)
-    assert rel(incremental, per_prefix) < 1e-5
+        out = model(ids[:, :prefix], attention_mask=mask[:, :prefix], use_cache=True)
+        cache, steps = output_cache(out), [out.logits[:, -1:]]
+        for t in range(prefix, ids.shape[1]):
+            out = model(
+                ids[:, t : t + 1], attention_mask=mask[:, : t + 1], use_cache=True, **{CACHE_NAME: cache}
+            )
+            cache = output_cache(out)
+            steps.append(out.logits)
+        per_prefix = [
+            model(ids[:, : t + 1], attention_mask=mask[:, : t + 1]).logits[:, -1:]
+            for t in range(prefix - 1, ids.shape[1])
+        ]
+    assert rel(torch.cat(steps, dim=1), torch.cat(per_prefix, dim=1)) < 1e-5
+
+
+def test_generation_with_and_without_cache_agree():
+    """Greedy generation past several LSH chunks gives the same tokens with the cache as without it."""
+    model = zoo_causal(attn_layers=["local", "lsh"], lsh_attn_chunk_length=4).eval()
+    prompt = torch.randint(3, 50, (1, 5), generator=torch.Generator().manual_seed(8))
+    kwargs = dict(max_new_tokens=14, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **kwargs)
+        uncached = model.generate(prompt, use_cache=False, **kwargs)
+    assert cached.shape[1] == 19 and torch.equal(cached, uncached)
 
 
 def test_bad_config_is_a_value_error():

@@ -231,3 +231,89 @@ def test_triton_backend_launches_the_kernels():
         "_chunk_attn_dkv_kernel",
     }
     assert record_triton_launches(lambda: lsh_attention(qk, v, dropout=0.1, **kw)) == []
+
+
+def _padded(x, length, value=0):
+    """x (B, T, ...) padded along time to ``length`` with ``value``."""
+    pad = x.new_full((x.shape[0], length - x.shape[1], *x.shape[2:]), value)
+    return torch.cat([x, pad], dim=1)
+
+
+@pytest.mark.parametrize(
+    "chunk, num_hashes, num_buckets, before, after",
+    [
+        (4, 1, 8, 1, 0),
+        (4, 3, 8, 1, 0),  # windows crossing from one round's order into the next
+        (4, 2, [2, 4], 2, 0),  # a factorised hash, two chunks back
+        (4, 4, 4, 3, 1),  # windows wider than a round: slots counted more than once; a look-ahead chunk
+    ],
+)
+def test_lsh_step_is_the_last_row_of_the_forward(chunk, num_hashes, num_buckets, before, after):
+    """Decoding: for every prefix length t, the step's row of token t - 1 equals that row of the naive causal
+    forward over the prefix padded (masked) to a multiple of the chunk, with the same buckets; a left-padded row
+    (masked keys hashed to the padding bucket) included."""
+    from zoo.ops.lsh_attention import lsh_attention_step
+
+    H, D, T = 2, 8, 22
+    total = 8  # prod(num_buckets) of every case: the padding bucket
+    rot = random_rotations(H, D, num_hashes, num_buckets, seed=5, dtype=torch.float64)
+    inputs = make_inputs(2, T, H, D, seed=9)
+    qk, v = inputs["qk"], inputs["v"]
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :3] = 0
+    for t in range(4, T + 1):
+        length = t if t <= chunk else -(-t // chunk) * chunk
+        m = mask[:, :t]
+        buckets = hash_buckets(qk[:, :t], rot, num_buckets, m)
+        got = lsh_attention_step(
+            qk[:, :t],
+            v[:, :t],
+            buckets,
+            padded_length=length,
+            num_buckets_total=total,
+            chunk_length=chunk,
+            num_chunks_before=before,
+            num_chunks_after=after,
+            key_padding_mask=m,
+        )
+        full = lsh_attention(
+            _padded(qk[:, :t], length),
+            _padded(v[:, :t], length),
+            rotations=rot,
+            num_buckets=num_buckets,
+            chunk_length=chunk,
+            num_chunks_before=before,
+            num_chunks_after=after,
+            causal=True,
+            key_padding_mask=_padded(m, length),
+            backend="naive",
+        )
+        want = full[:, t - 1 : t]
+        assert ((got - want).norm() / want.norm()).item() < TOLERANCE[torch.float64], f"t={t}"
+
+
+def test_local_step_equals_the_forward_rows():
+    """Decoding local attention: new rows (one and three at a time) read only the window's keys and equal the
+    naive causal forward's rows over the whole sequence."""
+    from zoo.ops.lsh_attention import local_attention_step
+
+    T, chunk = 20, 4
+    inputs = make_inputs(2, T, seed=3, local=True)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[0, :2] = 0
+    full = local_attention(
+        q, k, v, chunk_length=chunk, num_chunks_before=1, causal=True, key_padding_mask=mask, backend="naive"
+    )
+    for start, n in [(t, 1) for t in range(2, T)] + [(5, 3), (13, 3)]:
+        got = local_attention_step(
+            q[:, start : start + n],
+            k[:, : start + n],
+            v[:, : start + n],
+            past_length=start,
+            chunk_length=chunk,
+            num_chunks_before=1,
+            key_padding_mask=mask[:, : start + n],
+        )
+        want = full[:, start : start + n]
+        assert ((got - want).norm() / want.norm()).item() < TOLERANCE[torch.float64], f"t={start}"

@@ -20,12 +20,15 @@ transformers' ``lm_head.bias`` is a parameter its forward never adds (the decode
 it is dropped. The config is converted with ``transformers_compat=True``: rotations drawn as transformers draws them
 (every LSH layer seeded with ``hash_seed``), and an unset ``num_buckets`` chosen from the first long input.
 
-``python -m zoo.convert REFORMER_DIR OUT_DIR`` dispatches here for ``model_type: reformer``.
+``python -m zoo.convert REFORMER_DIR OUT_DIR`` dispatches here for ``model_type: reformer``. :func:`to_transformers`
+goes back (the benchmark's same-weights reference), for a zoo model that hashes as transformers does.
 """
 
 from __future__ import annotations
 
 import re
+
+import torch
 
 from zoo.models.reformer.configuration_reformer import ZooReformerConfig
 from zoo.models.reformer.modeling_reformer import ZooReformerForCausalLM, ZooReformerForMaskedLM
@@ -146,4 +149,57 @@ def from_transformers(hf_model) -> ZooReformerForCausalLM | ZooReformerForMasked
     return model.to(hf_model.dtype).eval()
 
 
-__all__ = ["TransformersReformer", "config_from_transformers", "from_transformers", "rename_key"]
+def config_to_transformers(config: ZooReformerConfig):
+    """transformers' ``ReformerConfig`` of a zoo config; ValueError where transformers would compute otherwise."""
+    from transformers import ReformerConfig
+
+    if "lsh" in config.attn_layers and not config.transformers_compat:
+        raise ValueError(
+            "to_transformers: transformers_compat=False hashes with zoo's per-layer rotation buffers, which "
+            "transformers' Reformer cannot hold (it re-draws one rotation from hash_seed in every layer); build "
+            "the zoo model with transformers_compat=True"
+        )
+    if config.tie_word_embeddings:
+        raise ValueError(
+            "to_transformers: tie_word_embeddings=True (zoo's tied head reads the sum of the two streams); "
+            "transformers' Reformer head reads their concatenation"
+        )
+    fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
+    return ReformerConfig(
+        **fields,
+        attn_layers=list(config.attn_layers),
+        axial_pos_shape=list(config.axial_pos_shape),
+        axial_pos_embds_dim=list(config.axial_pos_embds_dim),
+    )
+
+
+def to_transformers(model: ZooReformerForCausalLM | ZooReformerForMaskedLM):
+    """A transformers ``ReformerModelWithLMHead`` (causal) or ``ReformerForMaskedLM`` with the zoo model's
+    weights (``lm_head.bias``, which transformers never applies, left at zero)."""
+    import transformers
+
+    hf_config = config_to_transformers(model.config)
+    name = "ReformerModelWithLMHead" if hf_config.is_decoder else "ReformerForMaskedLM"
+    hf = getattr(transformers, name)(hf_config)
+    ours = model.state_dict()
+    state = {}
+    for key, value in hf.state_dict().items():
+        zoo_name = rename_key(key)
+        if zoo_name is None:
+            state[key] = torch.zeros_like(value)
+            continue
+        if zoo_name not in ours:
+            raise ValueError(f"to_transformers: no zoo weight {zoo_name!r} for transformers' {key!r}")
+        state[key] = ours[zoo_name].reshape(value.shape)
+    hf.load_state_dict(state)
+    return hf.to(next(model.parameters()).dtype).eval()
+
+
+__all__ = [
+    "TransformersReformer",
+    "config_from_transformers",
+    "config_to_transformers",
+    "from_transformers",
+    "rename_key",
+    "to_transformers",
+]

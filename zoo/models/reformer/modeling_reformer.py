@@ -9,11 +9,16 @@ tables whose rows are concatenated). The output is the two streams concatenated 
 
 Inputs longer than the shortest chunk are padded to a multiple of the chunk lengths (padding is masked), as in
 transformers' Reformer, whose ``ReformerModelWithLMHead`` / ``ReformerForMaskedLM`` convert to these classes.
-A causal model decodes with a cache of every layer's keys (local) or shared query-keys (LSH) and values; a new
-token's LSH attention is computed over the cached sequence as a forward over that prefix would compute it.
+A causal model decodes with a cache of every layer's keys (local) or shared query-keys (LSH) and values. A new
+token's local attention reads the last chunks of the cache (O(chunk)); its LSH attention is its row of a forward
+over the whole cached sequence, found in O(sequence) work without sorting (``lsh_attention_step``). Local layers
+therefore decode exactly as the full forward computes; LSH layers as the forward of each prefix does (in a longer
+sequence, later tokens take places in the sorted chunks and change which earlier keys share a chunk).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -26,8 +31,8 @@ from zoo.models.heads import EncoderCausalLMHead, MaskedLMHead, SequenceClassifi
 from zoo.models.reformer.configuration_reformer import ZooReformerConfig, default_num_buckets
 from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
 from zoo.ops.lsh_attention import hash_buckets, local_attention, lsh_attention, random_rotations
-from zoo.ops.lsh_attention.hashing import rotation_size
-from zoo.ops.lsh_attention.naive import mask_values
+from zoo.ops.lsh_attention.hashing import bucket_factors, rotation_size
+from zoo.ops.lsh_attention.step import local_attention_step, lsh_attention_step
 
 
 def _padded_length(config: ZooReformerConfig, n: int) -> int:
@@ -106,7 +111,11 @@ class LSHSelfAttention(nn.Module):
         v = self.v_proj(hidden_states).view(B, T, H, D)
         if cache is not None and past_len > 0:
             qk_all, v_all = cache.update(qk.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
-            out = self._decode(qk_all.transpose(1, 2), v_all.transpose(1, 2), key_padding_mask, T)
+            qk_all, v_all = qk_all.transpose(1, 2), v_all.transpose(1, 2)
+            if T == 1 and not (self.training and c.lsh_attention_probs_dropout_prob > 0):
+                out = self._decode_step(qk_all, v_all, key_padding_mask)
+            else:
+                out = self._decode(qk_all, v_all, key_padding_mask, T)
             return out.reshape(B, T, H * D), None
         if cache is not None:  # the tokens given, not the padding to whole chunks
             cache.update(
@@ -115,13 +124,18 @@ class LSHSelfAttention(nn.Module):
         out, buckets = self._attend(qk, v, key_padding_mask, segment_ids, buckets)
         return out.reshape(B, T, H * D), buckets
 
+    def _num_buckets(self, length: int):
+        """The bucket count for an input padded to ``length``."""
+        c = self.config
+        if c.num_buckets is None and length > c.lsh_attn_chunk_length:
+            # transformers' rule for an unset bucket count, written into the config (transformers_compat only)
+            c.num_buckets = default_num_buckets(length, c.lsh_attn_chunk_length, c.max_position_embeddings)
+        return c.num_buckets if c.num_buckets is not None else 2
+
     def _attend(self, qk, v, key_padding_mask, segment_ids, buckets=None):
         c = self.config
         T = qk.shape[1]
-        if c.num_buckets is None and T > c.lsh_attn_chunk_length:
-            # transformers' rule for an unset bucket count, written into the config (transformers_compat only)
-            c.num_buckets = default_num_buckets(T, c.lsh_attn_chunk_length, c.max_position_embeddings)
-        num_buckets = c.num_buckets if c.num_buckets is not None else 2
+        num_buckets = self._num_buckets(T)
         kwargs = dict(
             num_buckets=num_buckets,
             chunk_length=c.lsh_attn_chunk_length,
@@ -139,8 +153,34 @@ class LSHSelfAttention(nn.Module):
             buckets = hash_buckets(qk, self._rotations(qk), num_buckets, key_padding_mask)
         return lsh_attention(qk, v, buckets=buckets, **kwargs), buckets
 
+    def _decode_step(self, qk, v, key_padding_mask):
+        """The last token's row as a forward over the whole cached sequence computes it, in O(sequence) work:
+        every cached token is hashed (hashing is per token) and the query's window found from bucket counts
+        (``lsh_attention_step``), no sorting and no other row's attention."""
+        c = self.config
+        n = qk.shape[1]
+        length = _padded_length(c, n)
+        mask = None if key_padding_mask is None else key_padding_mask[:, :n]
+        buckets, total = None, 1
+        if length > c.lsh_attn_chunk_length:
+            num_buckets = self._num_buckets(length)
+            buckets = hash_buckets(qk, self._rotations(qk), num_buckets, mask)
+            total = math.prod(bucket_factors(num_buckets))
+        return lsh_attention_step(
+            qk,
+            v,
+            buckets,
+            padded_length=length,
+            num_buckets_total=total,
+            chunk_length=c.lsh_attn_chunk_length,
+            num_chunks_before=c.lsh_num_chunks_before,
+            num_chunks_after=c.lsh_num_chunks_after,
+            key_padding_mask=mask,
+        )
+
     def _decode(self, qk, v, key_padding_mask, num_new):
-        """The rows of the last ``num_new`` tokens, as a forward over the whole cached prefix computes them."""
+        """The rows of the last ``num_new`` tokens, as a forward over the whole cached prefix computes them (several
+        new tokens at once: each one's window depends on the others', so the whole prefix is attended)."""
         n = qk.shape[1]
         length = _padded_length(self.config, n)
         mask = key_padding_mask
@@ -171,7 +211,15 @@ class LocalSelfAttention(nn.Module):
         q, k, v = (p(hidden_states).view(B, T, H, D) for p in (self.q_proj, self.k_proj, self.v_proj))
         if cache is not None and past_len > 0:
             k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
-            out = self._decode(q, k_all.transpose(1, 2), v_all.transpose(1, 2), key_padding_mask, past_len)
+            out = local_attention_step(
+                q,
+                k_all.transpose(1, 2),
+                v_all.transpose(1, 2),
+                past_length=past_len,
+                chunk_length=c.local_attn_chunk_length,
+                num_chunks_before=c.local_num_chunks_before,
+                key_padding_mask=key_padding_mask,
+            )
             return out.reshape(B, T, H * D), None
         if cache is not None:  # the tokens given, not the padding to whole chunks
             cache.update(k[:, :num_tokens].transpose(1, 2), v[:, :num_tokens].transpose(1, 2), self.layer_idx)
@@ -188,23 +236,6 @@ class LocalSelfAttention(nn.Module):
             dropout=c.local_attention_probs_dropout_prob if self.training else 0.0,
         )
         return out.reshape(B, T, H * D), None
-
-    def _decode(self, q, k, v, key_padding_mask, past_len):
-        """Causal rows of new queries: keys at or before them, from their chunk or ``local_num_chunks_before``
-        chunks back (what the chunked forward attends, its wrapped-around chunks being all in the future)."""
-        c = self.config
-        T, n, D = q.shape[1], k.shape[1], q.shape[-1]
-        masked, _ = mask_values(q.dtype)
-        pos_q = torch.arange(past_len, past_len + T, device=q.device)[:, None]
-        pos_k = torch.arange(n, device=q.device)[None, :]
-        chunk = c.local_attn_chunk_length
-        allowed = (pos_k <= pos_q) & (pos_k // chunk >= pos_q // chunk - c.local_num_chunks_before)
-        allowed = allowed[None, None]
-        if key_padding_mask is not None:
-            allowed = allowed & key_padding_mask.bool()[:, None, None, :n]
-        scores = torch.einsum("bihd,bjhd->bhij", q, k * D**-0.5)
-        scores = torch.where(allowed, scores, torch.full_like(scores, masked))
-        return torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, dim=-1), v)
 
 
 class ReformerAttentionBlock(nn.Module):

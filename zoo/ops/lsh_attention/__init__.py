@@ -10,7 +10,9 @@ instead of buckets (separate q and k, no self rule). Inputs no longer than one c
 - ``naive``: dense T x T count matrices built from ranks (``naive.py``), the oracle;
 - ``torch``: sorted chunks, O(n * T * c) memory (``chunk.py``), the CPU path and the fallback;
 - ``triton``: the attention over the sorted chunks as Triton kernels, forward and backward (``triton.py``; hashing
-  and sorting stay in PyTorch); with attention dropout it runs ``torch``.
+  and sorting stay in PyTorch); with attention dropout it runs ``torch``;
+- ``lsh_attention_step`` / ``local_attention_step`` (``step.py``): the last token's causal row for decoding, O(T)
+  and O(chunk) work, equal to that row of the forward.
 
 Lengths above ``chunk_length`` must be a multiple of it (the model pads, as transformers' Reformer does). Hashing
 takes ``rotations`` (a tensor, so that hashing is reproducible on any device; see :func:`random_rotations`) or
@@ -28,8 +30,16 @@ import torch
 from zoo.ops.dispatch import resolve_backend
 from zoo.ops.lsh_attention import chunk, naive
 from zoo.ops.lsh_attention.hashing import bucket_factors, hash_buckets, random_rotations, rotation_size
+from zoo.ops.lsh_attention.step import local_attention_step, lsh_attention_step
 
-__all__ = ["hash_buckets", "local_attention", "lsh_attention", "random_rotations"]
+__all__ = [
+    "hash_buckets",
+    "local_attention",
+    "local_attention_step",
+    "lsh_attention",
+    "lsh_attention_step",
+    "random_rotations",
+]
 
 
 def _check_4d(name, x, like=None):

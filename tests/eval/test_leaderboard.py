@@ -14,6 +14,7 @@ from eval.leaderboard.run import (
     LeaderboardConfig,
     evaluate_passkey,
     evaluate_recall,
+    mixture_loss,
     parse_architecture,
     run_leaderboard,
 )
@@ -124,6 +125,34 @@ def test_scoring_reaches_both_ends(maker):
     assert evaluate_recall(LookupModel(VOCAB.size, perfect=False), maker, cfg, 64) == 0.0
     assert evaluate_passkey(LookupModel(VOCAB.size), maker, cfg, 64) == {"0": 1.0, "0.5": 1.0}
     assert evaluate_passkey(LookupModel(VOCAB.size, perfect=False), maker, cfg, 64) == {"0": 0.0, "0.5": 0.0}
+
+
+class FixedLogits(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids, use_cache=False):
+        return SimpleNamespace(logits=self.logits)
+
+
+def test_mixture_loss_weighs_every_sample_alike():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 8, 11)
+    ids = torch.randint(0, 11, (3, 8))
+    labels = torch.full((3, 8), IGNORE)
+    labels[0, 1:] = ids[0, 1:]  # seven targets
+    labels[1, 5] = 4  # one target
+    # row 2: no target, so it must not count at all
+    got = mixture_loss(FixedLogits(logits), ids, labels)
+    log_p = torch.log_softmax(logits, dim=-1)
+    row0 = -sum(log_p[0, t - 1, int(ids[0, t])] for t in range(1, 8)) / 7
+    row1 = -log_p[1, 4, 4]
+    assert torch.allclose(got, (row0 + row1) / 2, rtol=1e-6)
+    # the per-token mean would weigh row 0 seven times as much as row 1: a different number
+    assert not torch.allclose(got, (7 * row0 + row1) / 8, rtol=1e-3)
+    with pytest.raises(ValueError, match="no targets"):
+        mixture_loss(FixedLogits(logits), ids, torch.full((3, 8), IGNORE))
 
 
 def test_architecture_spec():

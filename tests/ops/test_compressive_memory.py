@@ -1,9 +1,12 @@
-"""Infini-attention's compressive memory (zoo.ops.compressive_memory): the torch form against the naive loop over
-segments, via harness.py, and the naive loop against the dense form of the linear rule written out here.
+"""Infini-attention's compressive memory (zoo.ops.compressive_memory): the torch form and the Triton kernels against
+the naive loop over segments, via harness.py, and the naive loop against the dense form of the linear rule written
+out here.
 
 torch runs in float64 against the float64 oracle (harness tolerance 1e-11, elementwise max |a - b| / max |b|) and in
-float32 (harness tolerance 5e-5). Lengths that are and are not multiples of the segment, both update rules, with
-and without an initial state (z > 0 wherever M is nonzero, as any state the op returns).
+float32 (harness tolerance 5e-5); triton in float32 (5e-5; under TRITON_INTERPRET=1 on a CPU, so at small sizes).
+Lengths that are and are not multiples of the segment, segments shorter and longer than the kernels' blocks of
+tokens, both update rules, with and without an initial state (z > 0 wherever M is nonzero, as any state the op
+returns).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zoo.ops import dispatch
 from zoo.ops.compressive_memory import (
     compressive_memory,
     compressive_memory_read,
@@ -35,7 +39,9 @@ SEQ_DIMS = {"q": 1, "k": 1, "v": 1}
 RULES = ["linear", "delta"]
 
 
-def make_inputs(T: int, *, B: int = 2, initial_state: bool = True, seed: int = 0) -> dict:
+def make_inputs(
+    T: int, *, B: int = 2, initial_state: bool = True, seed: int = 0, dk: int = DK, dv: int = DV
+) -> dict:
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -44,9 +50,9 @@ def make_inputs(T: int, *, B: int = 2, initial_state: bool = True, seed: int = 0
     h0 = None
     if initial_state:  # a memory that has seen a few tokens: z of order one per token, M alike
         h0 = torch.cat(
-            [randn(B, H, DK, DV), 3 + torch.rand(B, H, DK, 1, generator=gen, dtype=torch.float64)], -1
+            [randn(B, H, dk, dv), 3 + torch.rand(B, H, dk, 1, generator=gen, dtype=torch.float64)], -1
         )
-    return {"q": randn(B, T, H, DK), "k": randn(B, T, H, DK), "v": randn(B, T, H, DV), "initial_state": h0}
+    return {"q": randn(B, T, H, dk), "k": randn(B, T, H, dk), "v": randn(B, T, H, dv), "initial_state": h0}
 
 
 def op(backend: str, segment_length: int, update: str, output_final_state: bool = True):
@@ -178,15 +184,120 @@ def test_empty_memory_reads_exactly_zero(update):
     torch.testing.assert_close(first["delta"], first["linear"], rtol=0, atol=0)
 
 
-def test_triton_backend_runs_the_torch_form():
-    inputs = make_inputs(11)
-    a = compressive_memory(
-        **inputs, segment_length=4, update="delta", backend="torch", output_final_state=True
+# ------------------------------------------------------------------------------------------- triton vs naive
+# The Triton kernels cut every segment into blocks of 16 tokens; they run under the interpreter on a CPU.
+
+F32 = TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("update", RULES)
+@pytest.mark.parametrize("T,L", [(1, 4), (7, 4), (6, 1), (45, 20), (37, 40)])
+def test_triton_forward_backward(T, L, update):
+    """Output, final state and every gradient (q, k, v, initial state) in float32 against the float64 oracle: one
+    token, a short last segment, segments of one token, of 20 (a block and a part) and of 40 (three blocks)."""
+    check_forward_backward(
+        op("triton", L, update),
+        op("naive", L, update),
+        make_inputs(T),
+        dtype=torch.float32,
+        what=f"T={T} L={L}",
     )
-    b = compressive_memory(
-        **inputs, segment_length=4, update="delta", backend="naive", output_final_state=True
+
+
+@pytest.mark.parametrize("update", RULES)
+def test_triton_without_states(update):
+    """No initial state in (the first segment reads the empty memory: exactly zero), none out."""
+    inputs = make_inputs(11, initial_state=False)
+    inputs.pop("initial_state")
+    out, _ = compressive_memory(**{n: x.float() for n, x in inputs.items()}, segment_length=4, update=update,
+                                backend="triton")  # fmt: skip
+    assert torch.equal(out[:, :4], torch.zeros_like(out[:, :4]))
+    check_forward_backward(
+        op("triton", 4, update, output_final_state=False),
+        op("naive", 4, update, output_final_state=False),
+        inputs,
+        dtype=torch.float32,
     )
-    assert rel_err(a[0], b[0]) < TOLERANCE[torch.float64] and rel_err(a[1], b[1]) < TOLERANCE[torch.float64]
+
+
+@pytest.mark.parametrize("update", RULES)
+def test_triton_several_value_tiles(monkeypatch, update):
+    """Head sizes that are not powers of 2 (Dk = 20 in a block of 32 keys, Dv = 20 in two value tiles of 16)."""
+    from zoo.ops.compressive_memory import triton as triton_impl
+
+    config = triton_impl.launch_config
+    monkeypatch.setattr(triton_impl, "launch_config", lambda *sizes: config(*sizes)._replace(BV=16))
+    inputs = make_inputs(13, B=1, dk=20, dv=20)
+    check_forward_backward(op("triton", 5, update), op("naive", 5, update), inputs, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("update", RULES)
+def test_triton_state_chaining(update):
+    """[0, 16) then [16, 37) from the first part's final state equals the whole (segments of 8)."""
+    inputs = {n: x.float() for n, x in make_inputs(37).items()}
+    check_state_chaining(op("triton", 8, update), inputs, split=16, seq_dims=SEQ_DIMS, tol=F32)
+
+
+@pytest.mark.parametrize("update", RULES)
+def test_triton_varlen(update):
+    """Packed sequences (lengths 9, 1, 6; segments of 4 restarting at each) equal separate calls."""
+    sequences = [make_inputs(T, B=1, seed=i) for i, T in enumerate([9, 1, 6])]
+    sequences = [{n: x.float() for n, x in seq.items()} for seq in sequences]
+    check_varlen(op("triton", 4, update), sequences, seq_dims=SEQ_DIMS, tol=F32)
+
+
+@pytest.mark.parametrize("update", RULES)
+def test_triton_packed_equals_the_oracle(update):
+    """One pass over packed sequences, empty ones first, inside and last, against the oracle run sequence by
+    sequence; an empty sequence passes its initial state on exactly."""
+    lengths = [0, 11, 0, 3, 0]
+    inputs = make_inputs(sum(lengths), B=len(lengths))
+    inputs.update({n: inputs[n][:1] for n in ("q", "k", "v")})
+    inputs["cu_seqlens"] = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    check_forward_backward(op("triton", 4, update), op("naive", 4, update), inputs, dtype=torch.float32)
+    _, final = op("triton", 4, update)(**inputs)
+    for n in (0, 2, 4):
+        assert torch.equal(final[n], inputs["initial_state"][n])
+
+
+@pytest.mark.parametrize("update", RULES)
+def test_triton_low_precision_inputs(update):
+    """bfloat16 in, bfloat16 out, float32 state; close to the float32 result at bfloat16's resolution."""
+    inputs = make_inputs(21)
+    bf16 = {n: x.bfloat16() if n != "initial_state" else x.float() for n, x in inputs.items()}
+    out, state = op("triton", 8, update)(**bf16)
+    ref, ref_state = op("naive", 8, update)(**{n: x.float() for n, x in bf16.items()})
+    assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
+    assert rel_err(out, ref) < 2e-2 and rel_err(state, ref_state) < 2e-2
+
+
+def test_backends_route_to_their_forms(monkeypatch):
+    """backend= and ZOO_BACKEND pick the form: the naive loop, the batched torch form, the Triton kernels."""
+    from zoo.ops import compressive_memory as package
+    from zoo.ops.compressive_memory import triton as triton_impl
+
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    calls = []
+    for module, attr in (
+        (package.naive, "naive_compressive_memory"),
+        (package.chunk, "chunk_compressive_memory"),
+        (triton_impl, "triton_compressive_memory"),
+    ):
+        original = getattr(module, attr)
+
+        def spy(*args, _attr=attr, _original=original, **kwargs):
+            calls.append(_attr.split("_")[0])
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, attr, spy)
+    inputs = make_inputs(5)
+    compressive_memory(**inputs, segment_length=4, backend="naive")
+    monkeypatch.setenv("ZOO_BACKEND", "torch")
+    compressive_memory(**inputs, segment_length=4)
+    compressive_memory(**inputs, segment_length=4, backend="triton")
+    monkeypatch.setenv("ZOO_BACKEND", "triton")
+    compressive_memory(**inputs, segment_length=4)
+    assert calls == ["naive", "chunk", "triton", "triton"]
 
 
 def test_bad_inputs_are_value_errors():

@@ -25,16 +25,14 @@ with the next call, as the Infini-attention model's cache does (``compressive_me
 state for them meanwhile).
 
 Backends (see ``zoo.ops.dispatch``): ``naive`` (the loop over segments, the oracle), ``torch`` (every segment at
-once, see ``chunk.py``). There is no Triton kernel: ``triton`` runs the ``torch`` form (which runs on CUDA too),
-saying so once in the log.
+once, see ``chunk.py``) and ``triton`` (fused kernels, forward and backward: one walk over the segments, every
+token's read and gradients in parallel; see ``triton.py``).
 
     out, state = compressive_memory(q, k, v, segment_length=2048, update="delta", output_final_state=True)
     out_s, state = compressive_memory_step(q_s, k_s, v_s, state, update="delta")      # one segment
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 
@@ -52,8 +50,6 @@ __all__ = [
 ]
 
 UPDATE_RULES = ("linear", "delta")
-logger = logging.getLogger("zoo.ops")
-_warned: set[str] = set()
 
 
 def _shape_error(op: str, name: str, got: torch.Tensor, expected: str) -> ValueError:
@@ -124,7 +120,7 @@ def compressive_memory(
             float64 inputs).
         cu_seqlens: LongTensor [N + 1] of cumulative lengths of sequences packed along T, with B == 1. Segments
             restart at every sequence start; no state crosses a boundary.
-        backend: ``naive``, ``torch`` or ``triton`` (runs ``torch``); default from ``ZOO_BACKEND``, then the device.
+        backend: ``naive``, ``torch`` or ``triton``; default from ``ZOO_BACKEND``, then the device.
 
     Returns:
         (A_mem [B, T, H, Dv] in the dtype of v, final_state or None).
@@ -167,9 +163,11 @@ def compressive_memory(
     args = (q, k, v, segment_length, update, eps, initial_state, output_final_state, cu_seqlens)
     if name == "naive":
         return naive.naive_compressive_memory(*args)
-    if name == "triton" and op not in _warned:
-        _warned.add(op)
-        logger.warning("zoo.ops.%s: no Triton kernels; running the torch form", op)
+    if name == "triton":
+        # imported here so that zoo imports without triton, and triton is only imported when asked for
+        from zoo.ops.compressive_memory import triton as triton_impl
+
+        return triton_impl.triton_compressive_memory(*args)
     return chunk.chunk_compressive_memory(*args)
 
 

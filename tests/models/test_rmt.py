@@ -239,7 +239,49 @@ def test_bad_input_is_a_clear_error():
     sd["memory_cell.memory"] = torch.zeros(3, 32)
     with pytest.raises(ValueError, match="num_mem_tokens=4"):
         RMTForCausalLM.from_booydar(sd, gpt2.config, num_mem_tokens=4, segment_length=5)
-    mask = torch.ones(2, 6, dtype=torch.long)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="padded on the right"):
-        model(tokens(2, 6), attention_mask=mask, use_cache=True)
+    with pytest.raises(ValueError, match="no row has a real token"):
+        model(tokens(2, 6), attention_mask=torch.zeros(2, 6, dtype=torch.long), use_cache=True)
+
+
+def _left_padded(prompts):
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :], mask[b, width - len(p) :] = p, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("alignment, num_mem_tokens", [("left", 2), ("left", 0), ("right", 2), ("center", 2)])
+def test_left_padded_batch_generates_each_prompt_as_alone(alignment, num_mem_tokens):
+    """Prompts of 3, 6 and 9 tokens (segments of 4: one to three segments, each row at another place in its
+    segment), left-padded into one batch: greedy decoding (with the cache for left alignment; right and center
+    decode without) gives every row the tokens and the logits of its prompt decoded alone, across the segment
+    boundaries each row crosses at its own steps."""
+    model = rmt(segment_length=4, num_mem_tokens=num_mem_tokens, segment_alignment=alignment)
+    prompts = [tokens(1, n, seed=n)[0] for n in (3, 6, 9)]
+    ids, mask = _left_padded(prompts)
+    kwargs = dict(max_new_tokens=7, do_sample=False, pad_token_id=0, eos_token_id=None)
+    kwargs.update(return_dict_in_generate=True, output_logits=True)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)
+    uncached = model.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
+    torch.testing.assert_close(uncached.sequences, batched.sequences, rtol=0, atol=0)
+    for b, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], **kwargs)
+        torch.testing.assert_close(
+            batched.sequences[b, ids.shape[1] - len(prompt) :], alone.sequences[0], rtol=0, atol=0
+        )
+        for step_batched, step_alone in zip(batched.logits, alone.logits):
+            # right alignment reads the padding as masked tokens: equal up to float rounding
+            torch.testing.assert_close(step_batched[b], step_alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_beam_search_equals_each_prompt_alone():
+    model = rmt(segment_length=4)
+    prompts = [tokens(1, n, seed=n)[0] for n in (2, 7)]
+    ids, mask = _left_padded(prompts)
+    kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=3, pad_token_id=0, eos_token_id=None)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)
+    for b, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], **kwargs)
+        torch.testing.assert_close(batched[b, ids.shape[1] - len(prompt) :], alone[0], rtol=0, atol=0)

@@ -18,6 +18,14 @@ with ``pad_token_id`` (labels -100, positions counting from 0 as a document of i
 Two options: ``one_per_block`` starts every document in a new block, padding the rest of the one before (for
 question-answer documents whose question must stay with its context, as ``synthetic:passkey``); and
 ``attention_mask`` adds a fourth row, 0 on padding and 1 elsewhere (for encoders, which read the whole block).
+
+A loss on part of each document (the answer of a question, say) is a per-token ``loss_mask`` beside each
+document's tokens: ``labels`` are -100 also wherever it is 0 (and on the bos / eos tokens added around the
+document), and blocks left with no target at all are dropped, since they would train nothing. The mask travels with
+the tokens whichever way the documents are laid out; but with documents end to end (``one_per_block=False``), or
+one longer than a block, a question can land in a block without its context, so per-document packing of
+documents that fit one block is what such a loss wants. :func:`make_packed_dataset` builds the masks from
+character spans (``answer_only=True``).
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ import torch
 from zoo.modules.documents import cu_seqlens_from_position_ids, document_mask_from_position_ids
 
 __all__ = [
+    "ANSWER_COLUMNS",
     "IGNORE_INDEX",
     "DataCollatorForPacked",
+    "answer_tokens",
     "cu_seqlens_from_position_ids",
     "document_mask_from_position_ids",
     "make_packed_dataset",
@@ -38,6 +48,8 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+# The character span of each document's answer, for make_packed_dataset(..., answer_only=True).
+ANSWER_COLUMNS = ("answer_start", "answer_end")
 
 
 def pack_documents(
@@ -50,6 +62,7 @@ def pack_documents(
     pad_token_id: int | None = None,
     one_per_block: bool = False,
     attention_mask: bool = False,
+    loss_masks: Iterable[Sequence[int]] | None = None,
 ) -> dict[str, list[list[int]]]:
     """Pack token lists into blocks of ``block_size`` with ``input_ids``, ``position_ids`` and ``labels``.
 
@@ -63,6 +76,8 @@ def pack_documents(
         one_per_block: start each document in a new block, padding the rest of the current one (a document
             longer than a block still continues in the next).
         attention_mask: add an ``attention_mask`` row, 0 on padding.
+        loss_masks: for each document, one 0/1 per token: labels only where it is 1; blocks with no label left
+            are dropped. None: every token but a document's first is a target.
 
     Empty documents are skipped.
     """
@@ -72,45 +87,72 @@ def pack_documents(
         pad_token_id = eos_token_id if eos_token_id is not None else 0
     prefix = [bos_token_id] if bos_token_id is not None else []
     suffix = [eos_token_id] if eos_token_id is not None else []
+    docs = list(docs)
+    if loss_masks is None:
+        masks = [None] * len(docs)
+    else:
+        masks = list(loss_masks)
+        if len(masks) != len(docs):
+            raise ValueError(f"loss_masks has {len(masks)} entries for {len(docs)} documents")
+        for i, (doc, mask) in enumerate(zip(docs, masks)):
+            if len(mask) != len(doc):
+                raise ValueError(
+                    f"loss_masks[{i}] has {len(mask)} entries for a document of {len(doc)} tokens"
+                )
+    # per token of the block: whether it may be a target (None: all may)
+    keep: list[int] | None = None if loss_masks is None else []
 
     blocks: dict[str, list[list[int]]] = {"input_ids": [], "position_ids": [], "labels": []}
     if attention_mask:
         blocks["attention_mask"] = []
 
-    def pad_and_emit(ids: list[int], pos: list[int]) -> None:
+    def pad_and_emit(ids: list[int], pos: list[int], keep: list[int] | None) -> None:
         real = len(ids)
         ids.extend([pad_token_id] * (block_size - real))
         pos.extend(range(block_size - real))
-        _emit(blocks, ids, pos, ignore_from=real)
+        _emit(blocks, ids, pos, keep, ignore_from=real)
 
     ids: list[int] = []
     pos: list[int] = []
-    for doc in docs:
+    for doc, mask in zip(docs, masks):
         if len(doc) == 0:
             continue
         if one_per_block and ids:
-            pad_and_emit(ids, pos)
-            ids, pos = [], []
+            pad_and_emit(ids, pos, keep)
+            ids, pos, keep = [], [], None if keep is None else []
         tokens = [*prefix, *doc, *suffix]
+        targets = None if mask is None else [0] * len(prefix) + [int(m) for m in mask] + [0] * len(suffix)
         start = 0
         while start < len(tokens):
             # A document (or what is left of it) fills the block from here, counting positions from 0.
             take = min(len(tokens) - start, block_size - len(ids))
             ids.extend(tokens[start : start + take])
             pos.extend(range(take))
+            if keep is not None:
+                keep.extend(targets[start : start + take])
             start += take
             if len(ids) == block_size:
-                _emit(blocks, ids, pos)
-                ids, pos = [], []
+                _emit(blocks, ids, pos, keep)
+                ids, pos, keep = [], [], None if keep is None else []
     if ids and not drop_last:
-        pad_and_emit(ids, pos)
+        pad_and_emit(ids, pos, keep)
     return blocks
 
 
-def _emit(blocks: dict[str, list[list[int]]], ids: list[int], pos: list[int], ignore_from: int | None = None):
+def _emit(
+    blocks: dict[str, list[list[int]]],
+    ids: list[int],
+    pos: list[int],
+    keep: list[int] | None = None,
+    ignore_from: int | None = None,
+):
     labels = [IGNORE_INDEX if p == 0 else t for t, p in zip(ids, pos)]
     if ignore_from is not None:
         labels[ignore_from:] = [IGNORE_INDEX] * (len(labels) - ignore_from)
+    if keep is not None:
+        labels = [t if k else IGNORE_INDEX for t, k in zip(labels, keep + [0] * (len(labels) - len(keep)))]
+        if all(t == IGNORE_INDEX for t in labels):
+            return
     blocks["input_ids"].append(ids)
     blocks["position_ids"].append(pos)
     blocks["labels"].append(labels)
@@ -130,6 +172,7 @@ def make_packed_dataset(
     batch_size: int = 1000,
     one_per_block: bool = False,
     attention_mask: bool = False,
+    answer_only: bool = False,
 ):
     """Tokenise ``dataset[text_column]`` and pack it into blocks; a ``datasets.Dataset`` of
     ``input_ids`` / ``position_ids`` / ``labels``.
@@ -138,16 +181,30 @@ def make_packed_dataset(
     Packing runs per ``batch_size`` documents (and per worker with ``num_proc``), so each such batch ends with
     one padded block (or, with ``drop_last``, without it). ``one_per_block`` and ``attention_mask``: as in
     :func:`pack_documents`.
+
+    ``answer_only``: the loss is on each document's answer alone, the characters ``answer_start:answer_end`` of
+    its text (two integer columns the dataset must have, as ``synthetic_dataset(..., answer_spans=True)``
+    gives): labels are -100 on every other token (see :func:`answer_tokens`), and blocks without an answer token
+    are dropped.
     """
     if text_column not in dataset.column_names:
         raise ValueError(
             f"text_column={text_column!r} is not a column of the dataset: {dataset.column_names}"
+        )
+    missing = [c for c in ANSWER_COLUMNS if c not in dataset.column_names]
+    if answer_only and missing:
+        raise ValueError(
+            f"answer_only needs the answer's character span in columns {ANSWER_COLUMNS}; the dataset lacks"
+            f" {missing} (columns: {dataset.column_names})"
         )
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id != eos else None
     pad = tokenizer.pad_token_id
 
     def tokenize(batch):
+        if answer_only:
+            ids, masks = answer_tokens(tokenizer, batch[text_column], *(batch[c] for c in ANSWER_COLUMNS))
+            return {"input_ids": ids, "loss_mask": masks}
         return {"input_ids": tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]}
 
     def pack(batch):
@@ -160,6 +217,7 @@ def make_packed_dataset(
             pad_token_id=pad,
             one_per_block=one_per_block,
             attention_mask=attention_mask,
+            loss_masks=batch["loss_mask"] if answer_only else None,
         )
 
     num_proc = num_proc if num_proc and num_proc > 1 else None
@@ -179,6 +237,40 @@ def make_packed_dataset(
         remove_columns=tokenized.column_names,
         desc=f"Packing into blocks of {block_size}",
     )
+
+
+def answer_tokens(
+    tokenizer, texts: Sequence[str], starts: Sequence[int], ends: Sequence[int]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of each text, and a 0/1 mask per token: 1 on the tokens of the characters ``start:end``.
+
+    A fast tokenizer tokenises each text whole and marks the tokens whose characters overlap the span (its
+    offsets), so the ids are those of plain tokenisation. A slow one (zoo's byte tokenizer) has no offsets:
+    the text before, inside and after the span is tokenised piece by piece and joined, which for a byte or
+    character tokenizer is again plain tokenisation.
+    """
+    for i, (text, start, end) in enumerate(zip(texts, starts, ends)):
+        if not 0 <= start < end <= len(text):
+            raise ValueError(
+                f"answer span {start}:{end} of document {i} is not a non-empty span of its {len(text)} characters"
+            )
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+        masks = [
+            [int(a < end and b > start) for a, b in offsets]
+            for offsets, start, end in zip(enc["offset_mapping"], starts, ends)
+        ]
+        return enc["input_ids"], masks
+
+    def encode(pieces):
+        return tokenizer(pieces, add_special_tokens=False)["input_ids"]
+
+    before = encode([t[:s] for t, s in zip(texts, starts)])
+    inside = encode([t[s:e] for t, s, e in zip(texts, starts, ends)])
+    after = encode([t[e:] for t, e in zip(texts, ends)])
+    ids = [a + b + c for a, b, c in zip(before, inside, after)]
+    masks = [[0] * len(a) + [1] * len(b) + [0] * len(c) for a, b, c in zip(before, inside, after)]
+    return ids, masks
 
 
 class DataCollatorForPacked:

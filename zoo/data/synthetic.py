@@ -27,6 +27,9 @@ passkey retrieval (Mohtashami & Jaggi, 2023, arXiv:2305.16300), ``babi_single_fa
 between places, asked where one of them is, as bAbI's first task (Weston et al., 2015, arXiv:1502.05698) hidden in
 long text as BABILong does (Kuratov et al., 2024, arXiv:2406.10149). Templates and filler sentences are zoo's own.
 
+Every task but ``markov`` has an answer: :func:`answer_span` gives its characters, and
+``synthetic_dataset(..., answer_spans=True)`` carries them as columns, for a loss on the answer alone.
+
 The Markov chain is fixed by ``chain_seed``, not ``seed``, so training and evaluation sets drawn with
 different seeds come from the same chain; :func:`markov_chain` gives it with its entropy rate, the best
 loss reachable.
@@ -305,6 +308,33 @@ SYNTHETIC_TASKS: dict[str, Callable[..., list[str]]] = {
 }
 
 
+# Where each task's answer starts: after the last occurrence of its marker; it runs to the end of the document,
+# less the characters of its trailing punctuation (passkey's final full stop).
+ANSWER_MARKERS: dict[str, tuple[str, int]] = {
+    "copy": (" -> ", 0),
+    "reverse": (" -> ", 0),
+    "sort": (" -> ", 0),
+    "associative_recall": (" -> ", 0),
+    "counting": (" -> ", 0),
+    "arithmetic": ("=", 0),
+    "passkey": ("The pass key is ", 1),
+    "babi_single_fact": ("? ", 0),
+}
+
+
+def answer_span(name: str, doc: str) -> tuple[int, int]:
+    """``(start, end)``: the characters of ``doc`` (a document of the task ``name``) that answer its question,
+    ``doc[start:end]`` (``40517`` of a passkey document, ``kitchen`` of a bAbI one, the text after ``->``)."""
+    if name not in ANSWER_MARKERS:
+        known = ", ".join(sorted(ANSWER_MARKERS))
+        raise ValueError(f"synthetic task {name!r} has no answer to mark (tasks with one: {known})")
+    marker, trailing = ANSWER_MARKERS[name]
+    at = doc.rfind(marker)
+    if at < 0:
+        raise ValueError(f"no {marker!r} in this {name} document, so no answer: {doc[-80:]!r}")
+    return at + len(marker), len(doc) - trailing
+
+
 def synthetic_documents(name: str, n: int, seed: int = 0, **options) -> list[str]:
     """``n`` documents of the task ``name`` (a key of :data:`SYNTHETIC_TASKS`)."""
     if name not in SYNTHETIC_TASKS:
@@ -316,8 +346,16 @@ def synthetic_documents(name: str, n: int, seed: int = 0, **options) -> list[str
     return SYNTHETIC_TASKS[name](n, seed, **options)
 
 
-def synthetic_dataset(name: str, n: int, seed: int = 0, **options):
-    """The documents of :func:`synthetic_documents` as a ``datasets.Dataset`` with one ``"text"`` column."""
+def synthetic_dataset(name: str, n: int, seed: int = 0, *, answer_spans: bool = False, **options):
+    """The documents of :func:`synthetic_documents` as a ``datasets.Dataset`` with a ``"text"`` column; with
+    ``answer_spans``, also ``"answer_start"`` and ``"answer_end"``, the characters of :func:`answer_span`, which
+    ``make_packed_dataset(..., answer_only=True)`` turns into a loss on the answer tokens only."""
     from datasets import Dataset
 
-    return Dataset.from_dict({"text": synthetic_documents(name, n, seed, **options)})
+    docs = synthetic_documents(name, n, seed, **options)
+    columns = {"text": docs}
+    if answer_spans:
+        spans = [answer_span(name, doc) for doc in docs]
+        columns["answer_start"] = [s for s, _ in spans]
+        columns["answer_end"] = [e for _, e in spans]
+    return Dataset.from_dict(columns)

@@ -5,8 +5,10 @@
    Hub dataset name.
 2. :func:`packed_dataset` tokenises and packs them with ``zoo.data.packing.make_packed_dataset`` (rows of
    ``block_size`` tokens, ``position_ids`` restarting at every document, ``labels`` -100 at document starts;
-   documents end to end, or each starting a new row with ``data.packing: per_document``), and caches the result
-   on disk keyed by the data, the tokenizer, the block size and the packing.
+   documents end to end, or each starting a new row with ``data.packing: per_document``; with
+   ``data.loss: answer_only``, labels only on each document's answer), and caches the result on disk keyed by the
+   data, the tokenizer, the block size and the packing. :func:`check_curriculum_targets` makes sure no curriculum
+   stage cuts every target out of a block.
 3. :class:`BlockSampler` decides which rows every process reads at every micro-step as a pure function of
    (seed, step), so that a resumed run continues with exactly the data an uninterrupted run would have seen.
 """
@@ -22,6 +24,7 @@ import shutil
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 
 from zoo.training.recipe import DataConfig, RecipeError, is_local_path
@@ -58,6 +61,7 @@ def _load_source(spec: str, cfg: DataConfig, seed: int, where: str) -> datasets.
         n = kwargs.pop("n", 2000)
         n_val = kwargs.pop("n_validation", max(n // 20, 16))
         name = spec.split(":", 1)[1]
+        kwargs["answer_spans"] = cfg.loss == "answer_only"
         return datasets.DatasetDict(
             train=synthetic_dataset(name, n=n, seed=seed, **kwargs),
             validation=synthetic_dataset(name, n=n_val, seed=seed + 1_000_003, **kwargs),
@@ -139,6 +143,7 @@ def packed_dataset(
         "block_size": block_size,
         "one_per_block": cfg.packing == "per_document",
         "attention_mask": attention_mask,
+        "answer_only": cfg.loss == "answer_only",
         "packing": hashlib.sha256(inspect.getsource(packing).encode()).hexdigest(),
     }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -149,14 +154,20 @@ def packed_dataset(
         except Exception as err:  # a corrupt cache is rebuilt, never fatal
             logger.warning("packed-data cache %s unreadable (%s); rebuilding", path, err)
             shutil.rmtree(path, ignore_errors=True)
-    packed = packing.make_packed_dataset(
-        text,
-        tokenizer,
-        block_size,
-        text_column=cfg.text_column,
-        one_per_block=cfg.packing == "per_document",
-        attention_mask=attention_mask,
-    )
+    try:
+        packed = packing.make_packed_dataset(
+            text,
+            tokenizer,
+            block_size,
+            text_column=cfg.text_column,
+            one_per_block=cfg.packing == "per_document",
+            attention_mask=attention_mask,
+            answer_only=cfg.loss == "answer_only",
+        )
+    except ValueError as err:
+        if cfg.loss != "answer_only":
+            raise
+        raise RecipeError(f"data.loss: answer_only: {err}") from None
     packed = packed.select_columns([c for c in BATCH_COLUMNS if c in packed.column_names])
     if len(packed) == 0:
         raise RecipeError(f"data: the {label} split packs into 0 blocks of {block_size} tokens; add data")
@@ -176,6 +187,24 @@ def packed_dataset(
         logger.warning("could not cache packed data at %s (%s); continuing uncached", path, err)
         shutil.rmtree(tmp, ignore_errors=True)
         return packed
+
+
+def check_curriculum_targets(dataset: datasets.Dataset, training, cfg: DataConfig) -> None:
+    """With ``data.loss: answer_only`` a block's targets can all lie past a curriculum stage's length, and a batch
+    of such blocks has no loss at all: refuse a stage that cuts every target out of any training block."""
+    if cfg.loss != "answer_only" or not training.curriculum:
+        return
+    shortest = min(length for _, length in training.curriculum)
+    labels = torch.as_tensor(np.asarray(dataset.with_format("numpy")["labels"]))
+    first = (labels != -100).long().argmax(-1)  # every block has a target (the others were dropped)
+    cut = int((first >= shortest).sum())
+    if cut:
+        raise RecipeError(
+            f"training.curriculum: a stage of {shortest} tokens cuts every answer out of {cut} of {len(labels)}"
+            f" training blocks (data.loss: answer_only; the latest answer starts at token {int(first.max())}),"
+            f" leaving them nothing to learn; make the documents shorter than {shortest} tokens or start the"
+            " curriculum longer"
+        )
 
 
 class BlockSampler:

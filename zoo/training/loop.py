@@ -35,7 +35,14 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from zoo.training.checkpoint import CheckpointManager
-from zoo.training.data import BlockSampler, eval_batches, get_batch, load_text_splits, packed_dataset
+from zoo.training.data import (
+    BlockSampler,
+    check_curriculum_targets,
+    eval_batches,
+    get_batch,
+    load_text_splits,
+    packed_dataset,
+)
 from zoo.training.export import save_final
 from zoo.training.mlm import Masker, batch_seed
 from zoo.training.modeling import build_model, build_tokenizer, count_parameters
@@ -304,6 +311,7 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
         mlm = masker is not None
         train_data = packed_dataset(train_text, tokenizer, cfg.block_size, recipe.data, "train", mlm)
         val_data = packed_dataset(val_text, tokenizer, cfg.block_size, recipe.data, "validation", mlm)
+    check_curriculum_targets(train_data, cfg, recipe.data)
     ckpt = CheckpointManager(output_dir / "checkpoints", recipe.checkpointing.keep_last)
     try:
         resume_from = ckpt.resolve_resume(recipe.checkpointing.resume)

@@ -94,6 +94,11 @@ class DataConfig:
     # boundaries; `per_document` starts each in a new block and pads the rest of the one before (padding is
     # masked from the loss), so that a question stays in the block of its context (synthetic:passkey).
     packing: str = "concat"
+    # What the causal loss is on: `all` tokens, or `answer_only`, each document's answer (the character span in
+    # its `answer_start` / `answer_end` columns; synthetic tasks other than markov mark theirs), -100 elsewhere.
+    # Blocks without an answer token are dropped; use it with `packing: per_document` and documents that fit a
+    # block, so that every answer shares its block with its question.
+    loss: str = "all"
     # Tokenised and packed datasets are cached here (default: the datasets cache, subfolder zoo-packed).
     cache_dir: str | None = None
 
@@ -231,6 +236,7 @@ class Recipe:
 CHOICES = {
     "data.sample_by": ("line", "paragraph", "document"),
     "data.packing": ("concat", "per_document"),
+    "data.loss": ("all", "answer_only"),
     "optim.name": ("adamw",),
     "schedule.name": ("cosine", "wsd", "constant"),
     "training.mixed_precision": ("auto", "no", "fp16", "bf16"),
@@ -516,6 +522,15 @@ def _validate_synthetic(data: DataConfig) -> None:
     from zoo.data.synthetic import SYNTHETIC_TASKS, synthetic_documents
 
     tasks = [s.split(":", 1)[1] for s in (data.train, data.validation) if s and s.startswith("synthetic:")]
+    if data.loss == "answer_only":
+        from zoo.data.synthetic import ANSWER_MARKERS
+
+        for name in tasks:
+            if name not in ANSWER_MARKERS:
+                raise RecipeError(
+                    f"data.loss: answer_only, but synthetic:{name} has no answer to mark"
+                    f" (tasks with one: {', '.join(sorted(ANSWER_MARKERS))}); use data.loss: all"
+                )
     options = dict(data.synthetic)
     for key in ("n", "n_validation"):
         if key in options:
@@ -574,6 +589,11 @@ def _validate_objective(recipe: Recipe) -> None:
     _require(0 < p < 1, "training.mlm_probability", "in (0, 1)", p)
     if training.objective != "mlm":
         return
+    if recipe.data.loss != "all":
+        raise RecipeError(
+            f"data.loss: {recipe.data.loss} is for the causal objective; training.objective: mlm chooses its own"
+            " targets (use data.loss: all)"
+        )
     if training.randomized_positions:
         raise RecipeError(
             "training.randomized_positions: not with training.objective: mlm (an encoder reads a block as one"

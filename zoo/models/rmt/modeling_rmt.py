@@ -22,12 +22,17 @@ backbone's ``hidden_states``. Where zoo differs:
   with left alignment (the authors' default) the logits of the real tokens are theirs.
 - Decoding extends the last segment token by token with the backbone's cache and, when the segment fills, writes
   memory and opens a new one (the authors' ``generate`` stays in the last segment); the logits equal those of a
-  full forward over the same tokens.
+  full forward over the same tokens. A batch of left-padded prompts of
+  different lengths decodes row by row, each row's real tokens through its own cache, so that every row gives
+  what it gives alone (its segment boundaries are its own).
+- Center alignment cuts a padded row by its own real length (each such row processed alone), so that padding
+  never changes a row's segments there either.
 - Packed documents (``position_ids`` restarting at 0) are processed one by one, each from the initial memory.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -70,7 +75,10 @@ class RMTCausalLMOutput(CausalLMOutputWithPast):
 
 class RMTCache:
     """Decoding state: the memory the open segment reads, the backbone's cache over ``[memory, tokens so far]``
-    of that segment, and its attention mask. Its size is bounded by one segment, whatever the input length."""
+    of that segment, and its attention mask. Its size is bounded by one segment, whatever the input length.
+
+    Prompts with left padding of different lengths have segment boundaries at different places in each row, so
+    such a batch keeps one single-row cache per row (``rows``), each fed its row's real tokens only."""
 
     is_compileable = False
 
@@ -79,7 +87,23 @@ class RMTCache:
         self.backbone_cache = None
         self.mask: torch.Tensor | None = None  # (B, M + open_len) over the open segment
         self.open_len = 0  # tokens in the open segment
-        self.seen_tokens = 0
+        self.seen_tokens = 0  # positions of the batch seen, padding included
+        self.rows: list[RMTCache] | None = None
+
+    def split_rows(self, batch_size: int) -> None:
+        """One cache per row from here on (only before the first token)."""
+        memory = self.memory
+        self.rows = [RMTCache(None if memory is None else memory[b : b + 1]) for b in range(batch_size)]
+        self.memory = None
+
+    def _select_rows(self, indices: list[int]) -> None:
+        # a row picked twice (beam search) gets its own copy: each is extended in place by its own tokens
+        seen: set[int] = set()
+        picked = []
+        for i in indices:
+            picked.append(copy.deepcopy(self.rows[i]) if i in seen else self.rows[i])
+            seen.add(i)
+        self.rows = picked
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -96,12 +120,18 @@ class RMTCache:
             getattr(self.backbone_cache, method)(*args)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.rows is not None:
+            return self._select_rows(beam_idx.tolist())
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)), "reorder_cache", beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.rows is not None:
+            return self._select_rows([i for i in range(len(self.rows)) for _ in range(repeats)])
         self._map(lambda t: t.repeat_interleave(repeats, dim=0), "batch_repeat_interleave", repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.rows is not None:
+            return self._select_rows(torch.arange(len(self.rows))[indices.cpu()].tolist())
         self._map(lambda t: t[indices], "batch_select_indices", indices)
 
 
@@ -126,6 +156,16 @@ def _roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     T = x.shape[1]
     idx = (torch.arange(T, device=x.device)[None] + shift[:, None]) % T  # (B, T)
     return x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+def _several_documents(position_ids: torch.Tensor | None, mask: torch.Tensor | None) -> bool:
+    """Whether ``position_ids`` restart at 0 inside a row's real tokens (packed documents). Padding is no
+    document: ``generate()`` numbers left-padded prompts ``0, 0, 0, 0, 1, 2``, one document after its padding."""
+    if mask is None or not has_several_documents(position_ids):
+        return has_several_documents(position_ids)
+    real = mask.bool()
+    first = real & (real.long().cumsum(-1) == 1)
+    return bool(((position_ids == 0) & real & ~first).any())
 
 
 class RMTPreTrainedModel(PreTrainedModel):
@@ -232,7 +272,7 @@ class RMTModel(RMTPreTrainedModel):
             raise ValueError(f"memory_state has shape {tuple(memory_state.shape)}, expected {want}")
         with_hidden = bool(output_hidden_states)
         fresh = cache is None or cache.seen_tokens == 0
-        if position_ids is not None and fresh and has_several_documents(position_ids):
+        if fresh and _several_documents(position_ids, attention_mask):
             return self._documents(inputs_embeds, attention_mask, position_ids, with_hidden)
         left = self.config.segment_alignment == "left"
         # by default, right and center alignments (which cut the whole input anew) run without a cache
@@ -249,6 +289,9 @@ class RMTModel(RMTPreTrainedModel):
         """The whole input, segment by segment, without a cache (training, streaming by ``memory_state``)."""
         B, T, _ = embeds.shape
         align = self.config.segment_alignment
+        if align == "center" and mask is not None and not bool(mask.all()):
+            # centred segments depend on the length: a padded row is cut by its own real length
+            return self._rows_alone(embeds, mask, memory, with_hidden)
         shift = None
         if mask is not None and align in ("left", "right"):
             real = mask.bool()
@@ -295,6 +338,43 @@ class RMTModel(RMTPreTrainedModel):
             memory_state=memory,
         )
 
+    def _rows_alone(self, embeds, mask, memory, with_hidden) -> RMTModelOutput:
+        """Each row's real tokens (mask 1) through the segment loop alone; zeros at padding; a row without a real
+        token keeps its memory."""
+        B, T, _ = embeds.shape
+        memory = memory if memory is not None else self.initial_memory(B)
+        real = mask.bool()
+        logits = hidden = all_hidden = None
+        memories = []
+        for b in range(B):
+            idx = real[b].nonzero().flatten()
+            row_memory = None if memory is None else memory[b : b + 1]
+            if idx.numel() == 0:
+                memories.append(row_memory)
+                continue
+            ones = mask.new_ones(1, idx.numel())
+            out = self._segments(embeds[b : b + 1, idx], ones, row_memory, with_hidden)
+            memories.append(out.memory_state)
+            if logits is None:
+                logits = out.logits.new_zeros(B, T, out.logits.shape[-1])
+                hidden = out.last_hidden_state.new_zeros(B, T, out.last_hidden_state.shape[-1])
+                if with_hidden:
+                    all_hidden = tuple(h.new_zeros(B, T, h.shape[-1]) for h in out.hidden_states)
+            logits[b, idx], hidden[b, idx] = out.logits[0], out.last_hidden_state[0]
+            if with_hidden:
+                for full, h in zip(all_hidden, out.hidden_states):
+                    full[b, idx] = h[0]
+        if logits is None:
+            raise ValueError("RMT got an input in which no row has a real token (attention_mask all 0)")
+        return with_cache(
+            RMTModelOutput,
+            None,
+            last_hidden_state=hidden,
+            logits=logits,
+            hidden_states=all_hidden,
+            memory_state=None if memory is None else torch.cat(memories),
+        )
+
     def _documents(self, embeds, mask, position_ids, with_hidden) -> RMTModelOutput:
         """Packed documents: each processed alone, from the initial memory. No cache or memory is returned."""
         starts = document_starts(position_ids)
@@ -333,11 +413,11 @@ class RMTModel(RMTPreTrainedModel):
             cache = RMTCache(memory_state if memory_state is not None else self.initial_memory(B))
         if mask is not None:
             mask = mask[:, -T:]
-            if cache.seen_tokens == 0 and bool((mask.long().cumsum(-1) == 0).any()):
-                raise ValueError(
-                    "RMT decoding with a cache needs prompts padded on the right (left padding would shift "
-                    "the segment boundaries of the padded rows); pad on the right or decode row by row"
-                )
+            # left padding: each row's segments start at its own first token, so each row decodes alone
+            if cache.seen_tokens == 0 and cache.rows is None and bool((mask.long().cumsum(-1) == 0).any()):
+                cache.split_rows(B)
+        if cache.rows is not None:
+            return self._cached_rows(embeds, mask, cache, with_hidden)
         logits, hidden, layers = [], [], []
         pos = 0
         while pos < T:
@@ -372,6 +452,46 @@ class RMTModel(RMTPreTrainedModel):
             logits=torch.cat(logits, 1),
             hidden_states=all_hidden,
             memory_state=cache.memory if cache.open_len == 0 else None,
+        )
+
+    def _cached_rows(self, embeds, mask, cache, with_hidden) -> RMTModelOutput:
+        """Each row's real tokens (mask 1) through its own single-row cache, as if it were decoded alone; the
+        outputs at padding positions are zero."""
+        B, T, _ = embeds.shape
+        if len(cache.rows) != B:
+            raise ValueError(f"the RMTCache holds {len(cache.rows)} rows, the input {B}")
+        real = mask.bool() if mask is not None else torch.ones(B, T, dtype=torch.bool, device=embeds.device)
+        logits = hidden = all_hidden = None
+        for b, row in enumerate(cache.rows):
+            idx = real[b].nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            # a mask of ones, as generate() gives a single unpadded prompt
+            ones = torch.ones(1, idx.numel(), dtype=torch.long, device=embeds.device)
+            out = self._cached(embeds[b : b + 1, idx], ones, row, None, with_hidden)
+            if logits is None:
+                logits = out.logits.new_zeros(B, T, out.logits.shape[-1])
+                hidden = out.last_hidden_state.new_zeros(B, T, out.last_hidden_state.shape[-1])
+                if with_hidden:
+                    all_hidden = tuple(h.new_zeros(B, T, h.shape[-1]) for h in out.hidden_states)
+            logits[b, idx], hidden[b, idx] = out.logits[0], out.last_hidden_state[0]
+            if with_hidden:
+                for full, h in zip(all_hidden, out.hidden_states):
+                    full[b, idx] = h[0]
+        if logits is None:
+            raise ValueError(
+                "RMT decoding got a step in which no row has a real token (attention_mask all 0)"
+            )
+        cache.seen_tokens += T
+        closed = all(row.open_len == 0 for row in cache.rows)
+        memory = torch.cat([row.memory for row in cache.rows]) if closed and self.memory is not None else None
+        return with_cache(
+            RMTModelOutput,
+            cache,
+            last_hidden_state=hidden,
+            logits=logits,
+            hidden_states=all_hidden,
+            memory_state=memory,
         )
 
     @staticmethod
@@ -465,8 +585,9 @@ class RMTForCausalLM(RMTPreTrainedModel, GenerationMixin):
 
     def generate(self, *args, **kwargs):
         """transformers' ``generate``. Prompt segments are processed into memory by the first forward; decoding
-        extends the last segment and carries the memory across the segment boundaries it crosses. Right and
-        center alignments cut the whole sequence anew at every step, so they decode without a cache."""
+        extends the last segment and carries the memory across the segment boundaries it crosses; left-padded
+        prompts decode row by row (see :class:`RMTCache`), each as if alone. Right and center alignments cut the
+        whole sequence anew at every step, so they decode without a cache."""
         if self.config.segment_alignment != "left":
             kwargs["use_cache"] = False
         return super().generate(*args, **kwargs)

@@ -269,7 +269,8 @@ def time_prefill(entry, models, lengths, cfg, device, progress) -> list[dict]:
 
 
 def time_decode(entry, models, cfg, device, progress) -> dict:
-    """ms per token after each context; the reference too when it is a zoo model (same cache interface)."""
+    """ms per token after each context; the reference too when it is a zoo model, or declares
+    ``decodes_with_cache`` (same cache interface)."""
     from zoo.models.utils import output_cache
 
     out: dict = {"contexts": cfg.decode_contexts, "steps": cfg.decode_steps}
@@ -278,7 +279,8 @@ def time_decode(entry, models, cfg, device, progress) -> dict:
         out["prepared"] = entry.prepare_decode(zoo_model, max(cfg.decode_contexts))
     decoders = {"zoo": zoo_model}
     ref = models.get("reference")
-    if ref is not None and type(ref).__module__.startswith("zoo."):
+    decodes = ref is not None and getattr(ref, "decodes_with_cache", False)
+    if ref is not None and (type(ref).__module__.startswith("zoo.") or decodes):
         decoders["reference"] = ref.eval()
     for name, model in decoders.items():
         per_context = []

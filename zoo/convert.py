@@ -4,7 +4,8 @@ The source is recognised, and the conversion dispatched to the architecture's ``
 
 - a transformers folder (its ``config.json``): ``llama`` -> ``zoo_transformer``, ``mamba`` and ``falcon_mamba``
   -> ``zoo_mamba``, ``mamba2`` -> ``zoo_mamba2``, ``bamba`` -> ``zoo_hybrid``, ``longformer`` (its
-  ``LongformerForMaskedLM``) -> ``zoo_longformer``, ``big_bird`` (``BigBirdForMaskedLM``) -> ``zoo_bigbird``,
+  ``LongformerForMaskedLM``) -> ``zoo_longformer``, ``big_bird`` (``BigBirdForMaskedLM``, or the
+  ``BigBirdForQuestionAnswering`` / ``BigBirdForSequenceClassification`` its ``architectures`` names) -> ``zoo_bigbird``,
   ``reformer`` (``ReformerModelWithLMHead`` or ``ReformerForMaskedLM``, by ``is_decoder``) -> ``zoo_reformer``;
 - a zoo folder (``model_type: zoo_*``) -> the transformers class of the same architecture, where one exists
   (``zoo_transformer`` -> ``LlamaForCausalLM``, ``zoo_mamba`` -> ``MambaForCausalLM`` or, with
@@ -61,9 +62,9 @@ def _to_zoo(model_type: str):
 
         return "LongformerForMaskedLM", from_transformers
     if model_type == "big_bird":
-        from zoo.models.bigbird.convert_bigbird import from_transformers
+        from zoo.models.bigbird.convert_bigbird import TransformersBigBird, from_transformers
 
-        return "BigBirdForMaskedLM", from_transformers
+        return TransformersBigBird, from_transformers
     if model_type == "reformer":
         from zoo.models.reformer.convert_reformer import TransformersReformer, from_transformers
 

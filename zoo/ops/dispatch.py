@@ -28,11 +28,19 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(op: str, backend: str | None, device: torch.device | None = None) -> str:
+def resolve_backend(
+    op: str,
+    backend: str | None,
+    device: torch.device | None = None,
+    *,
+    extra: tuple[str, ...] = (),
+    cuda_default: str = "triton",
+) -> str:
     """Return the backend name to use for ``op``.
 
-    ``backend`` wins; then ``ZOO_BACKEND``; then the device. Unknown names raise ``ValueError`` naming the
-    accepted ones. Asking for ``triton`` where it cannot run raises ``RuntimeError`` saying why.
+    ``backend`` wins; then ``ZOO_BACKEND``; then the device (CUDA -> ``cuda_default``). Unknown names raise
+    ``ValueError`` naming the accepted ones (``BACKENDS`` and the op's own ``extra`` ones, e.g. sparse
+    attention's ``flex``). Asking for ``triton`` where it cannot run raises ``RuntimeError`` saying why.
     """
     source = "argument"
     if backend is None:
@@ -41,10 +49,11 @@ def resolve_backend(op: str, backend: str | None, device: torch.device | None = 
     if backend is None:
         source = "device"
         on_cuda = device is not None and torch.device(device).type == "cuda"
-        backend = "triton" if on_cuda and triton_available() else "torch"
+        usable = cuda_default != "triton" or triton_available()
+        backend = cuda_default if on_cuda and usable else "torch"
     backend = backend.lower()
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend={backend!r} (from {source}) is not one of {BACKENDS}")
+    if backend not in BACKENDS + extra:
+        raise ValueError(f"{op}: backend={backend!r} (from {source}) is not one of {BACKENDS + extra}")
     if backend == "triton" and not triton_available():
         raise RuntimeError(
             f"{op}: backend='triton' needs triton and a CUDA device, or TRITON_INTERPRET=1 set before triton "

@@ -1,21 +1,24 @@
 """BigBird (Zaheer et al. 2020, arXiv:2007.14062): block-sparse attention with window, global and random blocks;
 encoder heads and a causal block-sparse language model."""
 
-from transformers import AutoModelForMaskedLM
+from transformers import AutoModelForMaskedLM, AutoModelForQuestionAnswering
 
 from zoo.models.bigbird.configuration_bigbird import ZooBigBirdConfig
 from zoo.models.bigbird.modeling_bigbird import (
     ZooBigBirdForCausalLM,
     ZooBigBirdForMaskedLM,
+    ZooBigBirdForQuestionAnswering,
     ZooBigBirdForSequenceClassification,
     ZooBigBirdModel,
     ZooBigBirdPreTrainedModel,
+    extend_position_embeddings,
 )
 from zoo.models.registry import REGISTRY, register
 
 if ZooBigBirdConfig.model_type not in REGISTRY:
-    # the registry knows the causal LM and sequence-classification slots; the masked LM registers here
+    # the registry knows the causal LM and sequence-classification slots; the encoder heads register here
     AutoModelForMaskedLM.register(ZooBigBirdConfig, ZooBigBirdForMaskedLM)
+    AutoModelForQuestionAnswering.register(ZooBigBirdConfig, ZooBigBirdForQuestionAnswering)
 
 
 def sized(hidden_size: int, num_layers: int) -> dict:
@@ -46,7 +49,9 @@ __all__ = [
     "ZooBigBirdConfig",
     "ZooBigBirdForCausalLM",
     "ZooBigBirdForMaskedLM",
+    "ZooBigBirdForQuestionAnswering",
     "ZooBigBirdForSequenceClassification",
     "ZooBigBirdModel",
     "ZooBigBirdPreTrainedModel",
+    "extend_position_embeddings",
 ]

@@ -1,5 +1,5 @@
-"""Conversion between transformers' ``BigBirdForMaskedLM`` / ``BigBirdForSequenceClassification`` and zoo's BigBird,
-by renaming (BigBird: Zaheer et al. 2020, arXiv:2007.14062):
+"""Conversion between transformers' ``BigBirdForMaskedLM`` / ``BigBirdForSequenceClassification`` /
+``BigBirdForQuestionAnswering`` and zoo's BigBird, by renaming (BigBird: Zaheer et al. 2020, arXiv:2007.14062):
 
     transformers                                          zoo
     bert.embeddings.word_embeddings                   <-> model.embed_tokens
@@ -16,13 +16,16 @@ by renaming (BigBird: Zaheer et al. 2020, arXiv:2007.14062):
     cls.predictions.transform.{dense, LayerNorm}      <-> lm_head.{dense, norm}
     cls.predictions.decoder, cls.predictions.bias     <-> lm_head.decoder
     classifier.{dense, out_proj}                      <-> {dense, score}
+    qa_classifier.intermediate.dense                  <-> qa_head.up_proj
+    qa_classifier.output.{dense, LayerNorm}           <-> qa_head.{down_proj, norm}
+    qa_classifier.qa_outputs                          <-> qa_head.qa_outputs
 
 ``bert.pooler`` (the next-sentence pooler, which neither head uses) is dropped; converting back gives transformers'
 freshly initialised one. The converted config sets ``transformers_compat=True``, so that the zoo model computes
 what transformers' computes in eval mode (see ``ZooBigBirdConfig``); set it to False to use zoo's seeded plan.
 
-``python -m zoo.convert BIGBIRD_DIR OUT_DIR`` dispatches here for ``model_type: big_bird`` (and back for
-``zoo_bigbird``).
+``python -m zoo.convert BIGBIRD_DIR OUT_DIR`` dispatches here for ``model_type: big_bird`` (the class named by the
+folder's ``architectures``, :class:`TransformersBigBird`; and back to the masked LM for ``zoo_bigbird``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,17 @@ from __future__ import annotations
 import re
 
 from zoo.models.bigbird.configuration_bigbird import ZooBigBirdConfig
-from zoo.models.bigbird.modeling_bigbird import ZooBigBirdForMaskedLM, ZooBigBirdForSequenceClassification
+from zoo.models.bigbird.modeling_bigbird import (
+    ZooBigBirdForMaskedLM,
+    ZooBigBirdForQuestionAnswering,
+    ZooBigBirdForSequenceClassification,
+)
+
+# transformers class -> the zoo class its weights convert to (anything else: the masked LM)
+_HEADS = {
+    "BigBirdForSequenceClassification": ZooBigBirdForSequenceClassification,
+    "BigBirdForQuestionAnswering": ZooBigBirdForQuestionAnswering,
+}
 
 # Fields with the same name and meaning in both configs.
 _SHARED_FIELDS = (
@@ -79,6 +92,10 @@ RENAMES = (
     (r"cls\.predictions\.decoder", "lm_head.decoder"),
     (r"classifier\.dense", "dense"),
     (r"classifier\.out_proj", "score"),
+    (r"qa_classifier\.intermediate\.dense", "qa_head.up_proj"),
+    (r"qa_classifier\.output\.dense", "qa_head.down_proj"),
+    (r"qa_classifier\.output\.LayerNorm", "qa_head.norm"),
+    (r"qa_classifier\.qa_outputs", "qa_head.qa_outputs"),
 )
 _DROPPED = re.compile(r"bert\.pooler\..*")
 
@@ -93,6 +110,22 @@ def _to_zoo_name(name: str) -> str | None:
     return None
 
 
+class TransformersBigBird:
+    """Loads a transformers BigBird folder as the class its ``architectures`` names when zoo has that head
+    (``BigBirdForQuestionAnswering``, ``BigBirdForSequenceClassification``), else as ``BigBirdForMaskedLM`` (what
+    ``python -m zoo.convert`` converts from)."""
+
+    @staticmethod
+    def from_pretrained(src, **kwargs):
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(src)
+        names = [name for name in config.architectures or () if name in _HEADS]
+        return getattr(transformers, names[0] if names else "BigBirdForMaskedLM").from_pretrained(
+            src, **kwargs
+        )
+
+
 def config_from_transformers(hf_config) -> ZooBigBirdConfig:
     """The ``ZooBigBirdConfig`` of a transformers ``BigBirdConfig`` (encoder, ``transformers_compat=True``)."""
     if hf_config.is_decoder or hf_config.add_cross_attention:
@@ -103,11 +136,11 @@ def config_from_transformers(hf_config) -> ZooBigBirdConfig:
 
 
 def from_transformers(hf_model):
-    """A zoo BigBird holding the weights of a transformers ``BigBirdForMaskedLM`` (-> ``ZooBigBirdForMaskedLM``)
-    or ``BigBirdForSequenceClassification`` (-> ``ZooBigBirdForSequenceClassification``)."""
+    """A zoo BigBird holding the weights of a transformers ``BigBirdForMaskedLM`` (-> ``ZooBigBirdForMaskedLM``),
+    ``BigBirdForSequenceClassification`` (-> ``ZooBigBirdForSequenceClassification``) or
+    ``BigBirdForQuestionAnswering`` (-> ``ZooBigBirdForQuestionAnswering``)."""
     config = config_from_transformers(hf_model.config)
-    is_classifier = type(hf_model).__name__ == "BigBirdForSequenceClassification"
-    model = (ZooBigBirdForSequenceClassification if is_classifier else ZooBigBirdForMaskedLM)(config)
+    model = _HEADS.get(type(hf_model).__name__, ZooBigBirdForMaskedLM)(config)
     state, unknown = {}, []
     for name, tensor in hf_model.state_dict().items():
         if _DROPPED.fullmatch(name):

@@ -26,14 +26,20 @@ import torch
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.loss.loss_utils import ForSequenceClassificationLoss
+from transformers.loss.loss_utils import ForQuestionAnsweringLoss, ForSequenceClassificationLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, MaskedLMOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    MaskedLMOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+)
 
 from zoo.models.bigbird.configuration_bigbird import ZooBigBirdConfig
 from zoo.models.heads import BackboneHead, EncoderCausalLMHead, MaskedLMHead, last_token_index
 from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
 from zoo.ops.sparse_attention import SparsePattern, sparse_attention, sparse_attention_step
+from zoo.positional.learned import interpolate_position_table
 
 
 @dataclasses.dataclass
@@ -92,6 +98,7 @@ class AttentionPlan:
     segment_ids: torch.Tensor | None  # (B, T), packed documents (dense attention)
     rows: SequenceRows | None  # regrouping for the block layout
     compat_plan: bool  # transformers' eval-mode random plan (every random block is block 0)
+    zero_padding_queries: bool  # transformers' block-sparse attention outputs zeros at padding queries
     cache: object
     past_len: int
     cache_mask: torch.Tensor | None  # (B, past + T)
@@ -168,6 +175,8 @@ class BigBirdSelfAttention(nn.Module):
                 random_plan=random_plan,
                 dropout=dropout,
             )
+            if plan.zero_padding_queries:
+                out = out * plan.key_padding_mask[:, :, None, None].to(out.dtype)
         return self.o_proj(out.reshape(B, T, C))
 
     def _step(self, q, k, v, plan: AttentionPlan) -> torch.Tensor:
@@ -264,6 +273,7 @@ class ZooBigBirdModel(ZooBigBirdPreTrainedModel):
             segment_ids=segment_ids,
             rows=rows,
             compat_plan=compat and not self.training,
+            zero_padding_queries=compat and not full and key_padding_mask is not None,
             cache=inputs.cache,
             past_len=inputs.past_len,
             cache_mask=inputs.pad_mask,
@@ -308,7 +318,7 @@ class ZooBigBirdModel(ZooBigBirdPreTrainedModel):
         if not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= limit:
             raise ValueError(
                 f"position {int(positions.max())} is past the position table (max_position_embeddings={limit}); "
-                "extend it with zoo.positional.interpolate_position_embeddings"
+                "extend it with zoo.models.bigbird.extend_position_embeddings"
             )
         if token_type_ids is None:
             token_type_ids = torch.zeros(B, T, dtype=torch.long, device=inputs.embeds.device)
@@ -418,10 +428,114 @@ class ZooBigBirdForSequenceClassification(BackboneHead, ZooBigBirdPreTrainedMode
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
+class BigBirdQuestionAnsweringHead(nn.Module):
+    """BigBird's QA head (transformers' ``BigBirdForQuestionAnsweringHead``): one more post-norm feed-forward block
+    over the encoder's output, ``norm(h + down_proj(act(up_proj(dropout(h)))))``, then start and end logits."""
+
+    def __init__(self, config: ZooBigBirdConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.up_proj = nn.Linear(C, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.down_proj = nn.Linear(config.intermediate_size, C)
+        self.norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.qa_outputs = nn.Linear(C, 2)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        h = self.down_proj(self.act(self.up_proj(self.dropout(hidden_states))))
+        return self.qa_outputs(self.norm(hidden_states + self.dropout(h)))  # (B, T, 2)
+
+
+class ZooBigBirdForQuestionAnswering(BackboneHead, ZooBigBirdPreTrainedModel):
+    """Extractive QA on BigBird's input layout ``<cls> question <sep> context <sep>``: start and end logits per token
+    through :class:`BigBirdQuestionAnsweringHead`. The question (``question_lengths`` tokens, by default up to and
+    including the first ``sep_token_id`` of each row) is taken out of the competition: its logits are lowered by
+    1e6, all but the first token's (which answers "no answer"); without ``token_type_ids``, the question is type 0
+    and the rest type 1. Both as transformers' ``BigBirdForQuestionAnswering`` does."""
+
+    def __init__(self, config: ZooBigBirdConfig):
+        super().__init__(config)
+        self.model = ZooBigBirdModel(config)
+        self.qa_head = BigBirdQuestionAnsweringHead(config)
+        self.post_init()
+
+    @model_forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        question_lengths: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> QuestionAnsweringModelOutput:
+        """``question_lengths`` (B,) or (B, 1): tokens of each row's question, its ``<cls>`` and ``<sep>``
+        included."""
+        T = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
+        if question_lengths is None and input_ids is not None:
+            # the first <sep> ends the question (a row without one: argmax 0, only <cls>)
+            question_lengths = (input_ids == self.config.sep_token_id).int().argmax(-1) + 1
+        question = None
+        if question_lengths is not None:
+            device = question_lengths.device
+            question = torch.arange(T, device=device)[None] < question_lengths.reshape(-1, 1)  # (B, T)
+            if token_type_ids is None:
+                token_type_ids = (~question).long()
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.qa_head(out.last_hidden_state)
+        if question is not None:
+            question[:, 0] = False
+            logits = logits - question[..., None].to(logits.dtype) * 1e6
+        start_logits, end_logits = logits.unbind(-1)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = ForQuestionAnsweringLoss(start_logits, end_logits, start_positions, end_positions)
+        return QuestionAnsweringModelOutput(
+            loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=out.hidden_states
+        )
+
+
+def extend_position_embeddings(model: ZooBigBirdPreTrainedModel, new_max: int) -> ZooBigBirdPreTrainedModel:
+    """Lengthen the learned position table of a zoo BigBird (any head) to ``new_max`` rows, in place, by copying
+    the pretrained one; ``config.max_position_embeddings`` becomes ``new_max``. Its ``L`` learned positions are
+    repeated to fill the new rows (Longformer's copy initialisation, Beltagy et al. 2020, section 5); BigBird's table
+    has no reserved rows. Outputs at lengths the old table covered are unchanged. Returns ``model``."""
+    backbone = model if isinstance(model, ZooBigBirdModel) else getattr(model, "model", None)
+    if not isinstance(backbone, ZooBigBirdModel):
+        raise ValueError(f"extend_position_embeddings: {type(model).__name__} is not a zoo BigBird model")
+    old = backbone.embed_positions
+    if not isinstance(new_max, int) or new_max < old.num_embeddings:
+        raise ValueError(
+            f"extend_position_embeddings: new_max={new_max!r}, expected an integer >= the current "
+            f"max_position_embeddings={old.num_embeddings}"
+        )
+    weight = interpolate_position_table(old.weight.data, new_max, mode="copy", offset=0)
+    new = nn.Embedding(new_max, old.embedding_dim, padding_idx=old.padding_idx)
+    backbone.embed_positions = new.to(device=weight.device, dtype=weight.dtype)
+    backbone.embed_positions.weight.data.copy_(weight)
+    for config in {id(c): c for c in (model.config, backbone.config)}.values():
+        config.max_position_embeddings = new_max
+    return model
+
+
 __all__ = [
     "ZooBigBirdForCausalLM",
     "ZooBigBirdForMaskedLM",
+    "ZooBigBirdForQuestionAnswering",
     "ZooBigBirdForSequenceClassification",
     "ZooBigBirdModel",
     "ZooBigBirdPreTrainedModel",
+    "extend_position_embeddings",
 ]

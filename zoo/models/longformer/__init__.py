@@ -16,6 +16,7 @@ from zoo.models.longformer.modeling_longformer import (
     ZooLongformerForTokenClassification,
     ZooLongformerModel,
     ZooLongformerPreTrainedModel,
+    extend_position_embeddings,
 )
 from zoo.models.registry import REGISTRY, register
 
@@ -24,6 +25,7 @@ if ZooLongformerConfig.model_type not in REGISTRY:
     AutoModelForMaskedLM.register(ZooLongformerConfig, ZooLongformerForMaskedLM)
     AutoModelForQuestionAnswering.register(ZooLongformerConfig, ZooLongformerForQuestionAnswering)
     AutoModelForTokenClassification.register(ZooLongformerConfig, ZooLongformerForTokenClassification)
+
 
 def sized(hidden_size: int, num_layers: int) -> dict:
     """A small Longformer of this width and depth: the standard widths, a 32-token window (sliding within any
@@ -67,4 +69,5 @@ __all__ = [
     "ZooLongformerForTokenClassification",
     "ZooLongformerModel",
     "ZooLongformerPreTrainedModel",
+    "extend_position_embeddings",
 ]

@@ -39,6 +39,7 @@ from zoo.models.heads import BackboneHead, EncoderCausalLMHead, MaskedLMHead, la
 from zoo.models.longformer.configuration_longformer import ZooLongformerConfig
 from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
 from zoo.ops.sparse_attention import SparsePattern, sparse_attention, sparse_attention_step
+from zoo.positional.learned import interpolate_position_table
 
 
 class LongformerSelfAttention(nn.Module):
@@ -224,7 +225,7 @@ class ZooLongformerModel(ZooLongformerPreTrainedModel):
             raise ValueError(
                 f"position {int(inputs.position_ids.max())} is past the {limit - self.config.position_offset} "
                 f"positions of the table (max_position_embeddings={limit}, from row pad_token_id + 1); extend it "
-                "with zoo.positional.interpolate_position_embeddings"
+                "with zoo.models.longformer.extend_position_embeddings"
             )
         if token_type_ids is None:
             token_type_ids = torch.zeros(B, T, dtype=torch.long, device=inputs.embeds.device)
@@ -477,6 +478,35 @@ class ZooLongformerForTokenClassification(BackboneHead, ZooLongformerPreTrainedM
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
+def extend_position_embeddings(
+    model: ZooLongformerPreTrainedModel, new_max: int
+) -> ZooLongformerPreTrainedModel:
+    """Lengthen the learned position table of a zoo Longformer (any head) to ``new_max`` rows, in place, by copying
+    the pretrained one; ``config.max_position_embeddings`` becomes ``new_max``. RoBERTa's layout is kept: rows
+    ``0 ... pad_token_id`` (the padding row and those before it, never a real position) stay as they are, and the
+    ``L - pad_token_id - 1`` learned positions after them are repeated to fill the new rows, as Beltagy et al. 2020
+    (section 5) initialise Longformer's 4,096 positions from RoBERTa's 512 (``max_position_embeddings`` 514 ->
+    4098). Outputs at lengths the old table covered are unchanged. Returns ``model``."""
+    backbone = model if isinstance(model, ZooLongformerModel) else getattr(model, "model", None)
+    if not isinstance(backbone, ZooLongformerModel):
+        raise ValueError(f"extend_position_embeddings: {type(model).__name__} is not a zoo Longformer model")
+    old = backbone.embed_positions
+    if not isinstance(new_max, int) or new_max < old.num_embeddings:
+        raise ValueError(
+            f"extend_position_embeddings: new_max={new_max!r}, expected an integer >= the current "
+            f"max_position_embeddings={old.num_embeddings}"
+        )
+    weight = interpolate_position_table(
+        old.weight.data, new_max, mode="copy", offset=backbone.config.position_offset
+    )
+    new = nn.Embedding(new_max, old.embedding_dim, padding_idx=old.padding_idx)
+    backbone.embed_positions = new.to(device=weight.device, dtype=weight.dtype)
+    backbone.embed_positions.weight.data.copy_(weight)
+    for config in {id(c): c for c in (model.config, backbone.config)}.values():
+        config.max_position_embeddings = new_max
+    return model
+
+
 __all__ = [
     "ZooLongformerForCausalLM",
     "ZooLongformerForMaskedLM",
@@ -485,4 +515,5 @@ __all__ = [
     "ZooLongformerForTokenClassification",
     "ZooLongformerModel",
     "ZooLongformerPreTrainedModel",
+    "extend_position_embeddings",
 ]

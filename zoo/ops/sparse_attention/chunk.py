@@ -132,21 +132,45 @@ def chunk_sparse_attention(
     out = out.reshape(B, nb * block, H, D)[:, :T]
 
     # 4. global queries attend every key (their own projections when given); their rows replace the banded ones
-    gq = (global_q if global_q is not None else q).gather(1, take)  # (B, G, H, D)
-    gk = global_k if global_k is not None else k
-    gv = global_v if global_v is not None else v
+    return global_query_rows(
+        out, global_q if global_q is not None else q, global_k if global_k is not None else k,
+        global_v if global_v is not None else v, gidx, greal, key_ok_global, pattern, segment_ids, scale, dropout,
+    )  # fmt: skip
+
+
+def global_query_rows(
+    out: torch.Tensor,
+    gq: torch.Tensor,
+    gk: torch.Tensor,
+    gv: torch.Tensor,
+    gidx: torch.Tensor,
+    greal: torch.Tensor,
+    key_ok: torch.Tensor,
+    pattern: SparsePattern,
+    segment_ids: torch.Tensor | None,
+    scale: float,
+    dropout: float,
+) -> torch.Tensor:
+    """``out`` (B, T, H, Dv) with the rows of the global queries ``gidx`` (B, G; ``greal`` marks the real slots)
+    replaced by their attention over every key: query ``gq`` at those rows over keys ``gk`` and values ``gv`` (all
+    (B, T, H, D)), keys restricted by ``key_ok`` (B, T), causality and segments. One (G, T) product, linear in T."""
+    B, T, H, _ = out.shape
+    G = gidx.shape[1]
+    acc = torch.float32 if gq.dtype in (torch.float16, torch.bfloat16) else gq.dtype
+    gq = gq.gather(1, gidx[:, :, None, None].expand(B, G, H, gq.shape[-1]))  # (B, G, H, D)
     row_scores = torch.einsum("bghd,bthd->bhgt", gq, gk).to(acc) * scale  # (B, H, G, T)
-    row_allowed = greal[:, :, None] & key_ok_global[:, None, :]  # (B, G, T)
-    pos = torch.arange(T, device=device)
+    row_allowed = greal[:, :, None] & key_ok[:, None, :]  # (B, G, T)
+    pos = torch.arange(T, device=out.device)
     if pattern.causal:
         row_allowed = row_allowed & (pos[None, None, :] <= gidx[:, :, None])
     if segment_ids is not None:
         row_allowed = row_allowed & (segment_ids.gather(1, gidx)[:, :, None] == segment_ids[:, None, :])
     row_probs = F.dropout(masked_softmax(row_scores, row_allowed[:, None]), dropout).to(gv.dtype)
-    rows = torch.einsum("bhgt,bthd->bghd", row_probs, gv).to(out.dtype)  # (B, G, H, D)
+    rows = torch.einsum("bhgt,bthd->bghd", row_probs, gv).to(out.dtype)  # (B, G, H, Dv)
     # slots that are not real write to a spare row T, dropped after
-    target = torch.where(greal, gidx, torch.full_like(gidx, T))[:, :, None, None].expand(B, G, H, D)
-    out = torch.cat([out, out.new_zeros(B, 1, H, D)], 1).scatter(1, target, rows)
+    Dv = out.shape[-1]
+    target = torch.where(greal, gidx, torch.full_like(gidx, T))[:, :, None, None].expand(B, G, H, Dv)
+    out = torch.cat([out, out.new_zeros(B, 1, H, Dv)], 1).scatter(1, target, rows)
     return out[:, :T]
 
 

@@ -79,19 +79,24 @@ def reading(result: dict) -> list[str]:
         f"({_pct(_get(models[by_recall[0]]['quality']['recall'], train_len))}%) and worst for **{by_recall[-1]}** "
         f"({_pct(_get(models[by_recall[-1]]['quality']['recall'], train_len))}%)."
     )
+    # a model at chance (one value among num_values) keeps "half" of nothing: only those well above it count
+    chance = 1.0 / result.get("config", {}).get("num_values", 64)
+    learnt = [n for n in models if _get(models[n]["quality"]["recall"], train_len) >= 5 * chance]
     held = [
         n
-        for n in models
-        if _get(models[n]["quality"]["recall"], longest)
-        >= 0.5 * max(_get(models[n]["quality"]["recall"], train_len), 1e-9)
+        for n in learnt
+        if _get(models[n]["quality"]["recall"], longest) >= 0.5 * _get(models[n]["quality"]["recall"], train_len)
     ]
     if held:
         lines.append(
             f"At {longest} tokens ({longest // train_len}x), {', '.join(held)} keep at least half of "
-            "their recall at the training length."
+            f"their recall at the training length (of the models above {_pct(5 * chance)}% there, five times "
+            "chance)."
         )
-    else:
+    elif learnt:
         lines.append(f"No model keeps half of its recall at {longest} tokens ({longest // train_len}x).")
+    else:
+        lines.append(f"No model recalls above {_pct(5 * chance)}% (five times chance) at the training length.")
     sep = separation(result)
     if sep:
         top = max(sep, key=lambda s: s["spread"])

@@ -214,6 +214,10 @@ def build_config(entry: Entry, hidden_size: int, cfg: LeaderboardConfig, vocab: 
             # they would in any model trained at that length), plus the decoding measured after it and the
             # rows a padding offset skips
             common["max_position_embeddings"] = cfg.lengths[-1] + cfg.decode_steps + 4
+    if _accepts(config_class, "segment_length"):
+        # segment-recurrent models (Infini-attention's memory, RMT's memory tokens) read their memory only across
+        # a segment boundary: training sequences of one segment would never train it
+        common["segment_length"] = cfg.train_length // 2
     return sized_config(entry.model_type, hidden_size, cfg.num_layers, **{**common, **entry.overrides})
 
 

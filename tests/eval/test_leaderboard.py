@@ -162,6 +162,16 @@ def test_architecture_spec():
         parse_architecture("zoo_rwkv:version")
 
 
+def test_segment_models_train_across_a_segment_boundary():
+    from eval.leaderboard.run import size_architectures
+
+    cfg = LeaderboardConfig(architectures=["zoo_transformer", "zoo_infini", "zoo_rmt"], train_length=64)
+    entries = [parse_architecture(a) for a in cfg.architectures]
+    size_architectures(entries, cfg, Vocab())
+    # two segments per training sequence: the memory is written and read while training
+    assert [getattr(e.config, "segment_length", None) for e in entries] == [None, 32, 32]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

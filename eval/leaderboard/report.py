@@ -85,7 +85,8 @@ def reading(result: dict) -> list[str]:
     held = [
         n
         for n in learnt
-        if _get(models[n]["quality"]["recall"], longest) >= 0.5 * _get(models[n]["quality"]["recall"], train_len)
+        if _get(models[n]["quality"]["recall"], longest)
+        >= 0.5 * _get(models[n]["quality"]["recall"], train_len)
     ]
     if held:
         lines.append(
@@ -96,7 +97,9 @@ def reading(result: dict) -> list[str]:
     elif learnt:
         lines.append(f"No model keeps half of its recall at {longest} tokens ({longest // train_len}x).")
     else:
-        lines.append(f"No model recalls above {_pct(5 * chance)}% (five times chance) at the training length.")
+        lines.append(
+            f"No model recalls above {_pct(5 * chance)}% (five times chance) at the training length."
+        )
     sep = separation(result)
     if sep:
         top = max(sep, key=lambda s: s["spread"])
@@ -165,12 +168,42 @@ def _plt():
     return plt
 
 
+MARKERS = "osD^v<>pPX*h"
+
+
+def line_styles(result: dict) -> dict[str, dict]:
+    """Plot keywords per row: one colour per model (tab20, so a dozen models stay distinct), a marker per model,
+    and its context-extended rows in the model's colour, dashed (interpolation) or dotted (others), hollow markers
+    for the larger factor."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    styles = {}
+    for i, name in enumerate(result["models"]):
+        styles[name] = {"color": cmap(i % 20), "marker": MARKERS[i % len(MARKERS)], "linestyle": "-"}
+        labels = list(result["models"][name].get("extended", {}))
+        factors = [float(label.rpartition("x")[2]) for label in labels]
+        for label, factor in zip(labels, factors):
+            dash = "--" if label.startswith("linear") else ":"
+            style = {**styles[name], "linestyle": dash, "alpha": 0.8}
+            if factor > min(factors):
+                style["markerfacecolor"] = "none"  # the larger extension: hollow markers
+            styles[f"{name} +{label}"] = style
+    return styles
+
+
+def _legend_outside(fig, ax) -> None:
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+
+
 def plot_accuracy(result: dict, path: Path, plt) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    styles = line_styles(result)
     for ax, task in zip(axes, ("recall", "passkey")):
-        for name, quality, record in rows_of(result):
+        for name, quality, _ in rows_of(result):
             ys = [100 * _get(quality[task], n) for n in result["lengths"]]
-            ax.plot(result["lengths"], ys, marker="o", linestyle="-" if record else "--", label=name)
+            ax.plot(result["lengths"], ys, label=name, **styles[name])
         ax.set_xscale("log", base=2)
         ax.set_xticks(result["lengths"], [str(n) for n in result["lengths"]])
         ax.set_ylim(-3, 103)
@@ -178,40 +211,39 @@ def plot_accuracy(result: dict, path: Path, plt) -> None:
         ax.set_ylabel(f"{task} accuracy (%)")
         ax.axvline(result["lengths"][0], color="grey", linewidth=0.8, linestyle=":")
         ax.set_title(task)
-    axes[1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    _legend_outside(fig, axes[1])
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_perplexity(result: dict, path: Path, plt) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, quality, record in rows_of(result):
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    styles = line_styles(result)
+    for name, quality, _ in rows_of(result):
         ax.plot(
             result["lengths"],
             [_get(quality["perplexity"], n) for n in result["lengths"]],
-            marker="o",
-            linestyle="-" if record else "--",
             label=name,
+            **styles[name],
         )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(result["lengths"], [str(n) for n in result["lengths"]])
     ax.set_xlabel("context position (tokens)")
     ax.set_ylabel("held-out text perplexity")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    _legend_outside(fig, ax)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_quality_vs_speed(result: dict, path: Path, plt) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     n0 = result["lengths"][0]
+    styles = line_styles(result)
     for name, record in result["models"].items():
         x = record["cost"]["train_tokens_per_s"]
         y = 100 * _get(record["quality"]["recall"], n0)
-        ax.scatter([x], [y])
+        ax.scatter([x], [y], color=styles[name]["color"], marker=styles[name]["marker"])
         ax.annotate(name, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("training tokens/s")
     ax.set_ylabel(f"recall at {n0} (%)")
@@ -221,7 +253,8 @@ def plot_quality_vs_speed(result: dict, path: Path, plt) -> None:
 
 
 def plot_training_curves(result: dict, path: Path, plt) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    styles = line_styles(result)
     for name, record in result["models"].items():
         losses = record["losses"]
         window = max(1, len(losses) // 50)
@@ -229,11 +262,15 @@ def plot_training_curves(result: dict, path: Path, plt) -> None:
             sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
             for i in range(len(losses))
         ]
-        ax.plot(range(1, len(losses) + 1), smooth, label=f"{name} (lr {record['lr']:g})")
+        ax.plot(
+            range(1, len(losses) + 1),
+            smooth,
+            label=f"{name} (lr {record['lr']:g})",
+            color=styles[name]["color"],
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    _legend_outside(fig, ax)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

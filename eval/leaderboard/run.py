@@ -311,7 +311,10 @@ def mixture_loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
     targets = labels[:, 1:]
     nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
     ).view(targets.shape)
     counts = (targets != IGNORE).sum(dim=1)
     has = counts > 0

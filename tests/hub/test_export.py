@@ -90,6 +90,8 @@ def test_export_folder_is_self_contained(exported, case):
     encoder = {"AutoModelForMaskedLM"} if model_type in ENCODERS else set()
     if model_type == "zoo_longformer":
         encoder |= {"AutoModelForQuestionAnswering", "AutoModelForTokenClassification"}
+    if model_type == "zoo_bigbird":
+        encoder |= {"AutoModelForQuestionAnswering"}
     assert set(config["auto_map"]) == {
         "AutoConfig",
         "AutoModel",

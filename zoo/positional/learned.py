@@ -41,17 +41,23 @@ def interpolate_position_embeddings(
     module_name: str = "embed_positions",
     offset: int = 0,
 ) -> nn.Module:
-    """Replace every ``nn.Embedding`` called ``module_name`` with a longer interpolated one; update the config."""
+    """Replace every ``nn.Embedding`` called ``module_name`` with a longer interpolated one (same dtype, device and
+    ``padding_idx``); ``max_position_embeddings`` becomes the new length in the config of ``model`` and of every
+    submodule that has its own (a head's backbone)."""
     found = False
     for name, module in list(model.named_modules()):
         if name.rpartition(".")[2] == module_name and isinstance(module, nn.Embedding):
             weight = interpolate_position_table(module.weight.data, new_max_position_embeddings, mode, offset)
-            new = nn.Embedding(weight.shape[0], weight.shape[1]).to(weight.device)
+            new = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=module.padding_idx)
+            new = new.to(device=weight.device, dtype=weight.dtype)
             new.weight.data.copy_(weight)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
             found = True
     if not found:
         raise ValueError(f"{type(model).__name__} has no learned position table named {module_name!r}")
-    model.config.max_position_embeddings = new_max_position_embeddings
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if c is not None}
+    for config in configs.values():
+        if hasattr(config, "max_position_embeddings"):
+            config.max_position_embeddings = new_max_position_embeddings
     return model

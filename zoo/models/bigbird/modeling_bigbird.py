@@ -39,7 +39,7 @@ from zoo.models.bigbird.configuration_bigbird import ZooBigBirdConfig
 from zoo.models.heads import BackboneHead, EncoderCausalLMHead, MaskedLMHead, last_token_index
 from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
 from zoo.ops.sparse_attention import SparsePattern, sparse_attention, sparse_attention_step
-from zoo.positional.learned import interpolate_position_table
+from zoo.positional.learned import interpolate_position_embeddings
 
 
 @dataclasses.dataclass
@@ -521,13 +521,7 @@ def extend_position_embeddings(model: ZooBigBirdPreTrainedModel, new_max: int) -
             f"extend_position_embeddings: new_max={new_max!r}, expected an integer >= the current "
             f"max_position_embeddings={old.num_embeddings}"
         )
-    weight = interpolate_position_table(old.weight.data, new_max, mode="copy", offset=0)
-    new = nn.Embedding(new_max, old.embedding_dim, padding_idx=old.padding_idx)
-    backbone.embed_positions = new.to(device=weight.device, dtype=weight.dtype)
-    backbone.embed_positions.weight.data.copy_(weight)
-    for config in {id(c): c for c in (model.config, backbone.config)}.values():
-        config.max_position_embeddings = new_max
-    return model
+    return interpolate_position_embeddings(model, new_max, mode="copy", offset=0)
 
 
 __all__ = [

@@ -158,6 +158,21 @@ def _roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x))
 
 
+def _place_row(out, b, idx, shape, logits, hidden, all_hidden, with_hidden):
+    """Write a one-row output ``out`` (its tokens at positions ``idx`` of row ``b``) into the batch's ``logits``,
+    ``hidden`` and ``all_hidden`` of ``shape`` (B, T), allocated zero-filled at the first row."""
+    if logits is None:
+        logits = out.logits.new_zeros(*shape, out.logits.shape[-1])
+        hidden = out.last_hidden_state.new_zeros(*shape, out.last_hidden_state.shape[-1])
+        if with_hidden:
+            all_hidden = tuple(h.new_zeros(*shape, h.shape[-1]) for h in out.hidden_states)
+    logits[b, idx], hidden[b, idx] = out.logits[0], out.last_hidden_state[0]
+    if with_hidden:
+        for full, h in zip(all_hidden, out.hidden_states):
+            full[b, idx] = h[0]
+    return logits, hidden, all_hidden
+
+
 def _several_documents(position_ids: torch.Tensor | None, mask: torch.Tensor | None) -> bool:
     """Whether ``position_ids`` restart at 0 inside a row's real tokens (packed documents). Padding is no
     document: ``generate()`` numbers left-padded prompts ``0, 0, 0, 0, 1, 2``, one document after its padding."""
@@ -355,15 +370,9 @@ class RMTModel(RMTPreTrainedModel):
             ones = mask.new_ones(1, idx.numel())
             out = self._segments(embeds[b : b + 1, idx], ones, row_memory, with_hidden)
             memories.append(out.memory_state)
-            if logits is None:
-                logits = out.logits.new_zeros(B, T, out.logits.shape[-1])
-                hidden = out.last_hidden_state.new_zeros(B, T, out.last_hidden_state.shape[-1])
-                if with_hidden:
-                    all_hidden = tuple(h.new_zeros(B, T, h.shape[-1]) for h in out.hidden_states)
-            logits[b, idx], hidden[b, idx] = out.logits[0], out.last_hidden_state[0]
-            if with_hidden:
-                for full, h in zip(all_hidden, out.hidden_states):
-                    full[b, idx] = h[0]
+            logits, hidden, all_hidden = _place_row(
+                out, b, idx, (B, T), logits, hidden, all_hidden, with_hidden
+            )
         if logits is None:
             raise ValueError("RMT got an input in which no row has a real token (attention_mask all 0)")
         return with_cache(
@@ -469,15 +478,9 @@ class RMTModel(RMTPreTrainedModel):
             # a mask of ones, as generate() gives a single unpadded prompt
             ones = torch.ones(1, idx.numel(), dtype=torch.long, device=embeds.device)
             out = self._cached(embeds[b : b + 1, idx], ones, row, None, with_hidden)
-            if logits is None:
-                logits = out.logits.new_zeros(B, T, out.logits.shape[-1])
-                hidden = out.last_hidden_state.new_zeros(B, T, out.last_hidden_state.shape[-1])
-                if with_hidden:
-                    all_hidden = tuple(h.new_zeros(B, T, h.shape[-1]) for h in out.hidden_states)
-            logits[b, idx], hidden[b, idx] = out.logits[0], out.last_hidden_state[0]
-            if with_hidden:
-                for full, h in zip(all_hidden, out.hidden_states):
-                    full[b, idx] = h[0]
+            logits, hidden, all_hidden = _place_row(
+                out, b, idx, (B, T), logits, hidden, all_hidden, with_hidden
+            )
         if logits is None:
             raise ValueError(
                 "RMT decoding got a step in which no row has a real token (attention_mask all 0)"

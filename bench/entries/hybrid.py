@@ -2,13 +2,14 @@
 rotated) against transformers' ``BambaForCausalLM`` holding the same weights (``convert_bamba``). Lieber et al.
 2024 (Jamba), arXiv:2403.19887; IBM's Bamba."""
 
+from bench.entries.mamba import same_chunk_size
 from bench.registry import Entry, Reference
 
 
 def _to_bamba(model):
     from zoo.models.hybrid.convert_bamba import to_transformers
 
-    return to_transformers(model)
+    return same_chunk_size(to_transformers(model), model)
 
 
 ENTRIES = [

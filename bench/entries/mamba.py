@@ -14,10 +14,27 @@ def _mamba_to_transformers(model):
     return to_transformers(model)
 
 
+def same_chunk_size(reference, model):
+    """Give transformers' Mamba-2 mixers the chunk length zoo's scan uses on this device, so that the ratio measures
+    the implementations on the same chunking (transformers' default, 256, runs its CPU path several times slower;
+    zoo's config leaves the chunk to the op, ``Mamba2Mixer.scan_chunk_size``)."""
+    device = next(model.parameters()).device
+    chunks = {m.scan_chunk_size(device) for m in model.modules() if type(m).__name__ == "Mamba2Mixer"}
+    if len(chunks) != 1:
+        raise ValueError(f"expected one chunk length across the Mamba-2 mixers, got {sorted(chunks)}")
+    (chunk,) = chunks
+    for module in reference.modules():
+        if type(module).__name__.endswith("Mixer") and hasattr(module, "chunk_size"):
+            module.chunk_size = chunk
+    config = reference.config
+    setattr(config, "mamba_chunk_size" if hasattr(config, "mamba_chunk_size") else "chunk_size", chunk)
+    return reference
+
+
 def _mamba2_to_transformers(model):
     from zoo.models.mamba2.convert_mamba2 import to_transformers
 
-    return to_transformers(model)
+    return same_chunk_size(to_transformers(model), model)
 
 
 ENTRIES = [

@@ -92,3 +92,21 @@ def test_convert_entry_point_both_ways(tmp_path):
         assert rel_err(ours(ids, use_cache=False).logits, expected) < 1e-4
         torch.testing.assert_close(back(ids).logits, expected, rtol=0, atol=0)
     assert rel_err(to_transformers(ours)(ids).logits.detach(), expected) < 1e-6
+
+
+def test_chunk_length_is_left_to_the_op_and_converts_back():
+    """transformers' chunk_size tunes its own kernels: a converted model leaves the chunk to zoo's op (the CPU path
+    picks it from the head sizes); the conversion back writes transformers' default, or zoo's chunk_size when set."""
+    from zoo.ops.retention import default_chunk_size
+
+    hf = hf_mamba2(chunk_size=256)
+    ours = from_transformers(hf)
+    assert ours.config.chunk_size is None
+    mixer = ours.model.layers[0].mixer
+    assert mixer.scan_chunk_size(torch.device("cpu")) == default_chunk_size("torch", 8, 8) == 16
+    assert to_transformers(ours).config.chunk_size == Mamba2Config().chunk_size
+    ours.config.chunk_size = 32
+    assert mixer.scan_chunk_size(torch.device("cpu")) == 32
+    assert to_transformers(ours).config.chunk_size == 32
+    with pytest.raises(ValueError, match="chunk_size"):
+        Mamba2ForCausalLM.config_class(**{**SIZES, "chunk_size": 0})

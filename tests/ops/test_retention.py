@@ -52,7 +52,7 @@ def seq_dims(decay_kind: str) -> dict[str, int]:
     return {"q": 1, "k": 1, "v": 1, **({"decay": 1} if decay_kind == "gated" else {})}
 
 
-def op(backend: str, chunk_size: int = 64, output_final_state: bool = True):
+def op(backend: str, chunk_size: int | None = 64, output_final_state: bool = True):
     return functools.partial(
         retention, backend=backend, chunk_size=chunk_size, output_final_state=output_final_state
     )
@@ -111,6 +111,29 @@ def test_chunk_states_are_kept_only_while_no_larger_than_qkv():
     assert keep_chunk_states(64, 128, 64)  # 8192 numbers per chunk and head against 64 * 256
     assert not keep_chunk_states(256, 512, 64)  # 131072 against 64 * 1024
     assert keep_chunk_states(256, 512, 128)  # exactly equal: kept
+
+
+def test_default_chunk_size_follows_the_head_sizes(monkeypatch):
+    """No chunk_size: the torch path picks the power of 2 at or below sqrt(Dk Dv) in [16, 128] (short chunks for
+    small heads), the Triton kernels 64; what the op runs with is what the chunked form receives, and the result
+    equals the oracle's."""
+    from zoo.ops.retention import chunk, default_chunk_size
+
+    assert [default_chunk_size("torch", dk, dv) for dk, dv in [(8, 8), (16, 16), (16, 64), (64, 64), (128, 64)]] == [
+        16, 16, 32, 64, 64
+    ]  # fmt: skip
+    assert default_chunk_size("torch", 256, 256) == 128 and default_chunk_size("triton", 16, 16) == 64
+    seen = []
+    real = chunk.chunk_retention
+
+    def spy(*args, chunk_size, **kwargs):
+        seen.append(chunk_size)
+        return real(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(chunk, "chunk_retention", spy)
+    inputs = make_inputs(70, "gated", B=1)
+    check_forward_backward(op("torch", None), naive_op(), inputs, dtype=torch.float64)
+    assert set(seen) == {default_chunk_size("torch", DK, DV)} == {16}
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -14,7 +14,8 @@ names; only the final norm is renamed:
     lm_head.weight                             <-> lm_head.weight
 
 ``python -m zoo.convert BAMBA_DIR OUT_DIR`` dispatches here for ``model_type: bamba``, and back for a
-``zoo_hybrid`` folder whose layers Bamba can express.
+``zoo_hybrid`` folder whose layers Bamba can express. ``mamba_chunk_size`` is not carried over (as Mamba-2's
+``chunk_size``, ``zoo.models.mamba2.convert_mamba2``).
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ _MAMBA2_FIELDS = (
     ("mamba_n_groups", "n_groups"),
     ("mamba_expand", "expand"),
     ("mamba_d_conv", "conv_kernel"),
-    ("mamba_chunk_size", "chunk_size"),
     ("mamba_conv_bias", "use_conv_bias"),
     ("mamba_proj_bias", "use_bias"),
 )
@@ -110,6 +110,8 @@ def config_to_transformers(config: ZooHybridConfig):
         raise ValueError(f"Bamba rotates half of each head (partial_rotary_factor 0.5), got {partial}")
     fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
     fields.update({name: getattr(mamba2, zoo_name) for name, zoo_name in _MAMBA2_FIELDS})
+    if mamba2.chunk_size is not None:  # otherwise transformers' default (see zoo.models.mamba2.convert_mamba2)
+        fields["mamba_chunk_size"] = mamba2.chunk_size
     return BambaConfig(
         **fields,
         attn_layer_indices=[i for i, t in enumerate(config.layer_types) if t == "attention"],

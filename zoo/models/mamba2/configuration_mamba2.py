@@ -21,7 +21,10 @@ class ZooMamba2Config(ZooConfig):
         state_size: state size N per head (the width of B and C).
         n_groups: groups of heads sharing B and C (as key/value groups in GQA); divides ``num_heads``.
         expand: inner width ``expand * hidden_size``. conv_kernel: short causal convolution width.
-        chunk_size: chunk length of the chunked scan.
+        chunk_size: chunk length of the chunked scan; None (the default) lets each backend choose
+            (``zoo.ops.retention.default_chunk_size``: from the head sizes on the CPU path, 64 for the Triton
+            kernels). Converted transformers checkpoints keep None: transformers' ``chunk_size`` (256 by default)
+            is a setting of its own kernels, and zoo's CPU path runs 3-4x slower at 256 than at its own choice.
         time_step_min, time_step_max, time_step_floor: initialisation of ``dt`` (log-uniform between min and max).
         time_step_limit: ``dt`` is clamped to this (min, max) after the softplus.
         time_step_rank: kept for checkpoint compatibility (unused by Mamba-2).
@@ -45,7 +48,7 @@ class ZooMamba2Config(ZooConfig):
     n_groups: int = 1
     expand: int = 2
     conv_kernel: int = 4
-    chunk_size: int = 64
+    chunk_size: int | None = None
     time_step_min: float = 0.001
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
@@ -81,6 +84,9 @@ class ZooMamba2Config(ZooConfig):
             self.num_heads * self.head_dim == self.intermediate_size,
             "num_heads",
             f"* head_dim ({self.num_heads * self.head_dim}) must equal expand * hidden_size ({self.intermediate_size})",
+        )
+        self._require(
+            self.chunk_size is None or self.chunk_size > 0, "chunk_size", "must be positive (or None: chosen per backend)"
         )
         self._require(
             self.n_groups > 0 and self.num_heads % self.n_groups == 0,

@@ -2,6 +2,10 @@
 table as Mamba's, ``zoo.models.mamba.convert_mamba``; the mixer's own names, ``in_proj``, ``conv1d``, ``dt_bias``,
 ``A_log``, ``D``, ``norm``, ``out_proj``, are identical). ``python -m zoo.convert`` dispatches here for
 ``model_type: mamba2``.
+
+transformers' ``chunk_size`` is not carried over: it tunes transformers' kernels (256 by default), and zoo's
+config leaves the chunk length to each backend (``chunk_size=None``). Converting back writes zoo's ``chunk_size``
+when one is set, transformers' default otherwise.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ _SHARED_FIELDS = (
     "n_groups",
     "expand",
     "conv_kernel",
-    "chunk_size",
     "time_step_min",
     "time_step_max",
     "time_step_floor",
@@ -61,6 +64,8 @@ def to_transformers(model: Mamba2ForCausalLM):
     from transformers import Mamba2ForCausalLM as HFMamba2ForCausalLM
 
     fields = {n: getattr(model.config, n) for n in _SHARED_FIELDS}
+    if model.config.chunk_size is not None:
+        fields["chunk_size"] = model.config.chunk_size
     hf = HFMamba2ForCausalLM(Mamba2Config(**fields))
     load_renamed(hf, model.state_dict(), tuple((new, old) for old, new in RENAMES))
     return hf.to(next(model.parameters()).dtype)

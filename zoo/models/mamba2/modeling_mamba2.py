@@ -33,7 +33,8 @@ from zoo.models.mamba2.configuration_mamba2 import ZooMamba2Config
 from zoo.models.utils import CACHE_NAME, BackboneInputs, ZooBackbone
 from zoo.modules import PackedDocuments, RecurrentCache, RMSNorm, rms_norm
 from zoo.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
-from zoo.ops.retention import retention, retention_step
+from zoo.ops.dispatch import resolve_backend
+from zoo.ops.retention import default_chunk_size, retention, retention_step
 
 
 class Mamba2Mixer(nn.Module):
@@ -81,6 +82,14 @@ class Mamba2Mixer(nn.Module):
         init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
         if cfg.rescale_prenorm_residual:
             self.out_proj.weight /= math.sqrt(cfg.num_hidden_layers)
+
+    def scan_chunk_size(self, device: torch.device) -> int:
+        """The chunk length of the scan on ``device``: the config's ``chunk_size``, or the op's choice for the backend
+        and head sizes (``zoo.ops.retention.default_chunk_size``) when it is None."""
+        if self.config.chunk_size is not None:
+            return self.config.chunk_size
+        backend = resolve_backend("retention", self.config.backend, device)
+        return default_chunk_size(backend, self.state_size, self.head_dim)
 
     def gated_group_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """RMS norm of ``y * silu(z)`` within each of the G groups of channels, then the weight."""
@@ -140,7 +149,7 @@ class Mamba2Mixer(nn.Module):
         else:
             y, ssm_state = retention(
                 C_t.float(), B_t.float(), v, log_decay, scale=1.0, initial_state=ssm_state,
-                output_final_state=want_state, cu_seqlens=cu_seqlens, chunk_size=self.config.chunk_size,
+                output_final_state=want_state, cu_seqlens=cu_seqlens, chunk_size=self.scan_chunk_size(x.device),
                 backend=self.config.backend,
             )  # fmt: skip
         y = y + u.float() * self.D.float()[:, None]  # (B, T, H, P)

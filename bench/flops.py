@@ -8,17 +8,28 @@ A model's forward FLOPs at batch B and length T are
 and a training step (forward + backward) counts ``3 * forward``: the backward of a product computes two products
 of the same size (the gradients of both operands), and the same rule is applied to the mixing terms. A
 multiply-add is 2 FLOPs; elementwise work outside the scans (norms, activations, gates, softmax) is not counted,
-as is usual for MFU. The counts are of the *form that runs* (the chunked form of retention and SSD computes full
-chunk-by-chunk blocks; sparse attention the whole blocks its pattern allows), not of a cheaper form that could.
+as is usual for MFU. The counts are *model* FLOPs: the work of the model's own equations, in the form its paper
+computes them (the chunked form of retention and SSD computes full chunk-by-chunk blocks; BigBird's attention whole
+blocks of its layout), not the waste of one implementation (padding to a block or chunk size, the banded tiles of
+a sliding window beyond the window, projections of rows whose result is discarded, recomputation).
 
 Families (forward, per layer that has the mixer; H heads, D head width):
 
 * ``attention``: causal softmax attention, QK^T and PV over the T(T+1)/2 allowed pairs: 4 B H D T(T+1)/2.
-* ``sliding_window`` (Longformer): the same over the pairs its window allows: causal 0 <= i - j <= w (w =
-  ``attention_window``), bidirectional |i - j| <= w / 2.
-* ``block_sparse`` (BigBird): 4 B H D b^2 per allowed (query block, key block) pair: the window and global blocks
-  (counted once), r random blocks per non-global query block, every (earlier, if causal) block for a global query
-  block; capped at dense attention.
+* ``sliding_window`` (Longformer): the same over the pairs its window allows. ``attention_window`` w is the whole
+  window, as in transformers: bidirectional |i - j| <= w / 2 (w / 2 on each side, w + 1 keys), causal
+  0 <= i - j <= w (the w tokens before and the token itself: the same w + 1 keys). With g global tokens per row
+  (``global_tokens``, the first g positions; 0 by default, as in the bench's masked-LM step), a local query also
+  attends the global keys outside its window, and a global query all T keys; the global query/key/value
+  projections (``q_global_proj`` and the others, which ``dense`` leaves out) then cost 2 C^2 for each global
+  query and 2 x 2 C^2 for each token's global key and value, per layer. Without global tokens the model does not
+  apply them.
+* ``block_sparse`` (BigBird): 4 B H D per allowed (query, key) pair of its block layout (blocks of b tokens): the
+  window and global blocks (counted once), r random blocks per non-global query block, every (earlier, if causal)
+  block for a global query block; a block pair counts its real tokens (a shorter last block: its own size, no
+  padding), and in the causal variant a block with itself counts the b (b + 1) / 2 pairs at or before the query.
+  ``attention_type="original_full"``, and with ``transformers_compat`` an input of at most (5 + 2 r) b tokens
+  (transformers' switch to full attention), count dense attention.
 * ``retention`` (RetNet, chunk size c, key width Dk, value width Dv): per head, the intra-chunk products
   2 (Dk + Dv) n_i^2 for each chunk of n_i tokens, and the inter-chunk read-out and state update 4 Dk Dv per token.
 * ``ssd`` (Mamba-2): as retention with Dk = state_size, Dv = head_dim, heads = num_heads, plus the causal
@@ -67,6 +78,8 @@ import torch
 # nn.Linear modules inside these classes are applied per position, not per token (Hyena's filter network)
 PER_POSITION_CLASSES = ("ImplicitFilter",)
 RWKV_LOW_RANK_CLASSES = ("RwkvTimeMix",)
+# nn.Linear modules applied only to rows with global tokens (Longformer's global projections): their family counts them
+GLOBAL_ONLY_LINEARS = {"LongformerSelfAttention": ("q_global_proj", "k_global_proj", "v_global_proj")}
 # a family's term counting positions that run through the per-token layers besides the input tokens (RMT's memory)
 EXTRA_TOKENS = "extra_tokens"
 
@@ -80,25 +93,42 @@ def attention_flops(B: int, T: int, heads: int, head_dim: int, pairs: int | None
     return 4 * B * heads * head_dim * (causal_pairs(T) if pairs is None else pairs)
 
 
-def window_pairs(T: int, window: int, causal: bool) -> int:
-    """Pairs of Longformer's window: causal 0 <= i - j <= window; bidirectional |i - j| <= window // 2."""
+def window_pairs(T: int, window: int, causal: bool, global_tokens: int = 0) -> int:
+    """(query, key) pairs of Longformer's attention: the window (causal 0 <= i - j <= window; bidirectional
+    |i - j| <= window // 2) and, bidirectional, the first ``global_tokens`` tokens as global: every query attends
+    them, and they attend every key."""
     if causal:
+        if global_tokens:
+            raise ValueError("window_pairs: the causal sliding window has no global tokens")
         return sum(min(t + 1, window + 1) for t in range(T))
-    half = window // 2
-    return sum(min(t, half) + min(T - 1 - t, half) + 1 for t in range(T))
+    half, g = window // 2, min(global_tokens, T)
+    local = sum(
+        min(t, half) + min(T - 1 - t, half) + 1 + min(g, max(0, t - half))  # window, then globals left of it
+        for t in range(g, T)
+    )
+    return local + g * T
 
 
 def block_sparse_pairs(
     T: int, block: int, window_blocks: int, global_blocks: int, random_blocks: int, causal: bool
 ) -> int:
-    """(query, key) pairs of BigBird's block layout, in whole blocks of ``block`` tokens, at most dense."""
+    """(query, key) pairs of BigBird's block layout of ``block``-token blocks over T real tokens (the last block
+    holds ``T`` mod ``block`` of them when that is not 0), causal blocks with themselves counting only the pairs at
+    or before the query."""
     nb = -(-T // block)
-    blocks = 0
+
+    def size(n: int) -> int:
+        return min(block, T - n * block)
+
+    def pairs(n: int, m: int) -> int:
+        return size(n) * (size(n) + 1) // 2 if causal and m == n else size(n) * size(m)
+
+    total = 0
     for n in range(nb):
         is_global = n < global_blocks or (not causal and n >= nb - global_blocks)
         reach = n + 1 if causal else nb  # key blocks a query block may see at all
         if is_global:
-            blocks += reach
+            total += sum(pairs(n, m) for m in range(reach))
             continue
         if causal:
             window = set(range(max(0, n - window_blocks + 1), n + 1))
@@ -108,9 +138,9 @@ def block_sparse_pairs(
             window = set(range(max(0, n - half), min(nb, n + half + 1)))
             glob = set(range(min(global_blocks, nb))) | set(range(max(0, nb - global_blocks), nb))
         fixed = window | glob
-        blocks += len(fixed) + min(random_blocks, reach - len(fixed))
-    dense = causal_pairs(T) if causal else T * T
-    return min(blocks * block * block, dense)
+        # random key blocks are whole: the only short block, the last, is global or (causal) the query's own
+        total += sum(pairs(n, m) for m in fixed) + min(random_blocks, reach - len(fixed)) * size(n) * block
+    return total
 
 
 def chunked_linear_attention_flops(B: int, T: int, heads: int, dk: int, dv: int, chunk: int) -> int:
@@ -136,26 +166,31 @@ def _attention(config, B, T):
     return {"attention": _layers(config) * attention_flops(B, T, heads, head_dim)}
 
 
-def _sliding_window(config, B, T):
+def _sliding_window(config, B, T, global_tokens: int = 0):
     heads = config.num_attention_heads
     head_dim = config.hidden_size // heads
-    total = sum(
-        attention_flops(B, T, heads, head_dim, window_pairs(T, w, config.causal))
-        for w in config.attention_window[: _layers(config)]
-    )
-    return {"sliding_window_attention": total}
+    g = min(global_tokens, T)
+    out = {
+        "sliding_window_attention": sum(
+            attention_flops(B, T, heads, head_dim, window_pairs(T, w, config.causal, g))
+            for w in config.attention_window[: _layers(config)]
+        )
+    }
+    if g:
+        # q_global_proj on the global tokens; k_global_proj and v_global_proj on every token (the global queries'
+        # keys and values)
+        out["global_projections"] = _layers(config) * 2 * config.hidden_size**2 * B * (g + 2 * T)
+    return out
 
 
 def _block_sparse(config, B, T):
     heads = config.num_attention_heads
-    pairs = block_sparse_pairs(
-        T,
-        config.block_size,
-        config.window_blocks,
-        config.global_blocks,
-        config.num_random_blocks,
-        config.causal,
-    )
+    r, b = config.num_random_blocks, config.block_size
+    switch = config.transformers_compat and not config.causal and T <= (5 + 2 * r) * b
+    if config.attention_type == "original_full" or switch:
+        pairs = causal_pairs(T) if config.causal else T * T
+    else:
+        pairs = block_sparse_pairs(T, b, config.window_blocks, config.global_blocks, r, config.causal)
     return {
         "block_sparse_attention": _layers(config)
         * attention_flops(B, T, heads, config.hidden_size // heads, pairs)
@@ -312,13 +347,16 @@ def _inside(module_names: dict, name: str, classes: tuple[str, ...]) -> bool:
 
 
 def linear_flops(model: torch.nn.Module, B: int, T: int) -> dict:
-    """2 * in * out per token for every nn.Linear (per position for Hyena's filter network), and for RWKV-6/7's
-    low-rank matrices (parameters of two or more dimensions of the time mixing, each entry one multiply-add per
+    """2 * in * out per token for every nn.Linear (per position for Hyena's filter network; none for Longformer's
+    global projections, which its family counts), and for RWKV-6/7's low-rank matrices (parameters of two or more dimensions of the time mixing, each entry one multiply-add per
     token)."""
     modules = dict(model.named_modules())
     per_token = per_position = low_rank = 0
     for name, module in modules.items():
         if isinstance(module, torch.nn.Linear):
+            parent, _, attr = name.rpartition(".")
+            if attr in GLOBAL_ONLY_LINEARS.get(type(modules[parent]).__name__, ()):
+                continue
             if _inside(modules, name, PER_POSITION_CLASSES):
                 per_position += 2 * module.in_features * module.out_features
             else:
@@ -335,12 +373,18 @@ def linear_flops(model: torch.nn.Module, B: int, T: int) -> dict:
     return out
 
 
-def forward_flops(model: torch.nn.Module, family: str, B: int, T: int) -> dict:
-    """The forward FLOPs of ``model`` at batch B, length T, by term; ``total`` is their sum."""
+def forward_flops(model: torch.nn.Module, family: str, B: int, T: int, **options) -> dict:
+    """The forward FLOPs of ``model`` at batch B, length T, by term; ``total`` is their sum. ``options`` go to the
+    family's counter (``sliding_window``: ``global_tokens`` per row)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown FLOP family {family!r}; expected one of {sorted(FAMILIES)}")
     dense = linear_flops(model, B, T)
-    mixing = FAMILIES[family](model.config, B, T)
+    try:
+        mixing = FAMILIES[family](model.config, B, T, **options)
+    except TypeError as err:
+        raise ValueError(
+            f"FLOP family {family!r} does not take the options {sorted(options)}: {err}"
+        ) from None
     extra = mixing.pop(EXTRA_TOKENS, 0)
     if extra:
         dense["memory_tokens"] = dense["dense"] // (B * T) * extra
@@ -350,9 +394,9 @@ def forward_flops(model: torch.nn.Module, family: str, B: int, T: int) -> dict:
     return terms
 
 
-def training_flops(model: torch.nn.Module, family: str, B: int, T: int) -> int:
+def training_flops(model: torch.nn.Module, family: str, B: int, T: int, **options) -> int:
     """Forward + backward: 3 x forward."""
-    return 3 * forward_flops(model, family, B, T)["total"]
+    return 3 * forward_flops(model, family, B, T, **options)["total"]
 
 
 def measured_matmul_flops(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> int | None:

@@ -4,14 +4,15 @@ The source is recognised, and the conversion dispatched to the architecture's ``
 
 - a transformers folder (its ``config.json``): ``llama`` -> ``zoo_transformer``, ``mamba`` and ``falcon_mamba``
   -> ``zoo_mamba``, ``mamba2`` -> ``zoo_mamba2``, ``bamba`` -> ``zoo_hybrid``, ``longformer`` (its
-  ``LongformerForMaskedLM``) -> ``zoo_longformer``, ``big_bird`` (``BigBirdForMaskedLM``, or the
-  ``BigBirdForQuestionAnswering`` / ``BigBirdForSequenceClassification`` its ``architectures`` names) -> ``zoo_bigbird``,
+  ``LongformerForMaskedLM``, or the task head its ``architectures`` names) -> ``zoo_longformer``, ``big_bird``
+  (``BigBirdForMaskedLM``, or the ``BigBirdForQuestionAnswering`` / ``BigBirdForSequenceClassification`` its
+  ``architectures`` names) -> ``zoo_bigbird``,
   ``reformer`` (``ReformerModelWithLMHead`` or ``ReformerForMaskedLM``, by ``is_decoder``) -> ``zoo_reformer``;
 - a zoo folder (``model_type: zoo_*``) -> the transformers class of the same architecture, where one exists
   (``zoo_transformer`` -> ``LlamaForCausalLM``, ``zoo_mamba`` -> ``MambaForCausalLM`` or, with
   ``mixer_rms_norm``, ``FalconMambaForCausalLM``, ``zoo_mamba2`` -> ``Mamba2ForCausalLM``, ``zoo_hybrid`` of
-  Mamba-2 and attention layers -> ``BambaForCausalLM``, ``zoo_longformer`` -> ``LongformerForMaskedLM``,
-  ``zoo_bigbird`` -> ``BigBirdForMaskedLM``);
+  Mamba-2 and attention layers -> ``BambaForCausalLM``, ``zoo_longformer`` -> ``LongformerForMaskedLM`` and
+  ``zoo_bigbird`` -> ``BigBirdForMaskedLM``, or the same task head as the folder's ``architectures`` names);
 - a checkpoint file (``.pt``) whose keys are torchscale RetNet's -> ``zoo_retnet``, configured by the options the
   checkpoint stores (fairseq ``cfg``/``args``) or, for a bare state dict, by ``--heads`` (required),
   ``--activation``, ``--value-dim``/``--value-factor`` and ``--scale-embedding``; a ``zoo_retnet`` folder ->
@@ -58,9 +59,9 @@ def _to_zoo(model_type: str):
 
         return "RwkvForCausalLM", from_transformers
     if model_type == "longformer":
-        from zoo.models.longformer.convert_longformer import from_transformers
+        from zoo.models.longformer.convert_longformer import TransformersLongformer, from_transformers
 
-        return "LongformerForMaskedLM", from_transformers
+        return TransformersLongformer, from_transformers
     if model_type == "big_bird":
         from zoo.models.bigbird.convert_bigbird import TransformersBigBird, from_transformers
 
@@ -137,13 +138,14 @@ def convert(src: str | Path, dst: str | Path, *, heads: int | None = None, **ret
             back = _from_zoo(model_type)
             if back is None:
                 raise ValueError(f"{model_type!r} has no transformers counterpart to convert to")
-            # an encoder converts from its masked-LM head
-            auto = (
-                transformers.AutoModelForMaskedLM
-                if model_type in ("zoo_longformer", "zoo_bigbird")
-                else transformers.AutoModelForCausalLM
-            )
-            model = back(auto.from_pretrained(src))
+            if model_type in ("zoo_longformer", "zoo_bigbird"):
+                # an encoder converts from the head its folder holds (``architectures``), by default the masked LM
+                from importlib import import_module
+
+                load = import_module(back.__module__).load_zoo
+            else:
+                load = transformers.AutoModelForCausalLM.from_pretrained
+            model = back(load(src))
         else:
             entry = _to_zoo(model_type)
             if entry is None:

@@ -64,8 +64,9 @@ def test_sparse_attention_pairs_by_hand():
     # all 8; blocks 1 and 6 see {window} + {0, 7} = 4 blocks, blocks 2-5 see 5, each plus one random
     assert flops.block_sparse_pairs(8, 1, 3, 1, 1, causal=False) == 2 * 8 + 2 * 5 + 4 * 6
     # causal, blocks of 2, 8 blocks: block 0 (global) 1; block 1 {0, 1}; block 2 {0, 1, 2}, no room for a random
-    # one; blocks 3-7 {0, n-1, n} + 1 random = 4 each -> 26 blocks of 4 pairs
-    assert flops.block_sparse_pairs(16, 2, 2, 1, 1, causal=True) == (1 + 2 + 3 + 5 * 4) * 4
+    # one; blocks 3-7 {0, n-1, n} + 1 random = 4 each -> 26 blocks of 4 pairs, less the 1 pair after the query in
+    # each of the 8 blocks with themselves
+    assert flops.block_sparse_pairs(16, 2, 2, 1, 1, causal=True) == (1 + 2 + 3 + 5 * 4) * 4 - 8
     # never more than dense attention
     assert flops.block_sparse_pairs(8, 2, 2, 1, 1, causal=True) == 8 * 9 // 2
 

@@ -113,6 +113,23 @@ def test_sequence_classification_equals_transformers():
         )
 
 
+def test_sequence_classification_back_to_transformers():
+    """zoo -> transformers for the classifier: ``BigBirdForSequenceClassification`` with the same labels and weights
+    (the unused pooler aside, which zoo does not keep) and the same logits, block-sparse."""
+    torch.manual_seed(5)
+    hf = BigBirdForSequenceClassification(hf_config(id2label={0: "a", 1: "b", 2: "c"})).eval()
+    back = to_transformers(from_transformers(hf)).eval()
+    assert type(back) is BigBirdForSequenceClassification and back.config.id2label == hf.config.id2label
+    for name, tensor in hf.state_dict().items():
+        if not name.startswith("bert.pooler."):
+            assert torch.equal(back.state_dict()[name], tensor), name
+    ids, mask = ids_and_mask(45, pad=(0, 5))
+    assert ids.shape[1] > SPARSE_FROM
+    with torch.no_grad():
+        assert rel_err(back(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits) < 1e-5
+    assert back.bert.attention_type == "block_sparse"
+
+
 def test_back_to_transformers(converted):
     hf, zoo_model = converted
     back = to_transformers(zoo_model).eval()

@@ -2,7 +2,8 @@
 arXiv:2007.14062) on the same weights: converted with ``python -m zoo.convert``, loaded back through
 ``AutoModelForQuestionAnswering``, equal start/end logits and loss in eval mode with padding, block-sparse (at
 padding positions too: with ``transformers_compat``, padding queries get zero attention output, as in
-transformers)."""
+transformers). Back again through ``python -m zoo.convert``: transformers' class with the same weights and the same
+logits."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import zoo  # noqa: F401  (registers zoo's architectures with the Auto classes)
 from tests.models.test_bigbird import SPARSE_FROM, hf_config, ids_and_mask
 from tests.ops.harness import rel_err
 from zoo.convert import convert
-from zoo.models.bigbird import ZooBigBirdForQuestionAnswering
+from zoo.models.bigbird import ZooBigBirdForCausalLM, ZooBigBirdForQuestionAnswering
+from zoo.models.bigbird.convert_bigbird import to_transformers
 
 SEP = 3
 
@@ -79,3 +81,34 @@ def test_explicit_question_lengths_and_token_types(converted):
         ok = ref > -1e5
         assert rel_err(out[ok], ref[ok]) < 1e-5
         assert torch.equal(out < -1e5, ref < -1e5)
+
+
+def test_back_to_transformers(converted, tmp_path):
+    """zoo -> transformers through ``python -m zoo.convert``: the folder's head gives ``BigBirdForQuestionAnswering``
+    with transformers' weights, and the same start/end logits as the original and as zoo, block-sparse."""
+    hf, zoo_model = converted
+    zoo_model.save_pretrained(tmp_path / "zoo")
+    convert(tmp_path / "zoo", tmp_path / "back")
+    back = BigBirdForQuestionAnswering.from_pretrained(tmp_path / "back").eval()
+    assert back.config.sep_token_id == hf.config.sep_token_id == SEP
+    assert back.config.num_labels == 2 and back.bert.pooler is None  # transformers' QA model has no pooler
+    original = hf.state_dict()
+    assert back.state_dict().keys() == original.keys()
+    for name, tensor in back.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+    T = 58
+    assert T > SPARSE_FROM  # transformers keeps its block-sparse path at this length
+    ids, mask = qa_inputs(T, pad=(0, 9), question=(6, 11))
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask)
+        again = back(ids, attention_mask=mask)
+        ours = zoo_model(ids, attention_mask=mask)
+    assert back.bert.attention_type == "block_sparse"
+    for name in ("start_logits", "end_logits"):
+        a, b, z = getattr(again, name), getattr(ref, name), getattr(ours, name)
+        context = b > -1e5  # the question's logits are lowered by 1e6 in all three
+        assert torch.equal(a < -1e5, b < -1e5) and torch.equal(z < -1e5, b < -1e5), name
+        assert rel_err(a[context], b[context]) < 1e-5, name
+        assert rel_err(z[context], a[context]) < 1e-5, name
+    with pytest.raises(ValueError, match="no transformers counterpart"):
+        to_transformers(ZooBigBirdForCausalLM(zoo_model.config))

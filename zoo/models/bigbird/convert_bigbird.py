@@ -20,12 +20,22 @@
     qa_classifier.output.{dense, LayerNorm}           <-> qa_head.{down_proj, norm}
     qa_classifier.qa_outputs                          <-> qa_head.qa_outputs
 
-``bert.pooler`` (the next-sentence pooler, which neither head uses) is dropped; converting back gives transformers'
-freshly initialised one. The converted config sets ``transformers_compat=True``, so that the zoo model computes
+``bert.pooler`` (the next-sentence pooler, which no head uses) is dropped; converting back gives transformers'
+freshly initialised one where the class has it (the masked LM and sequence classification; the question-answering
+model is built without it). The converted config sets ``transformers_compat=True``, so that the zoo model computes
 what transformers' computes in eval mode (see ``ZooBigBirdConfig``); set it to False to use zoo's seeded plan.
 
+Each head converts to its counterpart, both ways: ``BigBirdForMaskedLM`` <-> ``ZooBigBirdForMaskedLM``,
+``BigBirdForSequenceClassification`` <-> ``ZooBigBirdForSequenceClassification`` (``num_labels`` and the label
+names carried over), ``BigBirdForQuestionAnswering`` <-> ``ZooBigBirdForQuestionAnswering``. The question-answering
+models agree on their input convention through the shared ``sep_token_id``: without ``question_lengths``, a row's
+question runs up to and including its first ``sep_token_id``; its logits are taken out of the competition (all but
+the first token's) and, without ``token_type_ids``, the question is type 0 and the context type 1. Both have two
+outputs (start, end): transformers' class sets ``num_labels = 2`` itself.
+
 ``python -m zoo.convert BIGBIRD_DIR OUT_DIR`` dispatches here for ``model_type: big_bird`` (the class named by the
-folder's ``architectures``, :class:`TransformersBigBird`; and back to the masked LM for ``zoo_bigbird``).
+folder's ``architectures``, :class:`TransformersBigBird`), and ``python -m zoo.convert ZOO_DIR OUT_DIR`` for
+``zoo_bigbird`` (the head named by the folder's ``architectures``, by default the masked LM).
 """
 
 from __future__ import annotations
@@ -44,6 +54,14 @@ _HEADS = {
     "BigBirdForSequenceClassification": ZooBigBirdForSequenceClassification,
     "BigBirdForQuestionAnswering": ZooBigBirdForQuestionAnswering,
 }
+# zoo class -> the transformers class it converts back to
+_BACK = {
+    ZooBigBirdForMaskedLM: "BigBirdForMaskedLM",
+    ZooBigBirdForSequenceClassification: "BigBirdForSequenceClassification",
+    ZooBigBirdForQuestionAnswering: "BigBirdForQuestionAnswering",
+}
+# label fields a classification head keeps in its config (question answering: transformers fixes num_labels = 2)
+_LABEL_FIELDS = ("id2label", "label2id", "problem_type")
 
 # Fields with the same name and meaning in both configs.
 _SHARED_FIELDS = (
@@ -131,8 +149,8 @@ def config_from_transformers(hf_config) -> ZooBigBirdConfig:
     if hf_config.is_decoder or hf_config.add_cross_attention:
         raise ValueError("a BigBird decoder (is_decoder / add_cross_attention) has no zoo counterpart")
     fields = {name: getattr(hf_config, name) for name in _SHARED_FIELDS}
-    extra = {"num_labels": hf_config.num_labels} if hasattr(hf_config, "num_labels") else {}
-    return ZooBigBirdConfig(**fields, **extra, transformers_compat=True)
+    labels = {name: getattr(hf_config, name) for name in _LABEL_FIELDS}
+    return ZooBigBirdConfig(**fields, **labels, transformers_compat=True)
 
 
 def from_transformers(hf_model):
@@ -157,19 +175,29 @@ def from_transformers(hf_model):
     return model.to(next(hf_model.parameters()).dtype)
 
 
-def to_transformers(model: ZooBigBirdForMaskedLM):
-    """A transformers ``BigBirdForMaskedLM`` holding the weights of a zoo BigBird encoder of transformers' layout
-    (3-block window, one global block at each end)."""
-    from transformers import BigBirdConfig, BigBirdForMaskedLM
+def to_transformers(model):
+    """The transformers counterpart of a zoo BigBird encoder of transformers' layout (3-block window, one global
+    block at each end), holding its weights: ``BigBirdForMaskedLM``, ``BigBirdForSequenceClassification`` or
+    ``BigBirdForQuestionAnswering``, by the zoo model's class."""
+    import transformers
 
     config = model.config
+    if type(model) not in _BACK:
+        raise ValueError(
+            f"{type(model).__name__} has no transformers counterpart to convert to (expected one of "
+            f"{sorted(cls.__name__ for cls in _BACK)})"
+        )
     if config.causal or config.window_blocks != 3 or config.global_blocks != 1:
         raise ValueError(
             "only a bidirectional zoo_bigbird with window_blocks=3 and global_blocks=1 has a transformers "
             f"counterpart (causal={config.causal}, window_blocks={config.window_blocks}, "
             f"global_blocks={config.global_blocks})"
         )
-    hf = BigBirdForMaskedLM(BigBirdConfig(**{name: getattr(config, name) for name in _SHARED_FIELDS}))
+    fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
+    labels = {name: getattr(config, name) for name in _LABEL_FIELDS}
+    if isinstance(model, ZooBigBirdForQuestionAnswering) and config.num_labels != 2:
+        labels = {"num_labels": 2}  # start and end (transformers' class sets it too)
+    hf = getattr(transformers, _BACK[type(model)])(transformers.BigBirdConfig(**fields, **labels))
     ours = model.state_dict()
     renamed = {}
     for hf_name, tensor in hf.state_dict().items():
@@ -182,3 +210,14 @@ def to_transformers(model: ZooBigBirdForMaskedLM):
         renamed[hf_name] = ours[zoo_name]
     hf.load_state_dict(renamed)
     return hf.to(next(model.parameters()).dtype)
+
+
+def load_zoo(src):
+    """Loads a ``zoo_bigbird`` folder as the head its ``architectures`` names when it converts back
+    (``ZooBigBirdForQuestionAnswering``, ``ZooBigBirdForSequenceClassification``), else as
+    ``ZooBigBirdForMaskedLM`` (what ``python -m zoo.convert`` converts back from)."""
+    from transformers import AutoConfig
+
+    names = AutoConfig.from_pretrained(src).architectures or ()
+    by_name = {cls.__name__: cls for cls in _BACK}
+    return next((by_name[n] for n in names if n in by_name), ZooBigBirdForMaskedLM).from_pretrained(src)

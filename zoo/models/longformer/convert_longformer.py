@@ -1,5 +1,5 @@
-"""Conversion between transformers' ``LongformerForMaskedLM`` and zoo's ``ZooLongformerForMaskedLM``, both ways, by
-renaming (Longformer: Beltagy et al. 2020, arXiv:2004.05150):
+"""Conversion between transformers' ``Longformer*`` encoder classes and zoo's, both ways, by renaming (Longformer:
+Beltagy et al. 2020, arXiv:2004.05150):
 
     transformers                                              zoo
     longformer.embeddings.word_embeddings                 <-> model.embed_tokens
@@ -16,9 +16,18 @@ renaming (Longformer: Beltagy et al. 2020, arXiv:2004.05150):
     longformer.encoder.layer.{i}.output.dense             <-> model.layers.{i}.down_proj
     longformer.encoder.layer.{i}.output.LayerNorm         <-> model.layers.{i}.mlp_norm
     lm_head.{dense, layer_norm, decoder}, lm_head.bias    <-> lm_head.{dense, norm, decoder}, lm_head.decoder.bias
+    classifier.{dense, out_proj} (sequence classification) <-> {dense, score}
+    classifier (token classification)                     <-> score
+    qa_outputs                                            <-> qa_outputs
 
-``python -m zoo.convert LONGFORMER_DIR OUT_DIR`` dispatches here for ``model_type: longformer`` (and back for
-``zoo_longformer``).
+Each head converts to its counterpart, both ways: ``LongformerForMaskedLM``, ``LongformerForSequenceClassification``
+and ``LongformerForTokenClassification`` (``num_labels`` and the label names carried over),
+``LongformerForQuestionAnswering`` (two outputs, start and end; the question, the tokens before the first
+``sep_token_id``, gets global attention by default in both) <-> ``ZooLongformerFor*`` of the same name.
+
+``python -m zoo.convert LONGFORMER_DIR OUT_DIR`` dispatches here for ``model_type: longformer`` (the class named by
+the folder's ``architectures``, :class:`TransformersLongformer`), and back for ``zoo_longformer`` (the head named by
+the folder's ``architectures``, by default the masked LM).
 """
 
 from __future__ import annotations
@@ -26,7 +35,23 @@ from __future__ import annotations
 import re
 
 from zoo.models.longformer.configuration_longformer import ZooLongformerConfig
-from zoo.models.longformer.modeling_longformer import ZooLongformerForMaskedLM
+from zoo.models.longformer.modeling_longformer import (
+    ZooLongformerForMaskedLM,
+    ZooLongformerForQuestionAnswering,
+    ZooLongformerForSequenceClassification,
+    ZooLongformerForTokenClassification,
+)
+
+# transformers class <-> zoo class, both ways
+_HEADS = {
+    "LongformerForMaskedLM": ZooLongformerForMaskedLM,
+    "LongformerForSequenceClassification": ZooLongformerForSequenceClassification,
+    "LongformerForTokenClassification": ZooLongformerForTokenClassification,
+    "LongformerForQuestionAnswering": ZooLongformerForQuestionAnswering,
+}
+_BACK = {cls: name for name, cls in _HEADS.items()}
+# label fields a classification head keeps in its config
+_LABEL_FIELDS = ("id2label", "label2id", "problem_type")
 
 # Fields with the same name and meaning in both configs.
 _SHARED_FIELDS = (
@@ -71,6 +96,10 @@ RENAMES = (
     (r"lm_head\.dense", "lm_head.dense"),
     (r"lm_head\.layer_norm", "lm_head.norm"),
     (r"lm_head\.decoder", "lm_head.decoder"),
+    (r"classifier\.dense", "dense"),
+    (r"classifier\.out_proj", "score"),
+    (r"classifier", "score"),
+    (r"qa_outputs", "qa_outputs"),
 )
 
 
@@ -86,6 +115,33 @@ def _to_zoo_name(name: str) -> str | None:
     return None
 
 
+class TransformersLongformer:
+    """Loads a transformers Longformer folder as the class its ``architectures`` names when zoo has that head
+    (``LongformerForSequenceClassification``, ``LongformerForTokenClassification``,
+    ``LongformerForQuestionAnswering``), else as ``LongformerForMaskedLM`` (what ``python -m zoo.convert`` converts
+    from)."""
+
+    @staticmethod
+    def from_pretrained(src, **kwargs):
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(src)
+        names = [name for name in config.architectures or () if name in _HEADS]
+        return getattr(transformers, names[0] if names else "LongformerForMaskedLM").from_pretrained(
+            src, **kwargs
+        )
+
+
+def load_zoo(src):
+    """Loads a ``zoo_longformer`` folder as the head its ``architectures`` names, else as
+    ``ZooLongformerForMaskedLM`` (what ``python -m zoo.convert`` converts back from)."""
+    from transformers import AutoConfig
+
+    names = AutoConfig.from_pretrained(src).architectures or ()
+    by_name = {cls.__name__: cls for cls in _BACK}
+    return next((by_name[n] for n in names if n in by_name), ZooLongformerForMaskedLM).from_pretrained(src)
+
+
 def config_from_transformers(hf_config) -> ZooLongformerConfig:
     """The ``ZooLongformerConfig`` of a transformers ``LongformerConfig``."""
     fields = {name: getattr(hf_config, name) for name in _SHARED_FIELDS}
@@ -93,12 +149,23 @@ def config_from_transformers(hf_config) -> ZooLongformerConfig:
     fields["attention_window"] = (
         [window] * hf_config.num_hidden_layers if isinstance(window, int) else list(window)
     )
-    return ZooLongformerConfig(**fields)
+    labels = {name: getattr(hf_config, name) for name in _LABEL_FIELDS}
+    return ZooLongformerConfig(**fields, **labels)
 
 
-def from_transformers(hf_model) -> ZooLongformerForMaskedLM:
-    """A ``ZooLongformerForMaskedLM`` holding the weights of a transformers ``LongformerForMaskedLM``."""
-    model = ZooLongformerForMaskedLM(config_from_transformers(hf_model.config))
+def from_transformers(hf_model):
+    """A zoo Longformer holding the weights of a transformers ``LongformerForMaskedLM``,
+    ``LongformerForSequenceClassification``, ``LongformerForTokenClassification`` or
+    ``LongformerForQuestionAnswering`` (the ``ZooLongformerFor*`` head of the same name)."""
+    name = type(hf_model).__name__
+    if name not in _HEADS:
+        raise ValueError(f"{name} has no zoo counterpart (expected one of {sorted(_HEADS)})")
+    if name == "LongformerForQuestionAnswering" and hf_model.config.num_labels != 2:
+        raise ValueError(
+            f"LongformerForQuestionAnswering with num_labels={hf_model.config.num_labels}: question answering "
+            "has two outputs (start, end), num_labels=2"
+        )
+    model = _HEADS[name](config_from_transformers(hf_model.config))
     state, unknown = {}, []
     for name, tensor in hf_model.state_dict().items():
         new = _to_zoo_name(name)
@@ -113,21 +180,33 @@ def from_transformers(hf_model) -> ZooLongformerForMaskedLM:
     return model.to(next(hf_model.parameters()).dtype)
 
 
-def to_transformers(model: ZooLongformerForMaskedLM):
-    """A transformers ``LongformerForMaskedLM`` holding the weights of a zoo Longformer (bidirectional)."""
-    from transformers import LongformerConfig, LongformerForMaskedLM
+def to_transformers(model):
+    """The transformers counterpart of a bidirectional zoo Longformer (``LongformerForMaskedLM``,
+    ``LongformerForSequenceClassification``, ``LongformerForTokenClassification`` or
+    ``LongformerForQuestionAnswering``, by the zoo model's class), holding its weights."""
+    import transformers
 
     if model.config.causal:
         raise ValueError(
-            "a causal zoo_longformer has no transformers counterpart (LongformerForMaskedLM attends both ways)"
+            "a causal zoo_longformer has no transformers counterpart (transformers' Longformer attends both ways)"
+        )
+    if type(model) not in _BACK:
+        raise ValueError(
+            f"{type(model).__name__} has no transformers counterpart to convert to (expected one of "
+            f"{sorted(cls.__name__ for cls in _BACK)})"
         )
     fields = {name: getattr(model.config, name) for name in _SHARED_FIELDS}
-    hf = LongformerForMaskedLM(LongformerConfig(**fields))
+    labels = {name: getattr(model.config, name) for name in _LABEL_FIELDS}
+    if isinstance(model, ZooLongformerForQuestionAnswering) and model.config.num_labels != 2:
+        # transformers' QA head has num_labels outputs and splits them into start and end
+        labels = {"num_labels": 2}
+    hf = getattr(transformers, _BACK[type(model)])(transformers.LongformerConfig(**fields, **labels))
+    ours = model.state_dict()
     renamed = {}
     for hf_name in hf.state_dict():
         zoo_name = _to_zoo_name(hf_name)
-        if zoo_name is None:
+        if zoo_name is None or zoo_name not in ours:
             raise ValueError(f"no zoo weight for transformers' {hf_name}")
-        renamed[hf_name] = model.state_dict()[zoo_name]
+        renamed[hf_name] = ours[zoo_name]
     hf.load_state_dict(renamed)
     return hf.to(next(model.parameters()).dtype)

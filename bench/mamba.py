@@ -13,6 +13,10 @@ different things would mean nothing. Then, in one process and interleaved (A B, 
 ``--arch bamba`` builds a Bamba-style stack (Mamba-2 layers, one attention layer in the middle, an MLP after
 each) and defaults to T = 4096 for both models.
 
+* **chunk length**: zoo's Mamba-2 scan picks its chunk from the head sizes (``chunk_size`` None); transformers
+  runs at ``--reference-chunk-size``: ``zoo`` (the default) gives it the same chunk as zoo's scan, so the ratio
+  compares implementations on the same chunking; a number (transformers' default is 256) times it as configured.
+
 * **decoding**: ms per token with the cache after prefills of ``--decode-contexts`` tokens (zoo only; the ratio
   of the longest to the shortest context says whether decoding is O(1) in the context).
 
@@ -20,6 +24,7 @@ each) and defaults to T = 4096 for both models.
     python -m bench.mamba --quick                                # tiny, seconds
     python -m bench.mamba --arch mamba2 --lengths 2048 --reference-max-length 2048
     python -m bench.mamba --arch bamba                           # T = 4096 pair, decode 1K / 16K
+    python -m bench.mamba --arch mamba2 --lengths 2048 --reference-chunk-size 256   # transformers' default chunk
     python -m bench.mamba --lengths 2048 --repeats 3 --out bench/results/mamba_cpu2.json
 """
 
@@ -98,6 +103,20 @@ def build_models(arch: str, hidden_size: int, layers: int, state_size: int, seed
     return from_transformers(reference).train(), reference.train()
 
 
+def set_reference_chunk_size(reference, zoo_model, chunk: str | int):
+    """transformers' Mamba-2 mixers at ``chunk``: ``"zoo"`` (zoo's scan's chunk on this device) or a number."""
+    from bench.entries.mamba import same_chunk_size
+
+    if str(chunk) == "zoo":
+        return same_chunk_size(reference, zoo_model)
+    if not str(chunk).isdigit() or int(chunk) < 1:
+        raise SystemExit(f"--reference-chunk-size must be 'zoo' or a positive integer, got {chunk!r}")
+    for module in reference.modules():
+        if type(module).__name__.endswith("Mixer") and hasattr(module, "chunk_size"):
+            module.chunk_size = int(chunk)
+    return reference
+
+
 @torch.no_grad()
 def logits_agree(zoo_model, reference, length: int = 128) -> float:
     ids = random_ids(259, length, seed=1)
@@ -162,6 +181,11 @@ def main(argv=None) -> int:
         default=None,
         help="time transformers up to this T (default 2K; bamba 4K)",
     )
+    p.add_argument(
+        "--reference-chunk-size",
+        default="zoo",
+        help="transformers' Mamba-2 chunk length: 'zoo' (the same as zoo's scan, default) or a number",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 16384])
     p.add_argument("--decode-steps", type=int, default=16)
@@ -181,6 +205,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     zoo_model, reference = build_models(args.arch, args.hidden_size, args.layers, args.state_size)
+    if args.arch != "mamba":
+        set_reference_chunk_size(reference, zoo_model, args.reference_chunk_size)
     error = logits_agree(zoo_model, reference)
     if not error < 1e-4:
         raise SystemExit(
@@ -216,8 +242,12 @@ def main(argv=None) -> int:
         "decoding": decoding,
         "wall_time_s": time.time() - started,
     }
+    chunks = sorted({m.chunk_size for m in reference.modules() if type(m).__name__.endswith("Mixer")
+                     and hasattr(m, "chunk_size")})  # fmt: skip
+    result["reference_chunk_size"] = chunks[0] if len(chunks) == 1 else None
     lines = [
         f"zoo vs transformers {args.arch} ({result['params']:,} parameters, logits agree to {error:.1e})"
+        + (f", transformers' chunk {chunks[0]}" if len(chunks) == 1 else "")
     ]
     for row in training:
         ratio = f"{row['speedup_median']:.1f}x" if "speedup_median" in row else "(zoo only)"

@@ -103,10 +103,10 @@ def test_make_packed_dataset_and_collator():
 def test_one_document_per_block_with_attention_mask():
     docs = [[5, 6], [7, 8, 9, 10, 11, 12], [13]]
     out = pack_documents(docs, 4, EOS, pad_token_id=0, one_per_block=True, attention_mask=True)
-    # Each document starts a block; the rest of the block before is padding (labels -100, attention 0); a
-    # document longer than a block continues in the next one.
+    # Each document starts a block; the rest of the block before is padding (labels -100, attention 0, positions
+    # going on from the document's); a document longer than a block continues in the next one.
     assert out["input_ids"] == [[5, 6, 1, 0], [7, 8, 9, 10], [11, 12, 1, 0], [13, 1, 0, 0]]
-    assert out["position_ids"] == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]]
+    assert out["position_ids"] == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]]
     assert out["labels"] == [
         [-100, 6, 1, -100],
         [-100, 8, 9, 10],

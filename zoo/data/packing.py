@@ -19,6 +19,13 @@ Two options: ``one_per_block`` starts every document in a new block, padding the
 question-answer documents whose question must stay with its context, as ``synthetic:passkey``); and
 ``attention_mask`` adds a fourth row, 0 on padding and 1 elsewhere (for encoders, which read the whole block).
 
+A block of ``one_per_block`` holds one document (or the rest of one) and then padding: it is a right-padded
+sequence, not a packed row, and is written as one. It always carries the ``attention_mask`` row, and the padding
+continues the positions of the document before it instead of restarting at 0, so that no model reads the padding
+as a second packed document (RMT, say, runs packed documents one by one, a row at a time, where a padded batch
+runs whole). The padding's labels are -100 and every model hides it through the mask, as in any padded batch, so
+each document's logits and loss are those it has alone.
+
 A loss on part of each document (the answer of a question, say) is a per-token ``loss_mask`` beside each
 document's tokens: ``labels`` are -100 also wherever it is 0 (and on the bos / eos tokens added around the
 document), and blocks left with no target at all are dropped, since they would train nothing. The mask travels with
@@ -74,7 +81,8 @@ def pack_documents(
         drop_last: drop the last, incomplete block instead of padding it.
         pad_token_id: fills the last block; defaults to ``eos_token_id``, else 0.
         one_per_block: start each document in a new block, padding the rest of the current one (a document
-            longer than a block still continues in the next).
+            longer than a block still continues in the next). Its blocks always have an ``attention_mask`` row,
+            and their padding continues the positions of the document before it.
         attention_mask: add an ``attention_mask`` row, 0 on padding.
         loss_masks: for each document, one 0/1 per token: labels only where it is 1; blocks with no label left
             are dropped. None: every token but a document's first is a target.
@@ -103,13 +111,16 @@ def pack_documents(
     keep: list[int] | None = None if loss_masks is None else []
 
     blocks: dict[str, list[list[int]]] = {"input_ids": [], "position_ids": [], "labels": []}
-    if attention_mask:
+    if attention_mask or one_per_block:
         blocks["attention_mask"] = []
 
     def pad_and_emit(ids: list[int], pos: list[int], keep: list[int] | None) -> None:
         real = len(ids)
         ids.extend([pad_token_id] * (block_size - real))
-        pos.extend(range(block_size - real))
+        # one document per block: the padding goes on from the document (a padded sequence, not a second
+        # document); end to end, the last block's padding is a document of its own beside the others
+        first = pos[-1] + 1 if one_per_block else 0
+        pos.extend(range(first, first + block_size - real))
         _emit(blocks, ids, pos, keep, ignore_from=real)
 
     ids: list[int] = []
@@ -180,7 +191,7 @@ def make_packed_dataset(
     Each document gets the tokenizer's eos token (and its bos token, when it has one distinct from eos).
     Packing runs per ``batch_size`` documents (and per worker with ``num_proc``), so each such batch ends with
     one padded block (or, with ``drop_last``, without it). ``one_per_block`` and ``attention_mask``: as in
-    :func:`pack_documents`.
+    :func:`pack_documents` (``one_per_block`` blocks always have the ``attention_mask`` column).
 
     ``answer_only``: the loss is on each document's answer alone, the characters ``answer_start:answer_end`` of
     its text (two integer columns the dataset must have, as ``synthetic_dataset(..., answer_spans=True)``

@@ -128,8 +128,8 @@ def packed_dataset(
     attention_mask: bool = False,
 ):
     """Tokenise and pack ``text`` into rows of ``block_size`` tokens, from the on-disk cache when possible;
-    ``cfg.packing: per_document`` starts every document in a new row; ``attention_mask`` adds that column (0 on
-    padding), for encoders.
+    ``cfg.packing: per_document`` starts every document in a new row (a right-padded row, which always has the
+    ``attention_mask`` column); ``attention_mask`` adds that column (0 on padding) to any packing, for encoders.
 
     Call on the main process first (``accelerator.main_process_first()``) so the others read the cache.
     """

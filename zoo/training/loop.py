@@ -261,13 +261,25 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def randomized_batch_positions(position_ids, max_position, seed, step, micro, rank):
+def randomized_batch_positions(position_ids, max_position, seed, step, micro, rank, attention_mask=None):
     """Randomized positions for one micro-batch, a pure function of (seed, step, micro-step, rank) so that a
-    resumed run draws the same ones."""
+    resumed run draws the same ones. With an ``attention_mask`` (per-document blocks: a document, then padding)
+    each document's positions are drawn for its own tokens, and the padding goes on from the last of them."""
     from zoo.positional import randomize_packed_positions
 
     generator = torch.Generator().manual_seed(hash((seed, step, micro, rank)) % (2**63))
-    out = randomize_packed_positions(position_ids.cpu(), max_position, generator=generator)
+    positions = position_ids.cpu()
+    if attention_mask is None:
+        out = randomize_packed_positions(positions, max_position, generator=generator)
+        return out.to(position_ids.device)
+    real = attention_mask.cpu().bool()
+    after = (~real).long().cumsum(-1)  # 1, 2, ... along the padding
+    # drawn with the padding as a document of its own, so that it does not stretch the document before it
+    drawn = torch.where(real, positions, after - 1)
+    drawn = randomize_packed_positions(drawn, max_position, generator=generator)
+    last = drawn.masked_fill(~real, 0).amax(-1, keepdim=True)
+    cap = max(max_position, positions.shape[-1]) - 1
+    out = torch.where(real, drawn, (last + after).clamp(max=cap))
     return out.to(position_ids.device)
 
 
@@ -394,6 +406,7 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
                     state.step,
                     micro,
                     accelerator.process_index,
+                    batch.get("attention_mask"),
                 )
             with accelerator.accumulate(model):
                 loss = model(**batch).loss

@@ -233,7 +233,6 @@ def chunk_block_sparse_attention(
     ]
     g_ids = torch.tensor(g_list, dtype=torch.long, device=device)  # (Ng,)
     k_glob, v_glob = kh[:, :, g_ids].flatten(2, 3), vh[:, :, g_ids].flatten(2, 3)  # (B, H, Ng * b, D)
-    s_glob = torch.einsum("bhnqd,bhkd->bhnqk", qh, k_glob)
     a_glob = allowed_at(
         g_ids[None].expand(nb, -1), torch.ones(nb, len(g_ids), dtype=torch.bool, device=device)
     )
@@ -249,29 +248,40 @@ def chunk_block_sparse_attention(
     w_valid = w_valid & ~is_global[w_ids.clamp(0, nb - 1)]
     w_idx = w_ids.clamp(0, nb - 1)
     k_win, v_win = kh[:, :, w_idx].flatten(3, 4), vh[:, :, w_idx].flatten(3, 4)  # (B, H, nb, W * b, D)
-    s_win = torch.einsum("bhnqd,bhnkd->bhnqk", qh, k_win)
     a_win = allowed_at(w_ids, w_valid)
 
-    scores, allowed, values = [s_glob, s_win], [a_glob, a_win], [("glob", v_glob), ("win", v_win)]
+    # key and value blocks per query block: global ones shared by all (B, H, Ng * b, D), the others gathered
+    # per query block (B, H, nb, n * b, D)
+    keys, vals, allowed = [k_win], [v_win], [a_glob, a_win]
     # 3. random blocks, per head and query block
     if plan is not None and plan.shape[-1] > 0:
         Hp, _, r = plan.shape
         r_idx = plan.clamp(min=0).expand(H, nb, r)
         heads = torch.arange(H, device=device)[:, None, None]
-        k_rand = kh[:, heads, r_idx].flatten(3, 4)  # (B, H, nb, r * b, D)
-        v_rand = vh[:, heads, r_idx].flatten(3, 4)
-        scores.append(torch.einsum("bhnqd,bhnkd->bhnqk", qh, k_rand))
+        keys.append(kh[:, heads, r_idx].flatten(3, 4))  # (B, H, nb, r * b, D)
+        vals.append(vh[:, heads, r_idx].flatten(3, 4))
         allowed.append(allowed_at(plan, plan >= 0))
-        values.append(("win", v_rand))
-    widths = [s.shape[-1] for s in scores]
-    scores = torch.cat(scores, -1).to(acc) * scale  # (B, H, nb, b, L)
-    allowed = torch.cat([a.expand(a.shape[0], H, nb, b, -1) for a in allowed], -1)
-    probs = F.dropout(masked_softmax(scores, allowed), dropout).to(v.dtype)
-    out = 0
-    for p, (kind, val) in zip(probs.split(widths, -1), values):
-        if kind == "glob":
-            out = out + torch.einsum("bhnqk,bhkd->bhnqd", p, val)
-        else:
+    allowed = torch.cat([a.expand(a.shape[0], H, nb, b, -1) for a in allowed], -1)  # (B or 1, H, nb, b, L)
+    if dropout == 0.0:
+        # one fused attention over each block's keys (global, window, random): no (b, L) probabilities kept for
+        # the backward; a row with no key allowed gives zeros, as masked_softmax does
+        shared = (B, H, nb, *k_glob.shape[2:])
+        out = F.scaled_dot_product_attention(
+            qh.flatten(1, 2),
+            torch.cat([k_glob[:, :, None].expand(shared), *keys], 3).flatten(1, 2),
+            torch.cat([v_glob[:, :, None].expand(*shared[:-1], Dv), *vals], 3).flatten(1, 2),
+            attn_mask=allowed.expand(B, H, nb, b, -1).flatten(1, 2),
+            scale=scale,
+        ).view(B, H, nb, b, Dv)
+    else:  # with dropout on the probabilities, as transformers draws it
+        scores = [torch.einsum("bhnqd,bhkd->bhnqk", qh, k_glob)]
+        scores += [torch.einsum("bhnqd,bhnkd->bhnqk", qh, kk) for kk in keys]
+        widths = [x.shape[-1] for x in scores]
+        scores = torch.cat(scores, -1).to(acc) * scale  # (B, H, nb, b, L)
+        probs = F.dropout(masked_softmax(scores, allowed), dropout).to(v.dtype)
+        p_glob, *p_rest = probs.split(widths, -1)
+        out = torch.einsum("bhnqk,bhkd->bhnqd", p_glob, v_glob)
+        for p, val in zip(p_rest, vals):
             out = out + torch.einsum("bhnqk,bhnkd->bhnqd", p, val)
     out = out.permute(0, 2, 3, 1, 4).reshape(B, Tp, H, Dv)
 

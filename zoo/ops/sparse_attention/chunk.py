@@ -77,7 +77,6 @@ def chunk_sparse_attention(
     q_blocks = F.pad(q, (0, 0, 0, 0, 0, nb * block - T)).view(B, nb, block, H, D)
     k_band = _bands(k, left, right, nb, block)  # (B, nb, H, D, L)
     v_band = _bands(v, left, right, nb, block)
-    scores = torch.einsum("bnqhd,bnhdl->bnhql", q_blocks, k_band).to(acc) * scale  # (B, nb, H, block, L)
 
     # 2. what the band may attend: the window (the same for every block), keys inside [0, T), real, not global,
     # in the query's document
@@ -98,8 +97,11 @@ def chunk_sparse_attention(
         seg_k = _bands(segment_ids, left, right, nb, block, value=-2)
         allowed = allowed & (seg_q[..., :, None] == seg_k[..., None, :])
     allowed = allowed[:, :, None]  # (B, nb, 1, block, L)
+    if dropout == 0.0 and is_global is None:
+        return _fused_blocks(q_blocks, [k_band], [v_band], [allowed], scale)[:, :T]
 
-    if is_global is None:
+    if is_global is None:  # with dropout on the probabilities: the scores, the softmax
+        scores = torch.einsum("bnqhd,bnhdl->bnhql", q_blocks, k_band).to(acc) * scale  # (B, nb, H, block, L)
         probs = F.dropout(masked_softmax(scores, allowed), dropout).to(v.dtype)
         out = torch.einsum("bnhql,bnhdl->bnqhd", probs, v_band)
         return out.reshape(B, nb * block, H, D)[:, :T]
@@ -109,7 +111,6 @@ def chunk_sparse_attention(
     G = gidx.shape[1]
     take = gidx[:, :, None, None].expand(B, G, H, D)
     k_glob, v_glob = k.gather(1, take), v.gather(1, take)  # (B, G, H, D)
-    g_scores = torch.einsum("bnqhd,bghd->bnhqg", q_blocks, k_glob).to(acc) * scale  # (B, nb, H, block, G)
     g_allowed = (greal & key_ok_global.gather(1, gidx))[:, None, None, :]  # (B, 1, 1, G)
     q_pos = torch.arange(nb * block, device=device).view(1, nb, block, 1)
     if pattern.causal:
@@ -117,6 +118,45 @@ def chunk_sparse_attention(
     if segment_ids is not None:
         g_allowed = g_allowed & (seg_q[..., None] == segment_ids.gather(1, gidx)[:, None, None, :])
     g_allowed = g_allowed.expand(B, nb, block, G)[:, :, None]  # (B, nb, 1, block, G)
+    if dropout == 0.0:
+        k_g = k_glob.permute(0, 2, 3, 1)[:, None].expand(B, nb, H, D, G)  # as the bands: (B, nb, H, D, G)
+        v_g = v_glob.permute(0, 2, 3, 1)[:, None].expand(B, nb, H, v.shape[-1], G)
+        out = _fused_blocks(q_blocks, [k_band, k_g], [v_band, v_g], [allowed, g_allowed], scale)[:, :T]
+    else:
+        scores = torch.einsum("bnqhd,bnhdl->bnhql", q_blocks, k_band).to(acc) * scale  # (B, nb, H, block, L)
+        out = _band_and_global(scores, allowed, q_blocks, k_glob, v_glob, g_allowed, v_band, scale, acc, dropout)
+        out = out.reshape(B, nb * block, H, v.shape[-1])[:, :T]
+
+    # 4. global queries attend every key (their own projections when given); their rows replace the banded ones
+    return global_query_rows(
+        out, global_q if global_q is not None else q, global_k if global_k is not None else k,
+        global_v if global_v is not None else v, gidx, greal, key_ok_global, pattern, segment_ids, scale, dropout,
+    )  # fmt: skip
+
+
+def _fused_blocks(q_blocks, keys, values, allowed, scale: float) -> torch.Tensor:
+    """Attention of each block of queries ``q_blocks`` (B, nb, block, H, D) over its keys and values, given as
+    parts (B, nb, H, D, n) with their masks (B, nb, 1, block, n), in one fused ``scaled_dot_product_attention``
+    (no (block, n) probabilities kept for the backward; a row with no key allowed gives zeros, as
+    ``masked_softmax``). Returns (B, nb * block, H, Dv)."""
+    B, nb, block, H, D = q_blocks.shape
+    k = torch.cat([x.transpose(-1, -2) for x in keys], -2)  # (B, nb, H, n, D), contiguous
+    v = torch.cat([x.transpose(-1, -2) for x in values], -2)
+    mask = torch.cat([a.expand(B, nb, 1, block, a.shape[-1]) for a in allowed], -1)
+    out = F.scaled_dot_product_attention(
+        q_blocks.transpose(2, 3).flatten(0, 1),  # (B * nb, H, block, D)
+        k.flatten(0, 1),
+        v.flatten(0, 1),
+        attn_mask=mask.flatten(0, 1),  # (B * nb, 1, block, n): the same for every head
+        scale=scale,
+    )  # (B * nb, H, block, Dv)
+    return out.view(B, nb, H, block, -1).transpose(2, 3).reshape(B, nb * block, H, -1)
+
+
+def _band_and_global(scores, allowed, q_blocks, k_glob, v_glob, g_allowed, v_band, scale, acc, dropout):
+    """Band scores (B, nb, H, block, L) and global keys with dropout on the probabilities: one softmax over both;
+    returns (B, nb, block, H, Dv)."""
+    g_scores = torch.einsum("bnqhd,bghd->bnhqg", q_blocks, k_glob).to(acc) * scale  # (B, nb, H, block, G)
     # one softmax over band and global scores, without concatenating them (a copy of every band score)
     scores = scores.masked_fill(~allowed, float("-inf"))
     g_scores = g_scores.masked_fill(~g_allowed, float("-inf"))
@@ -125,17 +165,10 @@ def chunk_sparse_attention(
     e, g_e = torch.exp(scores - top), torch.exp(g_scores - top)
     total = e.sum(-1, keepdim=True) + g_e.sum(-1, keepdim=True)
     total = torch.where(total > 0, total, torch.ones_like(total))
-    probs = F.dropout(e / total, dropout).to(v.dtype)
-    g_probs = F.dropout(g_e / total, dropout).to(v.dtype)
+    probs = F.dropout(e / total, dropout).to(v_band.dtype)
+    g_probs = F.dropout(g_e / total, dropout).to(v_band.dtype)
     out = torch.einsum("bnhql,bnhdl->bnqhd", probs, v_band)
-    out = out + torch.einsum("bnhqg,bghd->bnqhd", g_probs, v_glob)
-    out = out.reshape(B, nb * block, H, D)[:, :T]
-
-    # 4. global queries attend every key (their own projections when given); their rows replace the banded ones
-    return global_query_rows(
-        out, global_q if global_q is not None else q, global_k if global_k is not None else k,
-        global_v if global_v is not None else v, gidx, greal, key_ok_global, pattern, segment_ids, scale, dropout,
-    )  # fmt: skip
+    return out + torch.einsum("bnhqg,bghd->bnqhd", g_probs, v_glob)  # (B, nb, block, H, Dv)
 
 
 def global_query_rows(

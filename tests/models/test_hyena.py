@@ -61,8 +61,9 @@ def safari_operator_weights(d, l_max, order, filter_order, emb_dim, inner=2, sho
     return sd
 
 
-def reference_filter(sd, L, inner, shift=0.0):
-    """The implicit filters (L, d_filter): sine network over the positional features, times the decay window."""
+def reference_filter(sd, L, inner, shift=0.0, normalized=False):
+    """The implicit filters (L, d_filter): sine network over the positional features (with ``normalized``, each
+    position divided by its L1 norm over the channels), times the decay window."""
     z, t = sd["filter_fn.pos_emb.z"][0, :L].double(), sd["filter_fn.pos_emb.t"][0, :L].double()
     freq = sd["filter_fn.implicit_filter.1.freq"].double()
     a = z
@@ -73,10 +74,12 @@ def reference_filter(sd, L, inner, shift=0.0):
         )
         a = torch.sin(freq * (a @ w.T + b.double()))
     k = a @ sd[f"filter_fn.implicit_filter.{2 * inner + 2}.weight"].double().T
+    if normalized:
+        k = k / k.abs().sum(-1, keepdim=True)
     return k * (torch.exp(-t * sd["filter_fn.modulation.deltas"][0].double().abs()) + shift)
 
 
-def reference_operator(sd, u, order, inner=2):
+def reference_operator(sd, u, order, inner=2, normalized=False):
     """safari's HyenaOperator forward on u (B, L, d), in float64."""
     B, L, d = u.shape
     u = u.double()
@@ -87,7 +90,7 @@ def reference_operator(sd, u, order, inner=2):
     uc = bias + sum(w[:, k] * padded[:, k : k + L] for k in range(K))  # tap K - 1 meets the current token
     x = list(uc.split(d, dim=-1))
     v = x.pop()
-    k = reference_filter(sd, L, inner)  # (L, d (order - 1)); channel c = i (order - 1) + o
+    k = reference_filter(sd, L, inner, normalized=normalized)  # (L, d (order - 1)); channel c = i (order - 1) + o
     skip = sd["filter_fn.bias"].double()
     for o, x_i in enumerate(reversed(x[1:])):
         v = v * x_i
@@ -107,6 +110,20 @@ def test_operator_from_safari_equals_the_reference(order, emb_dim, L):
     )
     u = torch.randn(2, L, d)
     torch.testing.assert_close(op(u).double(), reference_operator(sd, u, order), rtol=1e-4, atol=1e-5)
+
+
+def test_normalized_filters_are_normalized_before_the_decay_window():
+    """safari's ``normalized=True``: h / ||h||_1 over the channels, then the window; the other order would divide
+    most of the window's decay over time back out."""
+    d, l_max, order, filter_order, L = 6, 16, 3, 8, 14
+    sd = safari_operator_weights(d, l_max, order, filter_order, 5, seed=7)
+    op = operator_from_safari(
+        sd, d_model=d, l_max=l_max, order=order, filter_order=filter_order, emb_dim=5, normalized=True
+    )
+    u = torch.randn(2, L, d)
+    torch.testing.assert_close(
+        op(u).double(), reference_operator(sd, u, order, normalized=True), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_operator_options_outside_zoo_are_errors():

@@ -30,7 +30,8 @@ class HyenaConfig(ZooConfig):
         filter_sin_freq: initial frequency of the filter network's sine activations (``w``).
         filter_inner_layers: hidden linear layers of the filter network (``num_inner_mlps``).
         filter_bias: use the filters' learnable skip term (``bias``; its weights exist either way).
-        filter_normalized: divide each position's filter values by their L1 norm over channels (``normalized``).
+        filter_normalized: divide each position's filter values by their L1 norm over channels, before the decay
+            window (``normalized``).
         filter_modulate, filter_fast_decay_pct, filter_slow_decay_pct, filter_decay_target, filter_decay_shift:
             the exponential decay window of the filters (``modulate``, ``fast_decay_pct``, ``slow_decay_pct``,
             ``target``, ``shift``): channel decay rates from log(target) / slow to log(target) / fast.

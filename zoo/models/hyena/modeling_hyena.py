@@ -16,6 +16,7 @@ The implicit filter of position j (``HyenaFilter``), d (N - 1) channels at once:
     z_j   = [t_j, Re exp(-i f w_j), Im exp(-i f w_j)]           t_j = j / (l_max - 1), w_j = 2 pi j / l_max,
                                                                  f = linspace(1e-4, bands - 1, bands)
     h[j]  = Linear(... sin(freq * Linear(sin(freq * Linear(z_j)))) ...)     one ``freq`` shared by every sine
+    h[j] /= sum_c |h[j, c]|                                      only with filter_normalized, before the window
     h[j] *= exp(-t_j |deltas|) + shift                           the decay window, one rate per channel
 
 Filter channel c = v (N - 1) + o belongs to long convolution o and inner channel v (the reference's ``(v o)``
@@ -172,10 +173,12 @@ class HyenaFilter(nn.Module):
                 f"{self.config.max_position_embeddings}; set filter_extension='extrapolate' to extend the grid"
             )
         z, t = self.pos_emb(L)
-        h = self.modulation(t, self.implicit_filter(z))[0]  # (L, d_filter)
+        h = self.implicit_filter(z)
         if self.config.filter_normalized:
+            # as the reference: each position's values over the channels divided by their L1 norm, before the
+            # decay window (after it, the division would undo most of the window's decay over time)
             h = h / h.abs().sum(-1, keepdim=True)
-        return h
+        return self.modulation(t, h)[0]  # (L, d_filter)
 
 
 class HyenaOperator(nn.Module):

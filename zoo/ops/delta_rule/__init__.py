@@ -102,7 +102,8 @@ def _validate(op, q, k, v, initial_state, cu_seqlens, chunk_size, **like_q) -> N
     if initial_state is not None and tuple(initial_state.shape) != (N, H, Dk, v.shape[-1]):
         expected = f"[N, H, Dk, Dv]={[N, H, Dk, v.shape[-1]]} (N: batch size or number of packed sequences)"
         raise _shape_error(op, "initial_state", initial_state, expected)
-    chunk.check_chunk_size(chunk_size, op)
+    if chunk_size is not None:
+        chunk.check_chunk_size(chunk_size, op)
 
 
 def dplr_delta_rule(
@@ -117,7 +118,7 @@ def dplr_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The generalised delta rule (diagonal-plus-rank-one transition) over whole sequences.
@@ -133,7 +134,7 @@ def dplr_delta_rule(
         cu_seqlens: LongTensor [N + 1] of cumulative lengths of sequences packed along T, with B == 1. No state
             crosses a boundary.
         chunk_size: tokens per chunk of the ``torch`` backend, a power of 2 (the ``triton`` backend's chunks are
-            16 tokens).
+            16 tokens). None: chosen from the head sizes (``chunk.default_chunk_size``: 16 for heads up to 64).
         backend: ``naive``, ``torch`` or ``triton``; default from ``ZOO_BACKEND``, then the device.
 
     Returns:
@@ -154,6 +155,8 @@ def dplr_delta_rule(
         from zoo.ops.delta_rule import triton as triton_impl
 
         return triton_impl.triton_dplr_delta_rule(*args)
+    if chunk_size is None:
+        chunk_size = chunk.default_chunk_size(Dk, v.shape[-1])
     return chunk.chunk_dplr_delta_rule(*args, chunk_size=chunk_size)
 
 
@@ -252,7 +255,7 @@ def delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """DeltaNet, and Gated DeltaNet with ``g``: S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T,

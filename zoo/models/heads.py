@@ -111,10 +111,14 @@ class CausalLMHead(BackboneHead):
 
     A model's causal LM is ``class XForCausalLM(CausalLMHead, XPreTrainedModel, GenerationMixin)`` with
     ``backbone_class = XModel``. The backbone must expose ``embed_tokens`` and return ``last_hidden_state``,
-    its cache and ``hidden_states``.
+    its cache and ``hidden_states``. ``backbone_keeps_last = True``: the backbone takes ``keep_last`` and then
+    returns the hidden states of the last ``keep_last`` positions only, and an int ``logits_to_keep`` is passed on
+    as that (``generate()`` asks for 1), so that a long prompt's prefill need not hold every position's hidden
+    state (Infini-attention's streaming prefill).
     """
 
     backbone_class: type
+    backbone_keeps_last: bool = False
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config):
@@ -141,6 +145,9 @@ class CausalLMHead(BackboneHead):
         """``labels`` are the input ids (shifted inside), or pass ``shift_labels`` already shifted; -100 marks
         positions without a target. ``num_items_in_batch``: the target count over all accumulated micro-batches
         (transformers' loss then sums instead of averaging per micro-batch)."""
+        keep_last = {}
+        if self.backbone_keeps_last and isinstance(logits_to_keep, int):
+            keep_last["keep_last"] = logits_to_keep
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -149,6 +156,7 @@ class CausalLMHead(BackboneHead):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            **keep_last,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(outputs.last_hidden_state[:, keep, :])

@@ -18,7 +18,9 @@ the positions never grow past ``segment_length`` however long the input.
 
 Decoding keeps, per layer, the memory (M, z) and the keys and values of the current, unfinished segment only; when
 a segment fills it is folded into the memory and its keys and values dropped. A long prompt with the cache on runs
-in pieces of ``segment_length`` tokens, so its working memory is bounded by the segment, not the prompt.
+in pieces of ``segment_length`` tokens, so its working memory is bounded by the segment, not the prompt; its token
+embeddings are looked up piece by piece, and with an int ``logits_to_keep`` (``generate()`` asks for 1) only the
+kept positions' hidden states outlive their piece, so that nothing held grows with the prompt but its ids.
 """
 
 from __future__ import annotations
@@ -31,10 +33,19 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from zoo.models.heads import CausalLMHead, SequenceClassificationHead
 from zoo.models.infini.configuration_infini import InfiniConfig
-from zoo.models.utils import CACHE_NAME, BackboneInputs, ZooBackbone
+from zoo.models.utils import (
+    CACHE_NAME,
+    BackboneInputs,
+    ZooBackbone,
+    backbone_inputs,
+    check_input_ids,
+    model_forward,
+    with_cache,
+)
 from zoo.modules import Attention, RecurrentCache, RotaryEmbedding, apply_rotary, build_mlp, build_norm
 from zoo.modules.attention import DENSE_MASK_KERNELS, attention_function
 from zoo.ops.compressive_memory import compressive_memory, compressive_memory_read
@@ -351,25 +362,94 @@ class InfiniModel(ZooBackbone, InfiniPreTrainedModel):
     def new_cache(self):
         return RecurrentCache(self.config.num_hidden_layers)
 
-    def layers_forward(self, inputs: BackboneInputs, output_hidden_states: bool):
+    @model_forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        keep_last: int = 0,
+    ) -> BaseModelOutputWithPast:
+        """The shared backbone forward (``ZooBackbone``), with ``keep_last`` > 0 returning the hidden states of
+        the last ``keep_last`` positions only (what the language-model head needs for an int ``logits_to_keep``).
+        Token embeddings are looked up per piece of a long cached input, and with ``keep_last`` the hidden states
+        of the other pieces are dropped as each finishes: a streaming prefill then holds nothing that grows with
+        the input but the ids themselves."""
+        if keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0 (0 keeps every position), got {keep_last}")
+        embed_later = input_ids is not None and inputs_embeds is None
+        if embed_later:
+            check_input_ids(input_ids, self.config.vocab_size)
+            # a zero-width stand-in carries the shape: layers_forward embeds the ids piece by piece
+            inputs_embeds = self.embed_tokens.weight.new_empty((*input_ids.shape, 0))
+        inputs = backbone_inputs(
+            self,
+            input_ids=None if embed_later else input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            new_cache=self.new_cache,
+            cache_class=self.cache_class,
+        )
+        T = inputs.embeds.shape[1]
+        hidden_states, all_hidden = self.layers_forward(
+            inputs,
+            bool(output_hidden_states),
+            input_ids=input_ids if embed_later else None,
+            keep_last=keep_last,
+        )
+        if inputs.cache is not None:
+            inputs.cache.advance(T)
+        return with_cache(
+            BaseModelOutputWithPast, inputs.cache, last_hidden_state=hidden_states, hidden_states=all_hidden
+        )
+
+    def layers_forward(
+        self,
+        inputs: BackboneInputs,
+        output_hidden_states: bool,
+        input_ids: torch.LongTensor | None = None,
+        keep_last: int = 0,
+    ):
+        """Blocks and final norm over ``inputs``; ``input_ids``: the ids to embed when ``inputs.embeds`` is the
+        zero-width stand-in; ``keep_last`` > 0: the hidden states of the last ``keep_last`` positions only."""
         T = inputs.embeds.shape[1]
         L = self.config.segment_length
-        if inputs.cache is None or T <= L:
-            return self._segments_forward(inputs, output_hidden_states)
-        # with a cache, a long input runs in pieces of one segment: the working memory stays bounded by it
-        hidden, all_hidden = [], None
-        for start in range(0, T, L):
-            stop = min(start + L, T)
-            piece = dataclasses.replace(
+        first_kept = max(T - keep_last, 0) if keep_last > 0 else 0
+
+        def piece_inputs(start: int, stop: int) -> BackboneInputs:
+            if input_ids is not None:
+                embeds = self.embed_tokens(input_ids[:, start:stop])
+            else:
+                embeds = inputs.embeds[:, start:stop]
+            if (start, stop) == (0, T):
+                return dataclasses.replace(inputs, embeds=embeds)
+            return dataclasses.replace(
                 inputs,
-                embeds=inputs.embeds[:, start:stop],
+                embeds=embeds,
                 past_len=inputs.past_len + start,
                 position_ids=inputs.position_ids[:, start:stop],
                 pad_mask=None if inputs.pad_mask is None else inputs.pad_mask[:, : inputs.past_len + stop],
                 doc_starts=None if inputs.doc_starts is None else inputs.doc_starts[:, start:stop],
             )
-            h, piece_hidden = self._segments_forward(piece, output_hidden_states)
-            hidden.append(h)
+
+        if inputs.cache is None or T <= L:
+            hidden, all_hidden = self._segments_forward(piece_inputs(0, T), output_hidden_states)
+            return hidden[:, first_kept:], all_hidden
+        # with a cache, a long input runs in pieces of one segment: the working memory stays bounded by it, and
+        # only the kept positions' hidden states outlive their piece
+        hidden, all_hidden = [], None
+        for start in range(0, T, L):
+            stop = min(start + L, T)
+            h, piece_hidden = self._segments_forward(piece_inputs(start, stop), output_hidden_states)
+            if stop > first_kept:
+                hidden.append(h[:, max(first_kept - start, 0) :])
             if piece_hidden is not None:
                 all_hidden = [piece_hidden] if all_hidden is None else [*all_hidden, piece_hidden]
         if all_hidden is not None:
@@ -417,6 +497,7 @@ class InfiniModel(ZooBackbone, InfiniPreTrainedModel):
 
 class InfiniForCausalLM(CausalLMHead, InfiniPreTrainedModel, GenerationMixin):
     backbone_class = InfiniModel
+    backbone_keeps_last = True  # an int logits_to_keep bounds the prefill's memory (InfiniModel's keep_last)
 
     @classmethod
     def from_baseline(

@@ -70,6 +70,7 @@ Munkhdalai et al. 2024, arXiv:2404.07143 (Infini-attention); Bulatov et al. 2022
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 
@@ -212,10 +213,20 @@ def _ssd_layer(B, T, hidden, expand, heads, head_dim, state, groups, chunk, kern
     }
 
 
+def _ssd_chunk(config) -> int:
+    """The chunk length of a Mamba-2 mixer's scan: the config's, or (None) what the CPU path picks for its head sizes
+    (``zoo.ops.retention.default_chunk_size``; the Triton kernels' 64 changes only the intra-chunk term)."""
+    from zoo.ops.retention import default_chunk_size
+
+    if config.chunk_size is not None:
+        return config.chunk_size
+    return default_chunk_size("torch", config.state_size, config.head_dim)
+
+
 def _ssd(config, B, T):
     layer = _ssd_layer(
         B, T, config.hidden_size, config.expand, config.num_heads, config.head_dim, config.state_size,
-        config.n_groups, config.chunk_size, config.conv_kernel,
+        config.n_groups, _ssd_chunk(config), config.conv_kernel,
     )  # fmt: skip
     return {k: _layers(config) * v for k, v in layer.items()}
 
@@ -237,7 +248,7 @@ def _hybrid(config, B, T):
             m2 = config.mixer_config("mamba2")
             layer = _ssd_layer(
                 B, T, config.hidden_size, m2.expand, m2.num_heads, m2.head_dim, m2.state_size, m2.n_groups,
-                m2.chunk_size, m2.conv_kernel,
+                _ssd_chunk(m2), m2.conv_kernel,
             )  # fmt: skip
             out["ssd"] += layer["ssd"]
             out["conv"] += layer["conv"]
@@ -379,12 +390,14 @@ def forward_flops(model: torch.nn.Module, family: str, B: int, T: int, **options
     if family not in FAMILIES:
         raise ValueError(f"unknown FLOP family {family!r}; expected one of {sorted(FAMILIES)}")
     dense = linear_flops(model, B, T)
-    try:
-        mixing = FAMILIES[family](model.config, B, T, **options)
-    except TypeError as err:
+    counter = FAMILIES[family]
+    accepted = set(inspect.signature(counter).parameters) - {"config", "B", "T"}
+    if set(options) - accepted:
         raise ValueError(
-            f"FLOP family {family!r} does not take the options {sorted(options)}: {err}"
-        ) from None
+            f"FLOP family {family!r} does not take the options {sorted(set(options) - accepted)} "
+            f"(it takes {sorted(accepted) or 'none'})"
+        )
+    mixing = counter(model.config, B, T, **options)
     extra = mixing.pop(EXTRA_TOKENS, 0)
     if extra:
         dense["memory_tokens"] = dense["dense"] // (B * T) * extra

@@ -143,3 +143,43 @@ def test_bigbird_full_attention_is_dense():
     assert flops.FAMILIES["block_sparse"](seeded, 1, 14) == {
         "block_sparse_attention": per_pair * flops.block_sparse_pairs(14, 2, 3, 1, 1, causal=False)
     }
+
+
+def test_ssd_counts_the_chunk_the_scan_runs():
+    """A Mamba-2 config without chunk_size counts the chunk its CPU scan picks (16 for heads of 16 with state 16):
+    per head, 2 (N + P) n^2 for each chunk of n tokens and 4 N P per token; the short convolution 2 K channels."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.models.registry import sized_config
+
+    model = AutoModelForCausalLM.from_config(sized_config("zoo_mamba2", 32, 1))
+    cfg = model.config
+    assert cfg.chunk_size is None and model.model.layers[0].mixer.scan_chunk_size(torch.device("cpu")) == 16
+    H, N, P, T = cfg.num_heads, cfg.state_size, cfg.head_dim, 40  # chunks of 16, 16, 8
+    ssd = H * (2 * (N + P) * (16**2 + 16**2 + 8**2) + 4 * N * P * T)
+    conv = 2 * cfg.conv_kernel * (cfg.intermediate_size + 2 * cfg.n_groups * N) * T
+    terms = flops.forward_flops(model, "ssd", 1, T)
+    assert (terms["ssd"], terms["conv"]) == (ssd, conv)
+    cfg.chunk_size = 8  # an explicit chunk is counted as given
+    assert flops.forward_flops(model, "ssd", 1, T)["ssd"] == H * (2 * (N + P) * 5 * 8**2 + 4 * N * P * T)
+    with pytest.raises(ValueError, match="global_tokens"):
+        flops.forward_flops(model, "ssd", 1, T, global_tokens=2)
+
+
+def test_hybrid_counts_its_mamba2_layers_like_mamba2():
+    from transformers import AutoModelForCausalLM
+
+    from zoo.models.registry import sized_config
+
+    hybrid = AutoModelForCausalLM.from_config(sized_config("zoo_hybrid", 32, 2))
+    m2 = hybrid.config.mixer_config("mamba2")
+    n = hybrid.config.layer_types.count("mamba2")
+    from zoo.ops.retention import default_chunk_size
+
+    chunk = default_chunk_size("torch", m2.state_size, m2.head_dim)  # no chunk_size in the config
+    assert m2.chunk_size is None and flops._ssd_chunk(m2) == chunk
+    per_layer = flops._ssd_layer(
+        1, 40, 32, m2.expand, m2.num_heads, m2.head_dim, m2.state_size, m2.n_groups, chunk, m2.conv_kernel
+    )
+    terms = flops.forward_flops(hybrid, "hybrid", 1, 40)
+    assert n >= 1 and terms["ssd"] == n * per_layer["ssd"] > 0

@@ -414,7 +414,8 @@ def training_flops(model: torch.nn.Module, family: str, B: int, T: int, **option
 
 def measured_matmul_flops(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> int | None:
     """torch's own count (``torch.utils.flop_counter``) of the matmul, convolution and attention FLOPs of one
-    forward: an independent cross-check of :func:`forward_flops` (it does not see FFTs or elementwise scans)."""
+    forward: an independent cross-check of :func:`forward_flops` (it does not see FFTs or elementwise scans, nor, on
+    the CPU, ``scaled_dot_product_attention``, for which it counts 0: attention through SDPA is missing from it)."""
     try:
         from torch.utils.flop_counter import FlopCounterMode
     except ImportError:  # older torch

@@ -74,7 +74,8 @@ def test_longformer_flops_by_hand():
 
 def test_longformer_counts_the_projections_the_forward_applies():
     """The global projections run only when a row has global tokens, so the dense term leaves them out; torch's own
-    FLOP counter sees at least the counted products (the chunked form also runs the padding of its tiles)."""
+    FLOP counter sees at least the counted projections (it counts no FLOPs for scaled_dot_product_attention on the
+    CPU, which the blocked form runs its attention through, so the attention term is checked by hand above)."""
     model = _longformer()
     called = []
     for layer in model.model.layers:
@@ -85,7 +86,7 @@ def test_longformer_counts_the_projections_the_forward_applies():
     measured = flops.measured_matmul_flops(model, ids, **no_globals)
     assert called == []
     terms = flops.forward_flops(model, "sliding_window", 1, 6)
-    assert measured >= terms["dense"] + terms["sliding_window_attention"]
+    assert measured >= terms["dense"]
     glob = torch.zeros_like(ids)
     glob[:, 0] = 1
     with torch.no_grad():

@@ -213,12 +213,28 @@ class InfiniAttention(Attention):
         """Causal attention inside segments gathered from the combined (B, C, H, D) inputs; (B, T, H, D) out."""
         B, C, H, D = q.shape
         S, L = layout.slot_valid.shape
+        if T == 1 and S * L > 1:
+            return self._local_step(q, k, v, layout)
         q, k, v = (x.reshape(B * C, x.shape[2], D)[layout.slot_token].view(S, L, x.shape[2], D).transpose(1, 2)
                    for x in (q, k, v))  # fmt: skip
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
         mask = causal[None, None] & layout.slot_valid[:, None, None, :]  # (S, 1, L, L)
         out = self._kernel(q, k, v, mask, is_causal=False).reshape(S * L, H, D)
         out = out[layout.token_slot].view(B, T, H, D)
+        return out * layout.new_real[..., None, None].to(out.dtype)
+
+    def _local_step(self, q, k, v, layout: SegmentLayout):
+        """``_local`` for one new token per row (decoding): only its query, over the keys of its own segment up to
+        it, instead of every query of the segment (which a step would recompute and drop)."""
+        B, C, H, D = q.shape
+        S, L = layout.slot_valid.shape
+        slot = layout.token_slot  # (B,): each new token's slot, segment * L + position
+        seg, pos = slot // L, slot % L
+        flat = layout.slot_token.view(S, L)[seg]  # (B, L): the tokens of each new token's segment
+        k_seg, v_seg = (x.reshape(B * C, x.shape[2], D)[flat].transpose(1, 2) for x in (k, v))  # (B, Hkv, L, D)
+        q_new = q.reshape(B * C, H, D)[layout.slot_token[slot]][:, :, None]  # (B, H, 1, D)
+        mask = layout.slot_valid[seg] & (torch.arange(L, device=q.device)[None] <= pos[:, None])  # (B, L)
+        out = self._kernel(q_new, k_seg, v_seg, mask[:, None, None, :], is_causal=False)  # (B, 1, H, D)
         return out * layout.new_real[..., None, None].to(out.dtype)
 
     def _memory(self, q, k, v, layout: SegmentLayout, state: torch.Tensor | None):

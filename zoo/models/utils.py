@@ -352,3 +352,12 @@ class ZooBackbone:
         return with_cache(
             BaseModelOutputWithPast, inputs.cache, last_hidden_state=hidden_states, hidden_states=all_hidden
         )
+
+
+def class_named_in(src, classes: dict, default):
+    """The value of ``classes`` (keyed by class name) for the first class the saved config at ``src`` names in its
+    ``architectures``, else ``default``: which head a converter loads a folder as."""
+    from transformers import AutoConfig
+
+    names = AutoConfig.from_pretrained(src).architectures or ()
+    return next((classes[name] for name in names if name in classes), default)

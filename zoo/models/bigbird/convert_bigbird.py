@@ -48,6 +48,7 @@ from zoo.models.bigbird.modeling_bigbird import (
     ZooBigBirdForQuestionAnswering,
     ZooBigBirdForSequenceClassification,
 )
+from zoo.models.utils import class_named_in
 
 # transformers class -> the zoo class its weights convert to (anything else: the masked LM)
 _HEADS = {
@@ -137,11 +138,8 @@ class TransformersBigBird:
     def from_pretrained(src, **kwargs):
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(src)
-        names = [name for name in config.architectures or () if name in _HEADS]
-        return getattr(transformers, names[0] if names else "BigBirdForMaskedLM").from_pretrained(
-            src, **kwargs
-        )
+        name = class_named_in(src, {name: name for name in _HEADS}, "BigBirdForMaskedLM")
+        return getattr(transformers, name).from_pretrained(src, **kwargs)
 
 
 def config_from_transformers(hf_config) -> ZooBigBirdConfig:
@@ -216,8 +214,4 @@ def load_zoo(src):
     """Loads a ``zoo_bigbird`` folder as the head its ``architectures`` names when it converts back
     (``ZooBigBirdForQuestionAnswering``, ``ZooBigBirdForSequenceClassification``), else as
     ``ZooBigBirdForMaskedLM`` (what ``python -m zoo.convert`` converts back from)."""
-    from transformers import AutoConfig
-
-    names = AutoConfig.from_pretrained(src).architectures or ()
-    by_name = {cls.__name__: cls for cls in _BACK}
-    return next((by_name[n] for n in names if n in by_name), ZooBigBirdForMaskedLM).from_pretrained(src)
+    return class_named_in(src, {cls.__name__: cls for cls in _BACK}, ZooBigBirdForMaskedLM).from_pretrained(src)

@@ -41,6 +41,7 @@ from zoo.models.longformer.modeling_longformer import (
     ZooLongformerForSequenceClassification,
     ZooLongformerForTokenClassification,
 )
+from zoo.models.utils import class_named_in
 
 # transformers class <-> zoo class, both ways
 _HEADS = {
@@ -125,21 +126,14 @@ class TransformersLongformer:
     def from_pretrained(src, **kwargs):
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(src)
-        names = [name for name in config.architectures or () if name in _HEADS]
-        return getattr(transformers, names[0] if names else "LongformerForMaskedLM").from_pretrained(
-            src, **kwargs
-        )
+        name = class_named_in(src, {name: name for name in _HEADS}, "LongformerForMaskedLM")
+        return getattr(transformers, name).from_pretrained(src, **kwargs)
 
 
 def load_zoo(src):
     """Loads a ``zoo_longformer`` folder as the head its ``architectures`` names, else as
     ``ZooLongformerForMaskedLM`` (what ``python -m zoo.convert`` converts back from)."""
-    from transformers import AutoConfig
-
-    names = AutoConfig.from_pretrained(src).architectures or ()
-    by_name = {cls.__name__: cls for cls in _BACK}
-    return next((by_name[n] for n in names if n in by_name), ZooLongformerForMaskedLM).from_pretrained(src)
+    return class_named_in(src, {cls.__name__: cls for cls in _BACK}, ZooLongformerForMaskedLM).from_pretrained(src)
 
 
 def config_from_transformers(hf_config) -> ZooLongformerConfig:

@@ -105,16 +105,13 @@ def build_models(arch: str, hidden_size: int, layers: int, state_size: int, seed
 
 def set_reference_chunk_size(reference, zoo_model, chunk: str | int):
     """transformers' Mamba-2 mixers at ``chunk``: ``"zoo"`` (zoo's scan's chunk on this device) or a number."""
-    from bench.entries.mamba import same_chunk_size
+    from bench.entries.mamba import same_chunk_size, set_chunk_size
 
     if str(chunk) == "zoo":
         return same_chunk_size(reference, zoo_model)
     if not str(chunk).isdigit() or int(chunk) < 1:
         raise SystemExit(f"--reference-chunk-size must be 'zoo' or a positive integer, got {chunk!r}")
-    for module in reference.modules():
-        if type(module).__name__.endswith("Mixer") and hasattr(module, "chunk_size"):
-            module.chunk_size = int(chunk)
-    return reference
+    return set_chunk_size(reference, int(chunk))
 
 
 @torch.no_grad()

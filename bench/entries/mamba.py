@@ -14,6 +14,16 @@ def _mamba_to_transformers(model):
     return to_transformers(model)
 
 
+def set_chunk_size(reference, chunk: int):
+    """transformers' Mamba-2 (Bamba) mixers, and its config, at chunk length ``chunk``."""
+    for module in reference.modules():
+        if type(module).__name__.endswith("Mixer") and hasattr(module, "chunk_size"):
+            module.chunk_size = chunk
+    config = reference.config
+    setattr(config, "mamba_chunk_size" if hasattr(config, "mamba_chunk_size") else "chunk_size", chunk)
+    return reference
+
+
 def same_chunk_size(reference, model):
     """Give transformers' Mamba-2 mixers the chunk length zoo's scan uses on this device, so that the ratio measures
     the implementations on the same chunking (transformers' default, 256, runs its CPU path several times slower;
@@ -22,13 +32,7 @@ def same_chunk_size(reference, model):
     chunks = {m.scan_chunk_size(device) for m in model.modules() if type(m).__name__ == "Mamba2Mixer"}
     if len(chunks) != 1:
         raise ValueError(f"expected one chunk length across the Mamba-2 mixers, got {sorted(chunks)}")
-    (chunk,) = chunks
-    for module in reference.modules():
-        if type(module).__name__.endswith("Mixer") and hasattr(module, "chunk_size"):
-            module.chunk_size = chunk
-    config = reference.config
-    setattr(config, "mamba_chunk_size" if hasattr(config, "mamba_chunk_size") else "chunk_size", chunk)
-    return reference
+    return set_chunk_size(reference, chunks.pop())
 
 
 def _mamba2_to_transformers(model):

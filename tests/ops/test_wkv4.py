@@ -104,11 +104,12 @@ def test_equals_transformers(backend):
 
 
 @pytest.mark.parametrize("dtype", RUNS, ids=["f64", "f32"])
-@pytest.mark.parametrize("chunk_size", [5, 16])
+@pytest.mark.parametrize("chunk_size", [2, 5, 16, None])
 @pytest.mark.parametrize("T", [1, 7, 16, 63, 100])
 def test_forward_backward(T, chunk_size, dtype):
     """Outputs, final state, and every gradient (w, u, k, v, initial state); chunk 16 divides 16 only, chunk 5
-    divides none of the odd lengths."""
+    divides none of the odd lengths, chunk 2 makes up to 50 chunks (six steps of the scan over chunks), None is
+    the default choice."""
     inputs = make_inputs(T, key_scale=3.0)
     check_forward_backward(
         op("torch", chunk_size), op("naive"), inputs, dtype=dtype, what=f"T={T} C={chunk_size}"
@@ -230,17 +231,24 @@ PACKED_LENGTHS = (0, 3, 1, 4, 0, 8, 13, 1, 2, 20, 0)
 
 @pytest.mark.parametrize("initial_state", [True, False], ids=["h0", "no_h0"])
 @pytest.mark.parametrize(
-    ("backend", "dtype"),
-    [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32)],
-    ids=["torch-f64", "torch-f32", "triton-f32"],
+    ("backend", "dtype", "chunk_size"),
+    [
+        ("torch", torch.float64, 8),
+        ("torch", torch.float64, 3),
+        ("torch", torch.float32, 8),
+        ("triton", torch.float32, 8),
+    ],
+    ids=["torch-f64", "torch-f64-chunk3", "torch-f32", "triton-f32"],
 )
-def test_packed_equals_the_oracle(backend, dtype, initial_state):
+def test_packed_equals_the_oracle(backend, dtype, initial_state, chunk_size):
+    """Chunk 3 as well: documents start and end in more chunks, so the scan over chunks restarts more often (the
+    triton form has no chunks)."""
     inputs = make_inputs(sum(PACKED_LENGTHS), B=1, initial_state=False, key_scale=3.0)
     if initial_state:
         inputs["initial_state"] = make_inputs(1, B=len(PACKED_LENGTHS), seed=7)["initial_state"]
     inputs["cu_seqlens"] = torch.tensor([0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()])
-    check_forward_backward(op(backend, 8), op("naive"), inputs, dtype=dtype)
-    assert op(backend, 8)(**inputs)[1].shape == (len(PACKED_LENGTHS), 3, C)
+    check_forward_backward(op(backend, chunk_size), op("naive"), inputs, dtype=dtype)
+    assert op(backend, chunk_size)(**inputs)[1].shape == (len(PACKED_LENGTHS), 3, C)
 
 
 @pytest.mark.parametrize("layout", ["BC", "B1C"])

@@ -80,7 +80,7 @@ def wkv4(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 16,
+    chunk_size: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """WKV over whole sequences.
@@ -95,15 +95,15 @@ def wkv4(
             inputs).
         cu_seqlens: LongTensor [N + 1] of cumulative lengths of sequences packed along T, with B == 1. No state
             crosses a boundary.
-        chunk_size: tokens per chunk of the ``torch`` backend (its memory is about chunk_size times that of k); the
-            ``triton`` backend walks token by token and has no chunks.
+        chunk_size: tokens per chunk of the ``torch`` backend (its memory is about chunk_size times that of k;
+            None: ``chunk.default_chunk_size``, 8); the ``triton`` backend walks token by token and has no chunks.
         backend: ``naive``, ``torch`` or ``triton``; default from ``ZOO_BACKEND``, then the device.
 
     Returns:
         (out [B, T, C] in the dtype of v, final_state or None).
     """
     _validate(w, u, k, v, initial_state, cu_seqlens)
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"wkv4: chunk_size={chunk_size}, expected a positive integer")
     name = resolve_backend("wkv4", backend, k.device)
     args = (w, u, k, v, initial_state, output_final_state, cu_seqlens)

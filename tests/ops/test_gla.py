@@ -102,6 +102,33 @@ def test_forward_backward(mode, T, chunk_size, dtype):
     check_forward_backward(op("torch", chunk_size), op("naive"), inputs, dtype=dtype, what=f"{mode} T={T}")
 
 
+@pytest.mark.parametrize("dtype", RUNS, ids=["f64", "f32"])
+@pytest.mark.parametrize("split", [True, False], ids=["split", "elementwise"])
+@pytest.mark.parametrize("mode", MODES)
+def test_sub_chunk_forms(monkeypatch, mode, split, dtype):
+    """Both forms of the scores inside a sub-chunk: one matmul of split decays (every sub-chunk's decay span is
+    within 2 * MAX_HALF_SPAN for these inputs) and the elementwise exponents (forced with a negative limit)."""
+    inputs = make_inputs(100, mode)
+    spans = -inputs["g"][:, :96].reshape(2, 6, 16, H, DK).sum(2)
+    assert spans.max() < 2 * chunk.MAX_HALF_SPAN
+    if not split:
+        monkeypatch.setattr(chunk, "MAX_HALF_SPAN", -1.0)
+    check_forward_backward(op("torch", 64), op("naive"), inputs, dtype=dtype, what=f"{mode} split={split}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_split_decays_near_the_limit_float32(mode):
+    """float32, sub-chunk decay spans just under the split form's limit: log decays of -7 per token on half the
+    key channels (spans of 112 over 16 tokens, factors up to e^{+-56}), keys and queries of scale 3. Outputs, final
+    state and every gradient match the float64 oracle."""
+    inputs = make_inputs(96, mode)
+    inputs["g"][..., : DK // 2] = -7.0
+    inputs["q"], inputs["k"] = 3 * inputs["q"], 3 * inputs["k"]
+    spans = -inputs["g"].reshape(2, 6, 16, H, DK).sum(2)
+    assert 100 < spans.max() < 2 * chunk.MAX_HALF_SPAN
+    check_forward_backward(op("torch", 16), op("naive"), inputs, dtype=torch.float32, what=mode)
+
+
 # (T, chunk): one token; a partial chunk; two sub-chunks per chunk; four sub-chunks with the last partial and the one
 # after it empty (100 = 64 + 36)
 TRITON_CASES = [(1, 16), (7, 16), (100, 32), (100, 64)]

@@ -18,7 +18,11 @@ sub-chunks of s tokens (s = 16, or the largest divisor of L below it);
 - for sub-chunk a and every earlier token j, the reference is r_a = b at the token before the sub-chunk, so
   q~_i = q_i e^{c_i - r_a} and k~_j = k_j e^{r_a - b_j} are both <= 1, and the block is one matmul q~ k~^T (keys
   at or after the sub-chunk's start are masked to 0 before their exponential is taken);
-- inside a sub-chunk the (s, s, K) exponents c_i - b_j are taken elementwise (a small part of the work).
+- inside a sub-chunk every exponent c_i - b_j lies within the sub-chunk's decay span (from b before its first
+  token down to b at its last). Split at the middle m of that span, q_i e^{c_i - m} and k_j e^{m - b_j} are both
+  within e^{+-span / 2}: the block is again one matmul, whose entries above the diagonal (which may overflow) are
+  dropped. Where some span exceeds 2 * ``MAX_HALF_SPAN`` (decays so strong that a factor could leave float32's
+  range), the (s, s, K) exponents are taken elementwise instead, each <= 0 as it is (several times slower).
 
 The states are then scanned across chunks (a loop over T / L chunks, not over tokens). Gradients come from
 autograd. Batches and packed sequences run alike in one pass (see ``documents.py``): scores between different
@@ -32,6 +36,10 @@ import torch
 
 from zoo.ops.gla.documents import Documents
 from zoo.ops.gla.naive import state_dtype
+
+# the largest exponent (in magnitude) of either factor of a split decay inside a sub-chunk: e^60 ~ 1e26 leaves
+# float32 room for the keys and queries it multiplies
+MAX_HALF_SPAN = 60.0
 
 
 def sub_chunk_size(L: int, at_most: int = 16) -> int:
@@ -59,12 +67,23 @@ def _intra_chunk_scores(Q, K, b, c, bonus, s: int) -> torch.Tensor:
     earlier = (pos[None, :] < pos[0:L:s, None])[..., None]  # (S, L, 1): token j before sub-chunk a
     Kr = K[..., None, :, :] * torch.exp(torch.where(earlier, r[..., None, :] - b[..., None, :, :], neg_inf))
     A = (Qr @ Kr.transpose(-1, -2)).view(R, N, H, L, L)  # (R, N, H, S, s, L) -> rows of the chunk
-    # 2. inside each sub-chunk, elementwise, strictly below the diagonal
+    # 2. inside each sub-chunk, strictly below the diagonal
     Qs, Ks, bs, cs = (x.view(R, N, H, S, s, Dk) for x in (Q, K, b, c))
-    below = torch.ones(s, s, dtype=torch.bool, device=Q.device).tril(-1)[..., None]
-    # (R, N, H, S, s, s, K)
-    decay = torch.exp(torch.where(below, cs[..., :, None, :] - bs[..., None, :, :], neg_inf))
-    blocks = (Qs[..., :, None, :] * Ks[..., None, :, :] * decay).sum(-1)  # (R, N, H, S, s, s)
+    below = torch.ones(s, s, dtype=torch.bool, device=Q.device).tril(-1)
+    # every exponent c_i - b_j of a sub-chunk lies within its decay span: from b before its first token to b at
+    # its last. Split at the middle of that span, both factors stay within e^{+-span / 2}: one matmul, when no
+    # span exceeds 2 * MAX_HALF_SPAN (no factor overflows, none underflows)
+    top, bottom = b_before[..., 0:L:s, :], bs[..., -1, :]  # (R, N, H, S, K)
+    if bool((top - bottom <= 2 * MAX_HALF_SPAN).all()):
+        mid = ((top + bottom) / 2)[..., None, :]
+        Qm, Km = Qs * torch.exp(cs - mid), Ks * torch.exp(mid - bs)
+        # products above the diagonal may overflow: they are dropped (where, not a product with 0)
+        blocks = torch.where(below, Qm @ Km.transpose(-1, -2), 0.0)  # (R, N, H, S, s, s)
+    else:  # elementwise, each exponent <= 0 as it is
+        below = below[..., None]
+        # (R, N, H, S, s, s, K)
+        decay = torch.exp(torch.where(below, cs[..., :, None, :] - bs[..., None, :, :], neg_inf))
+        blocks = (Qs[..., :, None, :] * Ks[..., None, :, :] * decay).sum(-1)  # (R, N, H, S, s, s)
     eye_S = torch.eye(S, dtype=Q.dtype, device=Q.device)
     A = A + (blocks[..., :, :, None, :] * eye_S[:, None, :, None]).reshape(R, N, H, L, L)
     # 3. the diagonal: the current token, with the bonus
@@ -132,9 +151,11 @@ def chunk_gla(
     decay = torch.exp(b_end) * carried_end[:, :, None, None]
 
     # 3. the state entering every chunk: a scan over chunks
+    # (unbound once: indexing inside the loop would make the backward fill a zero tensor of U's size per chunk)
+    decays, updates = decay[..., None].unbind(1), U.unbind(1)
     S = [U.new_zeros(R, H, Dk, Dv)]
     for n in range(N - 1):
-        S.append(decay[:, n, ..., None] * S[-1] + U[:, n])
+        S.append(decays[n] * S[-1] + updates[n])
     S_in = torch.stack(S, 1)  # (R, N, H, K, V)
 
     # 4. outputs read the state entering the chunk (tokens of a document carried into it) ...

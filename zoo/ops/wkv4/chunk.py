@@ -133,12 +133,15 @@ def chunk_wkv4(
         aa, bb, pp = A_in, B_in, P_in
         h0_tok = h0_ext[docs.doc]  # (R, N, L, 3, C)
         starts = (docs.since_start == 0)[..., None]  # (R, N, L, 1)
+    # (unbound once: indexing inside the loop would make the backward fill a zero tensor of K's size per token)
+    keys, values = K.unbind(2), V.unbind(2)
+    if not plain:
+        starts, h0_tok = starts.unbind(2), [x.unbind(2) for x in h0_tok.unbind(3)]
     outs = []
     for j in range(L):
-        kj, vj = K[:, :, j], V[:, :, j]
+        kj, vj = keys[j], values[j]
         if not plain:
-            s = starts[:, :, j]
-            aa, bb, pp = (torch.where(s, h0_tok[:, :, j, i], t) for i, t in enumerate((aa, bb, pp)))
+            aa, bb, pp = (torch.where(starts[j], h0_tok[i][j], t) for i, t in enumerate((aa, bb, pp)))
         # the maxima only keep the exponents <= 0: the values do not depend on them (detached)
         ww = u + kj
         p = torch.maximum(pp, ww).detach()

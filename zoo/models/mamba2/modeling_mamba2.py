@@ -11,9 +11,11 @@ B and C:
     out        = out_proj(group_rms_norm(y * silu(z)) * weight)
 
 The recurrence is retention with per-token log-gates (q = C, k = B, v = dt x, scale 1), so it runs on
-``zoo.ops.retention`` (chunked PyTorch on CPU, Triton on GPU, one-token steps for decoding); B and C are expanded
-from their G groups to the H heads before the op. Weight names follow transformers' ``Mamba2ForCausalLM`` under
-zoo's ``model.`` prefix (``convert_mamba2.py``). Padding and packed documents as in zoo's Mamba.
+``zoo.ops.retention`` (chunked PyTorch on CPU, Triton on GPU, one-token steps for decoding); B and C go in as
+their G groups, [B, T, G, N], which the op shares among the H / G heads of each group without copying them (head
+h reads group h // (H / G), the order in which transformers' Mamba2 repeats them). Weight names follow
+transformers' ``Mamba2ForCausalLM`` under zoo's ``model.`` prefix (``convert_mamba2.py``). Padding and packed
+documents as in zoo's Mamba.
 """
 
 from __future__ import annotations
@@ -132,9 +134,8 @@ class Mamba2Mixer(nn.Module):
             xBC = xBC * keep
         u, B_t, C_t = xBC.split([Dc, G * N, G * N], dim=-1)
         u = u.view(Bsz, T, H, P)
-        # B and C of each group serve its H / G heads
-        B_t = B_t.view(Bsz, T, G, 1, N).expand(Bsz, T, G, H // G, N).reshape(Bsz, T, H, N)
-        C_t = C_t.view(Bsz, T, G, 1, N).expand(Bsz, T, G, H // G, N).reshape(Bsz, T, H, N)
+        # B and C of each group serve its H / G heads: the op reads them grouped
+        B_t, C_t = B_t.view(Bsz, T, G, N), C_t.view(Bsz, T, G, N)
         # 3. time steps and the per-head, per-token log-decay
         lo, hi = self.config.time_step_limit
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=lo, max=hi)  # (B, T, H)

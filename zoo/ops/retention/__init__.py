@@ -8,7 +8,9 @@ depend on the token. Here both are one op, in log space:
     S_t = exp(g_t) S_{t-1} + k_t^T v_t        o_t = scale * q_t S_t
 
 ``decay`` is either log(gamma) with shape [H] (fixed, RetNet) or per-token log-gates with shape [B, T, H]
-(data-dependent, <= 0). Backends (see ``zoo.ops.dispatch``): ``naive`` (the recurrent loop, the oracle),
+(data-dependent, <= 0). q and k may be grouped: G heads of q and k, G dividing the H heads of v, head h reading
+group h // (H / G) (as grouped-query attention shares keys, and as Mamba-2's SSD shares B and C among the heads
+of a group, Dao & Gu 2024, arXiv:2405.21060); the chunked forms then compute the scores of a group once. Backends (see ``zoo.ops.dispatch``): ``naive`` (the recurrent loop, the oracle),
 ``torch`` (chunkwise PyTorch), ``triton`` (chunkwise Triton kernels).
 
     out, final_state = retention(q, k, v, decay, initial_state=h0, output_final_state=True)
@@ -62,17 +64,29 @@ def _token_gates(decay: torch.Tensor, B: int, T: int, H: int) -> torch.Tensor:
     )
 
 
+def _check_groups(v: torch.Tensor, G: int, where: str = "retention") -> None:
+    """q and k hold G heads (groups) for the H heads of v (axis -2): G must divide H."""
+    H = v.shape[-2]
+    if G < 1 or H % G != 0:
+        raise ValueError(
+            f"{where}: v has shape {tuple(v.shape)} with H={H} heads, but q and k have G={G}: G must divide H "
+            f"(head h of v reads group h // (H / G) of q and k; G = H for one q and k per head)"
+        )
+
+
 def _validate(q, k, v, initial_state, cu_seqlens, row_sum: bool = False) -> int:
     """Check shapes and dtypes of a full call; return N, the number of sequences (rows of the state)."""
     if q.dim() != 4:
-        raise _shape_error("q", q, "[B, T, H, Dk]")
-    B, T, H, Dk = q.shape
+        raise _shape_error("q", q, "[B, T, H, Dk] or [B, T, G, Dk] (G groups of heads)")
+    B, T, G, Dk = q.shape
     if not q.is_floating_point():
         raise ValueError(f"retention: q has dtype {q.dtype}, expected a floating dtype")
     if tuple(k.shape) != tuple(q.shape):
-        raise _shape_error("k", k, f"the shape of q, [B, T, H, Dk]={list(q.shape)}")
-    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
-        raise _shape_error("v", v, f"[B, T, H, Dv]=[{B}, {T}, {H}, Dv]")
+        raise _shape_error("k", k, f"the shape of q, [B, T, G, Dk]={list(q.shape)}")
+    if v.dim() != 4 or tuple(v.shape[:2]) != (B, T):
+        raise _shape_error("v", v, f"[B, T, H, Dv]=[{B}, {T}, H, Dv]")
+    _check_groups(v, G)
+    H = v.shape[2]
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise ValueError(f"retention: {name} has dtype {x.dtype}, expected the dtype of q, {q.dtype}")
@@ -121,7 +135,9 @@ def retention(
     """Retention over whole sequences.
 
     Args:
-        q, k: [B, T, H, Dk]. v: [B, T, H, Dv].
+        q, k: [B, T, H, Dk], or [B, T, G, Dk] with G dividing H: grouped, head h of v reading group
+            h // (H / G) of q and k (no copies: the chunked forms compute each group's scores once).
+        v: [B, T, H, Dv].
         decay: log-decay, [H] (fixed per head, log gamma) or [B, T, H] (per-token log-gates, <= 0).
         scale: multiplies q S_t; defaults to Dk ** -0.5.
         initial_state: [N, H, Dk, Dv], the state before the first token (N = B, or the number of packed
@@ -146,7 +162,8 @@ def retention(
         ``output_row_sum``.
     """
     _validate(q, k, v, initial_state, cu_seqlens, output_row_sum)
-    B, T, H, Dk = q.shape
+    B, T, _, Dk = q.shape
+    H = v.shape[2]
     g = _token_gates(decay, B, T, H)
     if scale is None:
         scale = Dk**-0.5
@@ -180,7 +197,8 @@ def retention_step(
     """One decoding step, O(1) in the context length: S = exp(g) S + k^T v; o = scale q S.
 
     Args:
-        q, k: [B, H, Dk] or [B, 1, H, Dk]. v: [B, H, Dv] or [B, 1, H, Dv] (the same layout as q).
+        q, k: [B, H, Dk] or [B, 1, H, Dk]; or grouped, [B, G, Dk] / [B, 1, G, Dk] with G dividing H (as in
+            ``retention``). v: [B, H, Dv] or [B, 1, H, Dv] (the same layout as q).
         decay: [H] (fixed log gamma), or [B, H] / [B, 1, H] (this token's log-gates).
         state: [B, H, Dk, Dv], as returned by ``retention(..., output_final_state=True)`` or a previous step.
         scale: defaults to Dk ** -0.5.
@@ -197,12 +215,13 @@ def retention_step(
             decay = decay[:, 0]
     if q.dim() != 3:
         raise _shape_error("q", q, "[B, H, Dk] or [B, 1, H, Dk] (one token)")
-    B, H, Dk = q.shape
-    if tuple(k.shape) != (B, H, Dk):
-        raise _shape_error("k", k, f"the shape of q, {[B, H, Dk]}")
-    if v.dim() != 3 or tuple(v.shape[:2]) != (B, H):
-        raise _shape_error("v", v, f"[B, H, Dv]=[{B}, {H}, Dv]")
-    Dv = v.shape[-1]
+    B, G, Dk = q.shape
+    if tuple(k.shape) != (B, G, Dk):
+        raise _shape_error("k", k, f"the shape of q, {[B, G, Dk]}")
+    if v.dim() != 3 or v.shape[0] != B:
+        raise _shape_error("v", v, f"[B, H, Dv]=[{B}, H, Dv]")
+    _check_groups(v, G, "retention_step")
+    H, Dv = v.shape[1:]
     if tuple(state.shape) != (B, H, Dk, Dv):
         raise _shape_error("state", state, f"[B, H, Dk, Dv]={[B, H, Dk, Dv]}")
     if decay.dim() == 1 and decay.shape[0] == H:
@@ -214,7 +233,11 @@ def retention_step(
     if not state.is_floating_point():
         raise ValueError(f"retention_step: state has dtype {state.dtype}, expected float32/64")
     acc = state.dtype
-    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
-    new_state = decay.to(acc).exp()[..., None, None] * state.to(acc) + kf[..., :, None] * vf[..., None, :]
-    out = (scale * torch.einsum("bhk,bhkv->bhv", qf, new_state)).to(v.dtype)  # (B, H, Dv)
+    R = H // G  # heads per group of q and k
+    qf, kf = q.to(acc)[:, :, None], k.to(acc)[:, :, None]  # (B, G, 1, Dk): broadcast over a group's heads
+    vf = v.to(acc).reshape(B, G, R, Dv)
+    update = (kf[..., :, None] * vf[..., None, :]).view(B, H, Dk, Dv)
+    new_state = decay.to(acc).exp()[..., None, None] * state.to(acc) + update
+    out = scale * (qf[..., None, :] @ new_state.view(B, G, R, Dk, Dv))  # (B, G, R, 1, Dv)
+    out = out.reshape(B, H, Dv).to(v.dtype)
     return (out[:, None] if with_time else out), new_state

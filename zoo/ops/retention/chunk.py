@@ -38,6 +38,14 @@ exp(b_i - b_{s-1})) and its final state (at its last token, anywhere in a chunk)
 on the one or two chunks the document starts and ends in (``_DocumentEnds``), batched over documents; they add
 -<dS_0, S_0> at the token before the start and <dS_T, S_T> at the last token to dL/dB.
 
+Grouped q and k (G heads for the H heads of v, head h reading group h // R with R = H / G, as Mamba-2 shares B
+and C among the heads of a group: Dao & Gu 2024, arXiv:2405.21060) stay (N, B*G, C, Dk): the scores Q K^T are one
+(C, C) block per group, which each of its R heads multiplies by its own decay mask; Q * exp(b) and K * exp(b_C - b)
+broadcast a group over its heads (``_per_head``). In the backward, the scores' gradient is summed over a group's
+heads before the two matmuls that give dQ and dK (d(Q K^T) = sum_h dA_h), the per-head terms through the states
+are summed after them (``_group_sum``), and the gate gradient's share from the scores, q_i . dq_i - k_i . dk_i of
+the head alone, is read off the per-head product P = dP * A (dP = dO V^T) as sum_j P_ij - sum_j P_ji.
+
 Layout: chunk-major (N, B*H, C, D), so that the state of chunk n is one contiguous block. A fixed per-head decay
 (an [H] decay broadcast over batch and time) shares one (C, C) decay block across all chunks. Memory is
 O(T * C + T / C * Dk * Dv): linear in T. The per-chunk states are kept for the backward only while they are no
@@ -186,6 +194,45 @@ class _Decays:
         scores.mul_(self.mask)
         return scores if self.same is None else scores.mul_(self.same)
 
+    def masked(self, scores: torch.Tensor, R: int) -> torch.Tensor:
+        """The decayed scores of every head, (N, BH, C, C), from (N, BG, C, C) scores that the R heads of each group
+        share (in place when R == 1)."""
+        if R == 1:
+            return self.mask_(scores)
+        A = _per_head(scores, self.mask, R)
+        return A if self.same is None else A.mul_(self.same)
+
+
+def _per_head(x: torch.Tensor, w: torch.Tensor, R: int) -> torch.Tensor:
+    """x (n, B*G, C, D), one row per group of R heads, times a per-head factor w (m, B*H, C or 1, D or 1), as
+    (max(n, m), B*H, C, D): each group's row broadcast over its heads h = g R + r, without copying x first."""
+    if R == 1:
+        return x * w
+    out = x[:, :, None] * w.view(w.shape[0], x.shape[1], R, *w.shape[2:])  # (n, B*G, R, C, D)
+    return out.flatten(1, 2)
+
+
+def _group_sum(x: torch.Tensor, R: int) -> torch.Tensor:
+    """(n, B*H, ...) per head -> (n, B*G, ...): the sum over the R heads of each group."""
+    return x if R == 1 else x.view(x.shape[0], -1, R, *x.shape[2:]).sum(2)
+
+
+def _dot_per_head(x: torch.Tensor, y: torch.Tensor, R: int) -> torch.Tensor:
+    """sum_d x[.., d] y[.., d] per head, (N, B*H, C), for x (N, B*G, C, D) shared by the R heads of a group and
+    y (N, B*H, C, D)."""
+    if R == 1:
+        return (x * y).sum(-1)
+    N, BG, C, D = x.shape
+    return (x[:, :, None] * y.view(N, BG, R, C, D)).sum(-1).flatten(1, 2)
+
+
+def _add_product_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool) -> None:
+    """out += a * b, or out = a * b where ``out`` holds nothing yet (``add`` False), in place."""
+    if add:
+        out.addcmul_(a, b)
+    else:
+        torch.mul(a, b, out=out)
+
 
 def _at(x: torch.Tensor, n: int) -> torch.Tensor:
     """Chunk n of a per-chunk factor, or the factor itself when all chunks share it."""
@@ -241,21 +288,21 @@ def _read_states(O: torch.Tensor, Q_start: torch.Tensor, S: torch.Tensor, S0: to
         O[0].baddbmm_(Q_start[0], S0)
 
 
-def _read_initial_states(O, Q, ends: _DocumentEnds, H0: torch.Tensor, scale: float) -> None:
+def _read_initial_states(O, Q, ends: _DocumentEnds, H0: torch.Tensor, scale: float, R: int) -> None:
     """O += each packed document's initial state H0 (Dn, BH, Dk, D), read by its tokens of the chunk it starts in."""
     for sl in ends.groups:
         m = ends.m[sl]
-        O.index_add_(0, m, _bmm(Q[m] * (ends.w_start[sl] * scale), H0[sl]))
+        O.index_add_(0, m, _bmm(_per_head(Q[m], ends.w_start[sl] * scale, R), H0[sl]))
 
 
-def _final_states(K, V, S, ends: _DocumentEnds, H0: torch.Tensor | None) -> torch.Tensor:
+def _final_states(K, V, S, ends: _DocumentEnds, H0: torch.Tensor | None, R: int) -> torch.Tensor:
     """The state after each non-empty packed document's last token, (Dn, BH, Dk, D), from its tokens of the chunk
     it ends in, the state ``S`` left by the chunk before (if it started earlier) and its initial state ``H0`` (if
     it started in that chunk). ``V`` None: a value of ones (the key sums)."""
     parts = []
     for sl in ends.groups:
         n = ends.n[sl]
-        K_end = K[n] * ends.w_end[sl]
+        K_end = _per_head(K[n], ends.w_end[sl], R)
         S_n = K_end.sum(2)[..., None] if V is None else _bmm(K_end.transpose(-1, -2), V[n])
         S_n.addcmul_(S[(n - 1).clamp(min=0)], ends.carried[sl])
         if H0 is not None:
@@ -276,15 +323,16 @@ class ChunkRetention(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, q, k, v, g, initial_state, scale, chunk_size, output_final_state, row_sum, cu_seqlens):
-        B, T, H, Dk = q.shape
-        Dv = v.shape[-1]
+        B, T, G, Dk = q.shape
+        H, Dv = v.shape[2:]
+        R = H // G  # heads per group of q and k
         key_sum0 = None
         if row_sum and initial_state is not None:  # the last column is the decayed key sum
             initial_state, key_sum0 = initial_state[..., :Dv], initial_state[..., Dv:]
         C = chunk_size
         N = -(-T // C)
         acc = state_dtype(q.dtype)
-        Q, K, V = (_to_chunks(x, N, C, acc) for x in (q, k, v))  # (N, BH, C, D)
+        Q, K, V = (_to_chunks(x, N, C, acc) for x in (q, k, v))  # (N, BG, C, Dk) for q, k; (N, BH, C, Dv)
         b = _cumulative_gates(g, N, C, acc)
         docs = None if cu_seqlens is None else _Documents(cu_seqlens, N, C, q.device)
         d = _Decays(b, scale, docs)
@@ -300,15 +348,16 @@ class ChunkRetention(torch.autograd.Function):
         if H0 is not None:
             starts = (ends.m, H0[docs.ids] * ends.h0_out)
 
-        A = d.mask_(_bmm(Q, K.transpose(-1, -2)))  # (N, BH, C, C)
-        K_end = K * d.k
+        # one score block per group, each head's decay mask on it: (N, BH, C, C)
+        A = d.masked(_bmm(Q, K.transpose(-1, -2)), R)
+        K_end = _per_head(K, d.k, R)  # (N, BH, C, Dk)
         S_out = _chunk_states(K_end, V, d, S0, starts)
 
-        Q_start = Q * d.q
+        Q_start = _per_head(Q, d.q, R)
         O = _bmm(A, V)  # (N, BH, C, Dv); chunk n > 0 reads the state S_out[n - 1] left by chunk n - 1
         _read_states(O, Q_start, S_out, S0)
         if H0 is not None:
-            _read_initial_states(O, Q, ends, H0[docs.ids], scale)
+            _read_initial_states(O, Q, ends, H0[docs.ids], scale, R)
         # The states cost Dk * Dv / C numbers per token and head. They are kept for the backward when that is no
         # more than q, k and v cost (2 Dk + Dv); beyond (large heads, small chunks: Dk = 256, Dv = 512, C = 64
         # would be 2048 against 1024) the backward recomputes them, one more matmul and scan, so that memory
@@ -320,10 +369,11 @@ class ChunkRetention(torch.autograd.Function):
             final = S_out[N - 1].view(B, H, Dk, Dv).clone()
         elif output_final_state:
             H0_docs = None if H0 is None else H0[docs.ids]
-            final = docs.per_document(_final_states(K, V, S_out, ends, H0_docs), H0)  # (documents, H, Dk, Dv)
+            # (documents, H, Dk, Dv)
+            final = docs.per_document(_final_states(K, V, S_out, ends, H0_docs, R), H0)
         saved_final = final if docs is not None else None  # packed: dL/dB at each document's last token
         ctx.save_for_backward(Q, K, V, A, b, S0, S_out if ctx.kept_states else None, H0, saved_final)
-        ctx.meta = (B, T, H, scale, q.dtype, k.dtype, v.dtype, Dv)
+        ctx.meta = (B, T, H, G, scale, q.dtype, k.dtype, v.dtype, Dv)
         ctx.row_sum = row_sum
         ctx.docs = docs
         out = _from_chunks(O, B, T, H, v.dtype)
@@ -341,14 +391,14 @@ class ChunkRetention(torch.autograd.Function):
         sums = A.sum(-1, keepdim=True)  # (N, BH, C, 1)
         _read_states(sums, Q_start, z_out, z0)
         if Z0 is not None:
-            _read_initial_states(sums, Q, ends, Z0[docs.ids], scale)
+            _read_initial_states(sums, Q, ends, Z0[docs.ids], scale, R)
         sums = _from_chunks(sums, B, T, H, v.dtype)[..., 0]  # (B, T, H)
         if output_final_state:
             if docs is None:
                 z_final = z_out[N - 1].view(B, H, Dk, 1)
             else:
                 Z0_docs = None if Z0 is None else Z0[docs.ids]
-                z_final = docs.per_document(_final_states(K, None, z_out, ends, Z0_docs), Z0)
+                z_final = docs.per_document(_final_states(K, None, z_out, ends, Z0_docs, R), Z0)
             final = torch.cat([final, z_final], dim=-1)
         ctx.mark_non_differentiable(sums)
         return out, final, sums
@@ -361,8 +411,9 @@ class ChunkRetention(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, d_out, d_final):
         Q, K, V, A, b, S0, S_out, H0, final = ctx.saved_tensors
-        B, T, H, scale, q_dtype, k_dtype, v_dtype, Dv = ctx.meta
-        N, BH, C, Dk = Q.shape
+        B, T, H, G, scale, q_dtype, k_dtype, v_dtype, Dv = ctx.meta
+        N, _, C, Dk = Q.shape
+        BH, R = B * H, H // G
         docs = ctx.docs
         d = _Decays(b, scale, docs)
         dS = None if d_final is None else d_final[..., :Dv].to(Q.dtype)  # key sums: no grad
@@ -376,14 +427,14 @@ class ChunkRetention(torch.autograd.Function):
             starts = (ends.m, H0_docs * ends.h0_out)
         if dS is not None and docs is not None:
             dS_docs = dS[docs.ids]  # (Dn, BH, Dk, Dv), B == 1
-        K_end = K * d.k
+        K_end = _per_head(K, d.k, R)
         if S_out is None:
             S_out = _chunk_states(K_end, V, d, S0, starts)
         dO = _to_chunks(d_out, N, C, Q.dtype)
 
         # gradients of the state entering each chunk, scanned in place from the end:
         # Gin[n] = P[n] + exp(b_C of chunk n) Gin[n + 1], Gin[N] = dS_final; P[n] = chunk n's direct use
-        Q_start = Q * d.q
+        Q_start = _per_head(Q, d.q, R)
         Gin = _bmm(Q_start.transpose(-1, -2), dO)  # (N, BH, Dk, Dv)
         del Q_start
         if dS is not None and docs is None:
@@ -394,15 +445,27 @@ class ChunkRetention(torch.autograd.Function):
             Gin[n].addcmul_(Gin[n + 1], _at(d.chunk, n))
         # the gradient reaching the state *after* chunk n is Gin[n + 1] (dS_final after the last one)
 
-        dA = d.mask_(_bmm(dO, V.transpose(-1, -2)))
-        dQ = _bmm(dA, K)
-        dK = _bmm(dA.transpose(-1, -2), Q)
+        dP = _bmm(dO, V.transpose(-1, -2))  # (N, BH, C, C): dL/dA
+        # grouped q, k: the gate gradient's share from the scores, from this per-head product (see the docstring)
+        P = dP * A if R > 1 and ctx.needs_input_grad[3] else None
+        dA = d.mask_(dP)
+        if R == 1:
+            dQ = _bmm(dA, K)
+            dK = _bmm(dA.transpose(-1, -2), Q)
+            dA_groups = None
+        else:  # per head here only the terms through the states; the scores' part is added per group at the end
+            dA_groups = _group_sum(dA, R)  # (N, BG, C, C)
+            # set by the state terms below, except the first chunk's dQ and the last chunk's dK
+            dQ = torch.empty(N, BH, C, Dk, dtype=Q.dtype, device=Q.device)
+            dK = torch.empty_like(dQ)
+            dQ[0].zero_()
+            dK[N - 1].zero_()
         del dA
         dV = _bmm(A.transpose(-1, -2), dO)
         if N > 1:
             rest_q, head_k = _rows(d.q, 1, N), _rows(d.k, 0, N - 1)
-            dQ[1:].addcmul_(_bmm(dO[1:], S_out[:-1].transpose(-1, -2)), rest_q)
-            dK[:-1].addcmul_(_bmm(V[:-1], Gin[1:].transpose(-1, -2)), head_k)
+            _add_product_(dQ[1:], _bmm(dO[1:], S_out[:-1].transpose(-1, -2)), rest_q, R == 1)
+            _add_product_(dK[:-1], _bmm(V[:-1], Gin[1:].transpose(-1, -2)), head_k, R == 1)
             _baddbmm_(dV[:-1], K_end[:-1], Gin[1:])
         if S0 is not None:
             dQ[0].addcmul_(torch.bmm(dO[0], S0.transpose(-1, -2)), _at(d.q, 0))
@@ -411,15 +474,18 @@ class ChunkRetention(torch.autograd.Function):
             dV[N - 1].baddbmm_(K_end[N - 1], dS)
         del K_end
         if dS_docs is not None:
-            _final_states_backward(dK, dV, K, V, dS_docs, ends)
+            _final_states_backward(dK, dV, K, V, dS_docs, ends, R)
         d_initial = Gin[0] if S0 is not None else None
         dH0 = None
         if H0 is not None:
-            dH0 = _initial_states_backward(dQ, Q, dO, Gin, H0_docs, dS_docs, ends, scale)
+            dH0 = _initial_states_backward(dQ, Q, dO, Gin, H0_docs, dS_docs, ends, scale, R)
 
         dg = None
         if ctx.needs_input_grad[3]:
-            db = (Q * dQ).sum(-1).sub_((K * dK).sum(-1))  # (N, BH, C): dL/dB_i
+            db = _dot_per_head(Q, dQ, R).sub_(_dot_per_head(K, dK, R))  # (N, BH, C): dL/dB_i
+            if P is not None:
+                db.add_(P.sum(-1)).sub_(P.sum(-2))
+                del P
             if dS is not None and docs is None:
                 db[-1, :, -1] += (dS * S_out[N - 1]).sum((-1, -2))
             db = db.view(N, B, H, C).permute(1, 0, 3, 2).reshape(B, N * C, H)
@@ -438,9 +504,13 @@ class ChunkRetention(torch.autograd.Function):
             d_initial = docs.per_document(dH0, dS)
         if d_initial is not None and ctx.row_sum:
             d_initial = F.pad(d_initial, (0, 1))
+        if dA_groups is not None:  # q, k of a group: the sums over its heads, plus the shared scores' part
+            dQ, dK = _group_sum(dQ, R), _group_sum(dK, R)
+            _baddbmm_(dQ, dA_groups, K)
+            _baddbmm_(dK, dA_groups.transpose(-1, -2), Q)
         return (
-            _from_chunks(dQ, B, T, H, q_dtype),
-            _from_chunks(dK, B, T, H, k_dtype),
+            _from_chunks(dQ, B, T, G, q_dtype),
+            _from_chunks(dK, B, T, G, k_dtype),
             _from_chunks(dV, B, T, H, v_dtype),
             dg,
             d_initial,
@@ -452,23 +522,25 @@ class ChunkRetention(torch.autograd.Function):
         )
 
 
-def _final_states_backward(dK, dV, K, V, dS: torch.Tensor, ends: _DocumentEnds) -> None:
+def _final_states_backward(dK, dV, K, V, dS: torch.Tensor, ends: _DocumentEnds, R: int) -> None:
     """dK, dV += the gradients of the packed documents' final states (dS, (Dn, BH, Dk, Dv)) through their tokens
     of the chunk each ends in (the path through the entering state is in Gin)."""
     for sl in ends.groups:
         n, w = ends.n[sl], ends.w_end[sl]
-        dV.index_add_(0, n, _bmm(K[n] * w, dS[sl]))
+        dV.index_add_(0, n, _bmm(_per_head(K[n], w, R), dS[sl]))
         dK.index_add_(0, n, _bmm(V[n], dS[sl].transpose(-1, -2)).mul_(w))
 
 
-def _initial_states_backward(dQ, Q, dO, Gin, H0, dS, ends: _DocumentEnds, scale: float) -> torch.Tensor:
+def _initial_states_backward(
+    dQ, Q, dO, Gin, H0, dS, ends: _DocumentEnds, scale: float, R: int
+) -> torch.Tensor:
     """The gradients of the packed documents' initial states H0 (Dn, BH, Dk, Dv), and their part of dQ (in place):
     read by their tokens of the chunk each starts in, carried out of it, or reaching the final state."""
     parts = []
     for sl in ends.groups:
         m = ends.m[sl]
         w = ends.w_start[sl] * scale
-        parts.append(_bmm((Q[m] * w).transpose(-1, -2), dO[m]))
+        parts.append(_bmm(_per_head(Q[m], w, R).transpose(-1, -2), dO[m]))
         dQ.index_add_(0, m, _bmm(dO[m], H0[sl].transpose(-1, -2)).mul_(w))
     dH0 = torch.cat(parts)
     # the state leaving chunk m is the one entering chunk m + 1 (h0_out is 0 where the document ends in chunk m)
@@ -498,7 +570,8 @@ def chunk_retention(
     chunk_size: int = 64,
     row_sum: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Chunkwise retention. q, k (B, T, H, Dk); v (B, T, H, Dv); g (B, T, H) log-gates; state (B, H, Dk, Dv).
+    """Chunkwise retention. q, k (B, T, H, Dk) or grouped (B, T, G, Dk), G dividing H; v (B, T, H, Dv); g (B, T, H)
+    log-gates; state (B, H, Dk, Dv).
 
     With ``row_sum``, also returns the row sums (B, T, H) without gradient, from the same score blocks, and
     the state has one more column (the decayed key sum): (out, state, row_sums). Packed sequences
@@ -506,7 +579,8 @@ def chunk_retention(
     final states then have one row per document.
     """
     if q.shape[1] == 0:
-        B, _, H, Dk = q.shape
+        B, _, _, Dk = q.shape
+        H = v.shape[2]
         rows = B if cu_seqlens is None else cu_seqlens.numel() - 1
         out = v.new_zeros(v.shape)
         state = None

@@ -12,7 +12,9 @@ per-token log-gates g_t:
 Two readable forms live here: the recurrent form (a loop over t, eq. 1 of RetNet) and the parallel form
 (o = ((Q K^T) * D) V with the decay mask D_ij = exp(G_i - G_j) for i >= j, G the cumulative log-gate; eq. 5).
 They are short, run in float64, and are slow on purpose. Callers pass per-token gates g [B, T, H]; the public
-``zoo.ops.retention.retention`` expands a fixed per-head decay [H] to that shape before it gets here.
+``zoo.ops.retention.retention`` expands a fixed per-head decay [H] to that shape before it gets here. Grouped q and
+k ([B, T, G, Dk], G dividing H, shared by H / G heads each, as Mamba-2's B and C: Dao & Gu 2024, arXiv:2405.21060)
+are repeated to the H heads here (``expand_groups``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ import torch
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype states are kept and accumulated in: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def expand_groups(q: torch.Tensor, k: torch.Tensor, H: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped q, k (B, T, G, Dk) repeated to the H heads of v, head h reading group h // (H / G) (a copy: the
+    oracle spells the sharing out; the chunked forms compute each group's scores once)."""
+    G = q.shape[2]
+    if G == H:
+        return q, k
+    return q.repeat_interleave(H // G, dim=2), k.repeat_interleave(H // G, dim=2)
 
 
 def per_sequence(
@@ -98,7 +109,9 @@ def naive_recurrent_retention(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The recurrence, one token at a time. q, k (B, T, H, Dk); v (B, T, H, Dv); g (B, T, H) log-gates."""
+    """The recurrence, one token at a time. q, k (B, T, H, Dk) or grouped (B, T, G, Dk); v (B, T, H, Dv); g (B, T, H)
+    log-gates."""
+    q, k = expand_groups(q, k, v.shape[2])
     if cu_seqlens is not None:
         return per_sequence(
             naive_recurrent_retention, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens
@@ -130,6 +143,7 @@ def naive_parallel_retention(
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The parallel form with a dense (T, T) decay mask, O(T^2) memory; arguments as the recurrent form."""
+    q, k = expand_groups(q, k, v.shape[2])
     if cu_seqlens is not None:
         return per_sequence(
             naive_parallel_retention, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens

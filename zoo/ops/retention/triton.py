@@ -51,6 +51,11 @@ of that over t' >= t. Kernel 5 writes q . dq - k . dk per key tile; kernel 6 sum
 cumsum per chunk with a scalar carried across chunks. A fixed per-head decay [H] reaches here expanded to
 [B, T, H]; autograd sums the per-token gradient back to [H].
 
+Grouped q and k. q and k may hold G heads for the H heads of v (G dividing H; head h reads group h // (H / G), as
+Mamba-2 shares B and C, Dao & Gu 2024, arXiv:2405.21060): every kernel reads its head's group in place (the
+``G`` constexpr in the pointer arithmetic), so nothing is copied per head. Kernel 5 writes dq and dk per head
+(the gate gradient needs each head's q . dq - k . dk), and the wrapper sums them over each group's heads.
+
 Memory. The states entering every chunk, (chunks, H, Dk, Dv) float32, are written by the forward; they are kept
 for the backward only while ``keep_chunk_states`` allows (no larger than q, k and v), else the backward runs
 kernel 1 once more.
@@ -73,7 +78,7 @@ from zoo.ops.retention.naive import state_dtype
 
 @triton.jit
 def _chunk_states_fwd_kernel(
-    k,  # (TT, H, K) packed tokens
+    k,  # (TT, G, K) packed tokens
     v,  # (TT, H, V)
     g,  # (TT, H) log-gates
     h0,  # (N, H, K, V) initial states, read if USE_H0
@@ -85,6 +90,7 @@ def _chunk_states_fwd_kernel(
     cu_seqlens,  # (N + 1,) sequence boundaries in the packed token axis
     chunk_offsets,  # (N + 1,) index of each sequence's first chunk
     H: tl.constexpr,
+    G: tl.constexpr,  # heads of q and k: groups of H // G heads
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
@@ -96,6 +102,7 @@ def _chunk_states_fwd_kernel(
 ):
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = (i_nh // H).to(tl.int64), i_nh % H
+    i_g = i_h // (H // G)  # the group of q and k this head reads
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
@@ -126,7 +133,7 @@ def _chunk_states_fwd_kernel(
         m_t = (i_c * BT + o_t) < T
         # Padded rows load k = 0 and g = 0: they add nothing to the state and do not decay it.
         b_k = tl.load(
-            k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0
+            k + (tok[:, None] * G + i_g) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0
         ).to(tl.float32)  # (BT, BK)
         b_v = tl.load(
             v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0
@@ -146,8 +153,8 @@ def _chunk_states_fwd_kernel(
 
 @triton.jit
 def _chunk_output_fwd_kernel(
-    q,  # (TT, H, K)
-    k,  # (TT, H, K)
+    q,  # (TT, G, K)
+    k,  # (TT, G, K)
     v,  # (TT, H, V)
     g,  # (TT, H)
     o,  # (TT, H, V) output
@@ -158,6 +165,7 @@ def _chunk_output_fwd_kernel(
     chunk_indices,  # (NC, 2): the sequence of every chunk and its index within that sequence
     scale,
     H: tl.constexpr,
+    G: tl.constexpr,  # heads of q and k: groups of H // G heads
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
@@ -168,6 +176,7 @@ def _chunk_output_fwd_kernel(
 ):
     # int64: offsets into the per-chunk states (NC * H * K * V numbers) can pass 2^31
     i_c, i_v, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    i_g = i_h // (H // G)  # the group of q and k this head reads
     i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int64)
     i_t = tl.load(chunk_indices + 2 * i_c + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -186,8 +195,8 @@ def _chunk_output_fwd_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_q = tl.load(q + (tok[:, None] * G + i_g) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + (tok[:, None] * G + i_g) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
         b_S = tl.load(
             hs + (i_c * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
             mask=m_k[:, None] & m_v[None, :],
@@ -221,7 +230,7 @@ def _chunk_output_fwd_kernel(
 
 @triton.jit
 def _chunk_dstates_bwd_kernel(
-    q,  # (TT, H, K)
+    q,  # (TT, G, K)
     g,  # (TT, H)
     do,  # (TT, H, V) grad of the output
     dht,  # (N, H, K, V) grad of the final states, read if USE_DHT
@@ -231,6 +240,7 @@ def _chunk_dstates_bwd_kernel(
     chunk_offsets,
     scale,
     H: tl.constexpr,
+    G: tl.constexpr,  # heads of q and k: groups of H // G heads
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
@@ -241,6 +251,7 @@ def _chunk_dstates_bwd_kernel(
 ):
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = (i_nh // H).to(tl.int64), i_nh % H
+    i_g = i_h // (H // G)  # the group of q and k this head reads
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
@@ -264,7 +275,7 @@ def _chunk_dstates_bwd_kernel(
         tok = bos + i_c * BT + o_t
         m_t = (i_c * BT + o_t) < T
         b_q = tl.load(
-            q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0
+            q + (tok[:, None] * G + i_g) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0
         ).to(tl.float32)  # (BT, BK)
         b_do = tl.load(
             do + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0
@@ -281,8 +292,8 @@ def _chunk_dstates_bwd_kernel(
 
 @triton.jit
 def _chunk_dv_bwd_kernel(
-    q,  # (TT, H, K)
-    k,  # (TT, H, K)
+    q,  # (TT, G, K)
+    k,  # (TT, G, K)
     g,  # (TT, H)
     do,  # (TT, H, V)
     dhs,  # (NC, H, K, V) float32: grad of the state leaving every chunk
@@ -291,6 +302,7 @@ def _chunk_dv_bwd_kernel(
     chunk_indices,
     scale,
     H: tl.constexpr,
+    G: tl.constexpr,  # heads of q and k: groups of H // G heads
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
@@ -299,6 +311,7 @@ def _chunk_dv_bwd_kernel(
     PRECISION: tl.constexpr,
 ):
     i_c, i_v, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    i_g = i_h // (H // G)  # the group of q and k this head reads
     i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int64)
     i_t = tl.load(chunk_indices + 2 * i_c + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -320,8 +333,8 @@ def _chunk_dv_bwd_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_q = tl.load(q + (tok[:, None] * G + i_g) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + (tok[:, None] * G + i_g) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
         b_dS = tl.load(
             dhs + (i_c * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
             mask=m_k[:, None] & m_v[None, :],
@@ -339,20 +352,21 @@ def _chunk_dv_bwd_kernel(
 
 @triton.jit
 def _chunk_dqk_bwd_kernel(
-    q,  # (TT, H, K)
-    k,  # (TT, H, K)
+    q,  # (TT, G, K)
+    k,  # (TT, G, K)
     v,  # (TT, H, V)
     g,  # (TT, H)
     do,  # (TT, H, V)
     hs,  # (NC, H, K, V) float32: the state entering every chunk
     dhs,  # (NC, H, K, V) float32: grad of the state leaving every chunk
-    dq,  # (TT, H, K) float32
-    dk,  # (TT, H, K) float32
+    dq,  # (TT, H, K) float32, per head (the caller sums a group's heads)
+    dk,  # (TT, H, K) float32, per head
     dG,  # (TT, H, NK) float32: q . dq - k . dk over each key tile
     cu_seqlens,
     chunk_indices,
     scale,
     H: tl.constexpr,
+    G: tl.constexpr,  # heads of q and k: groups of H // G heads
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
@@ -361,6 +375,7 @@ def _chunk_dqk_bwd_kernel(
     PRECISION: tl.constexpr,
 ):
     i_c, i_k, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    i_g = i_h // (H // G)  # the group of q and k this head reads
     i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int64)
     i_t = tl.load(chunk_indices + 2 * i_c + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -397,8 +412,8 @@ def _chunk_dqk_bwd_kernel(
     b_last = tl.sum(b_g, axis=0)
     b_D = tl.exp(tl.where(o_t[:, None] >= o_t[None, :], b_b[:, None] - b_b[None, :], float("-inf"))) * scale
     b_dP = b_dP * b_D
-    b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_q = tl.load(q + (tok[:, None] * G + i_g) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k + (tok[:, None] * G + i_g) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
     b_dq = b_dq * (tl.exp(b_b) * scale)[:, None] + tl.dot(b_dP, b_k, input_precision=PRECISION)
     b_dk = b_dk * tl.exp(b_last - b_b)[:, None] + tl.dot(tl.trans(b_dP), b_q, input_precision=PRECISION)
     tl.store(dq + (tok[:, None] * H + i_h) * K + o_k[None, :], b_dq, mask=m_tk)
@@ -515,8 +530,8 @@ def _chunk_layout(cu_seqlens: torch.Tensor, chunk_size: int) -> tuple[torch.Tens
 def _chunk_states(k, v, g, h0, z0, cu_seqlens, chunk_offsets, n_chunks, cfg, row_sum):
     """Kernel 1: the state entering every chunk (NC, H, K, V) and the final states (N, H, K, V), float32; with
     ``row_sum`` also the key sums entering every chunk (NC, H, K) and the final ones (N, H, K)."""
-    _, _, H, K = k.shape
-    V = v.shape[-1]
+    G, K = k.shape[2:]
+    H, V = v.shape[2:]
     N = cu_seqlens.numel() - 1
     hs = k.new_empty(n_chunks, H, K, V, dtype=torch.float32)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32)
@@ -525,19 +540,19 @@ def _chunk_states(k, v, g, h0, z0, cu_seqlens, chunk_offsets, n_chunks, cfg, row
     grid = (N * H, triton.cdiv(K, cfg.BK), triton.cdiv(V, cfg.BV))
     _chunk_states_fwd_kernel[grid](
         k, v, g, ht if h0 is None else h0, hs, ht, zt if z0 is None else z0, zs, zt, cu_seqlens, chunk_offsets,
-        H=H, K=K, V=V, BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, USE_H0=h0 is not None, ROW_SUM=row_sum,
+        H=H, G=G, K=K, V=V, BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, USE_H0=h0 is not None, ROW_SUM=row_sum,
         PRECISION=_precision(k.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return hs, ht, zs, zt
 
 
 class _ChunkRetention(torch.autograd.Function):
-    """Packed retention: q, k (1, TT, H, K); v (1, TT, H, V); g (1, TT, H); states (N, H, K, V)."""
+    """Packed retention: q, k (1, TT, G, K) with G dividing H; v (1, TT, H, V); g (1, TT, H); states (N, H, K, V)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, initial_state, cu_seqlens, scale, chunk_size, row_sum):
-        _, _, H, K = q.shape
-        V = v.shape[-1]
+        G, K = q.shape[2:]
+        H, V = v.shape[2:]
         cfg = launch_config(K, V, chunk_size)
         chunk_offsets, chunk_indices = _chunk_layout(cu_seqlens, cfg.BT)
         n_chunks = chunk_indices.shape[0]
@@ -555,7 +570,7 @@ class _ChunkRetention(torch.autograd.Function):
         if n_chunks > 0:
             _chunk_output_fwd_kernel[(n_chunks, triton.cdiv(V, cfg.BV), H)](
                 q, k, v, g, o, hs, zs, rs, cu_seqlens, chunk_indices, scale,
-                H=H, K=K, V=V, BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, ROW_SUM=row_sum, PRECISION=_precision(q.dtype),
+                H=H, G=G, K=K, V=V, BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, ROW_SUM=row_sum, PRECISION=_precision(q.dtype),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )  # fmt: skip
 
@@ -579,8 +594,8 @@ class _ChunkRetention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht, _drs):
         q, k, v, g, hs, ht, cu_seqlens, chunk_offsets, chunk_indices, h0 = ctx.saved_tensors
-        _, _, H, K = q.shape
-        V = v.shape[-1]
+        TT, G, K = q.shape[1:]
+        H, V = v.shape[2:]
         N = cu_seqlens.numel() - 1
         cfg, scale, precision = ctx.cfg, ctx.scale, _precision(q.dtype)
         n_chunks = chunk_indices.shape[0]
@@ -598,23 +613,24 @@ class _ChunkRetention(torch.autograd.Function):
         dh0 = q.new_empty(N, H, K, V, dtype=torch.float32)
         _chunk_dstates_bwd_kernel[(N * H, NK, NV)](
             q, g, do, dh0 if dht is None else dht, dhs, dh0, cu_seqlens, chunk_offsets, scale,
-            H=H, K=K, V=V, BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, USE_DHT=dht is not None, PRECISION=precision,
+            H=H, G=G, K=K, V=V, BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, USE_DHT=dht is not None, PRECISION=precision,
             **options,
         )  # fmt: skip
         # 4, 5. the per-chunk gradients, all chunks in parallel
         # every token is in a chunk, so the kernels write every element (when there is any chunk)
         alloc = torch.empty if n_chunks > 0 else torch.zeros
         new = functools.partial(alloc, dtype=torch.float32, device=q.device)
-        dq, dk, dv = new(q.shape), new(k.shape), new(v.shape)
+        # dq, dk per head of v; a group's heads are summed below
+        dq, dk, dv = new(1, TT, H, K), new(1, TT, H, K), new(v.shape)
         dG = new(*g.shape, NK)  # (1, TT, H, NK)
         if n_chunks > 0:
             _chunk_dv_bwd_kernel[(n_chunks, NV, H)](
                 q, k, g, do, dhs, dv, cu_seqlens, chunk_indices, scale,
-                H=H, K=K, V=V, BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, PRECISION=precision, **options,
+                H=H, G=G, K=K, V=V, BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, PRECISION=precision, **options,
             )  # fmt: skip
             _chunk_dqk_bwd_kernel[(n_chunks, NK, H)](
                 q, k, v, g, do, hs, dhs, dq, dk, dG, cu_seqlens, chunk_indices, scale,
-                H=H, K=K, V=V, BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, PRECISION=precision, **options,
+                H=H, G=G, K=K, V=V, BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, PRECISION=precision, **options,
             )  # fmt: skip
         dg = None
         if ctx.needs_input_grad[3]:
@@ -626,6 +642,8 @@ class _ChunkRetention(torch.autograd.Function):
                 H=H, BT=cfg.BT, NK=NK, USE_FINAL=dG_final is not None, num_warps=1,
             )  # fmt: skip
             dg = dg.to(g.dtype)
+        if G != H:
+            dq, dk = (x.view(1, TT, G, H // G, K).sum(3) for x in (dq, dk))
         dh0 = None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype)
         if dh0 is not None and ctx.row_sum:
             dh0 = torch.nn.functional.pad(dh0, (0, 1))
@@ -644,7 +662,8 @@ def triton_retention(
     chunk_size: int = 64,
     row_sum: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Chunkwise retention on Triton kernels. q, k (B, T, H, Dk); v (B, T, H, Dv); g (B, T, H) log-gates.
+    """Chunkwise retention on Triton kernels. q, k (B, T, H, Dk) or grouped (B, T, G, Dk), G dividing H (the kernels
+    read head h's group h // (H / G) in place); v (B, T, H, Dv); g (B, T, H) log-gates.
 
     ``chunk_size`` must be a power of 2 and at least 16 (it is a Triton block size); chunks longer than
     ``MAX_CHUNK`` run as chunks of ``MAX_CHUNK`` tokens, the same math in fewer registers. With ``row_sum`` the
@@ -653,8 +672,8 @@ def triton_retention(
     """
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"retention (triton): chunk_size={chunk_size}, expected a power of 2 >= 16")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T = q.shape[:2]
+    H, V = v.shape[2:]
     if cu_seqlens is None:
         # a regular batch is B packed sequences of length T
         cu = torch.arange(0, B + 1, device=q.device, dtype=torch.int64) * T

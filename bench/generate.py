@@ -2,14 +2,15 @@
 
 The suite's decode workload steps a model's forward by hand with its cache; this one runs what users run: greedy
 ``generate()`` over a random prompt of each context length (the prompt prefilled by ``generate()`` itself), with
-a stopping criterion that only records the time at which each new token arrives. The seconds between consecutive
+a stopping criterion that only records the time at which each new token arrives. An entry's ``prepare_decode``
+runs first, as in the suite (Hyena's filters distilled into recurrences). The seconds between consecutive
 tokens, after the first (which includes the prefill), are the per-token decoding cost with everything
 ``generate()`` adds (input preparation, the attention mask it grows, logits processing, the cache update). A model
 whose cache is O(1) per token (RWKV, Mamba, RetNet, ...) should show the same cost at every context length; the
 ratio of the longest context's median to the shortest's is the figure of merit (the target of issues 13 and 14:
 within 1.2x from 1K to 16K).
 
-    python -m bench.generate --entries rwkv4 rwkv6 rwkv7 mamba mamba2 --contexts 1024 16384 --new-tokens 32
+    python -m bench.generate --entries rwkv4 rwkv6 rwkv7 mamba mamba2 hyena --contexts 1024 16384 --new-tokens 32
     python -m bench.generate --entries rwkv7 --contexts 64 256 --new-tokens 8 --hidden-size 64 --layers 2  # quick
 """
 
@@ -85,7 +86,10 @@ def run(
     results = {}
     for name in entries:
         torch.manual_seed(seed)
-        model = known[name].make(hidden_size, layers, contexts[-1] + new_tokens).eval()
+        entry = known[name]
+        model = entry.make(hidden_size, layers, contexts[-1] + new_tokens).eval()
+        # what the entry does before decoding (Hyena: its filters distilled into recurrences), as the suite does
+        prepared = entry.prepare_decode(model, contexts[-1]) if entry.prepare_decode is not None else None
         per_context = []
         for ctx in contexts:
             ids = random_ids(model.config.vocab_size, ctx, seed + ctx)
@@ -101,7 +105,11 @@ def run(
             print(f"{name} context {ctx}: {per_context[-1]['ms_per_token_median']:.2f} ms/token", flush=True)
             gc.collect()
         ratio = per_context[-1]["ms_per_token_median"] / per_context[0]["ms_per_token_median"]
-        results[name] = {"per_context": per_context, "ratio_longest_over_shortest": ratio}
+        results[name] = {
+            "per_context": per_context,
+            "ratio_longest_over_shortest": ratio,
+            "prepared": prepared,
+        }
         del model
         gc.collect()
     return results

@@ -57,3 +57,9 @@ def test_bad_arguments(kwargs, message):
     }
     with pytest.raises(ValueError, match=message):
         generate.run(**args)
+
+
+def test_runs_the_entrys_preparation_first():
+    """Hyena's entry distils its filters before decoding; generate() then decodes with the recurrences."""
+    results = generate.run(["hyena"], [40, 48], new_tokens=3, hidden_size=64, layers=1)
+    assert results["hyena"]["prepared"]["distilled_state"] == 16

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from zoo.modules import GatedMLP, act_mul
+from zoo.modules.mlp import activation
 
 
 @pytest.mark.parametrize("needs", ["both", "a", "b"])
@@ -49,3 +50,28 @@ def test_other_activations_and_no_grad(act):
 def test_gated_mlp_rejects_an_unknown_activation():
     with pytest.raises(KeyError):
         GatedMLP(4, 8, act="not_an_activation")
+
+
+def test_fused_gelu_new_is_the_formula_written_out():
+    """``activation("gelu_new")`` (PyTorch's fused tanh GELU) computes 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715
+    x^3))), BigBird's and GPT-2's activation, forward and gradient (float64)."""
+    import math
+
+    from zoo.modules.mlp import activation
+
+    x = torch.linspace(-8, 8, 1001, dtype=torch.float64, requires_grad=True)
+    written = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    fused = activation("gelu_new")(x)
+    assert isinstance(activation("gelu_new"), torch.nn.GELU)
+    assert (fused - written).abs().max() < 1e-14
+    (g_written,) = torch.autograd.grad(written.sum(), x)
+    (g_fused,) = torch.autograd.grad(fused.sum(), x)
+    assert (g_fused - g_written).abs().max() < 1e-12
+
+
+def test_activation_names_as_transformers():
+    x = torch.randn(50, dtype=torch.float64)
+    for name in ("gelu", "relu", "silu", "gelu_pytorch_tanh"):
+        assert torch.equal(activation(name)(x), ACT2FN[name](x))
+    with pytest.raises(KeyError):
+        activation("no_such_activation")

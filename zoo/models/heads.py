@@ -8,7 +8,6 @@ import copy
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 from transformers.loss.loss_utils import ForMaskedLMLoss, ForSequenceClassificationLoss
 from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
@@ -17,6 +16,7 @@ from transformers.modeling_outputs import (
 )
 
 from zoo.models.utils import model_forward, output_cache, with_cache
+from zoo.modules.mlp import activation
 
 
 def last_token_index(
@@ -64,7 +64,7 @@ class EncoderLMHead(nn.Module):
         super().__init__()
         C = config.hidden_size
         self.dense = nn.Linear(C, C)
-        self.act = ACT2FN[config.hidden_act]
+        self.act = activation(config.hidden_act)
         self.norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.decoder = nn.Linear(C, config.vocab_size)
 

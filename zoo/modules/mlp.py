@@ -11,6 +11,18 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 SILU_NAMES = ("silu", "swish")
+# transformers' activations written out elementwise whose function PyTorch computes in one fused kernel:
+# gelu_new (BigBird, GPT-2) is 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), exactly the tanh form of
+# F.gelu; written out it is seven passes over the activation forward and more backward
+FUSED = {"gelu_new": lambda: nn.GELU(approximate="tanh")}
+
+
+def activation(name: str) -> nn.Module:
+    """The activation transformers calls ``name`` (``ACT2FN``), as a fused PyTorch module where one computes the
+    same function (``FUSED``). Unknown names raise KeyError, as ``ACT2FN`` does."""
+    if name in FUSED:
+        return FUSED[name]()
+    return ACT2FN[name]
 
 
 class _SiluMul(torch.autograd.Function):
@@ -40,7 +52,7 @@ def act_mul(act: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         and (a.requires_grad or b.requires_grad)
     ):
         return _SiluMul.apply(a, b)
-    return ACT2FN[act](a) * b
+    return activation(act)(a) * b
 
 
 class GatedMLP(nn.Module):
@@ -51,7 +63,7 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        ACT2FN[act]  # unknown names fail here, at construction
+        activation(act)  # unknown names fail here, at construction
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +77,7 @@ class MLP(nn.Module):
         super().__init__()
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        self.act_fn = ACT2FN[act]
+        self.act_fn = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.up_proj(x)))

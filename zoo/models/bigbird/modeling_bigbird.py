@@ -25,7 +25,6 @@ import dataclasses
 import torch
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
-from transformers.activations import ACT2FN
 from transformers.loss.loss_utils import ForQuestionAnsweringLoss, ForSequenceClassificationLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -38,6 +37,7 @@ from transformers.modeling_outputs import (
 from zoo.models.bigbird.configuration_bigbird import ZooBigBirdConfig
 from zoo.models.heads import BackboneHead, EncoderCausalLMHead, MaskedLMHead, last_token_index
 from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
+from zoo.modules.mlp import activation
 from zoo.ops.sparse_attention import SparsePattern, sparse_attention, sparse_attention_step
 from zoo.positional.learned import interpolate_position_embeddings
 
@@ -204,7 +204,7 @@ class BigBirdLayer(GradientCheckpointingLayer):
         self.self_attn = BigBirdSelfAttention(config, layer_idx)
         self.attn_norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.up_proj = nn.Linear(C, config.intermediate_size)
-        self.act = ACT2FN[config.hidden_act]
+        self.act = activation(config.hidden_act)
         self.down_proj = nn.Linear(config.intermediate_size, C)
         self.mlp_norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -387,7 +387,7 @@ class ZooBigBirdForSequenceClassification(BackboneHead, ZooBigBirdPreTrainedMode
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
         self.dense = nn.Linear(C, C)
-        self.act = ACT2FN[config.hidden_act]
+        self.act = activation(config.hidden_act)
         self.score = nn.Linear(C, config.num_labels)
         self.post_init()
 
@@ -437,7 +437,7 @@ class BigBirdQuestionAnsweringHead(nn.Module):
         C = config.hidden_size
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.up_proj = nn.Linear(C, config.intermediate_size)
-        self.act = ACT2FN[config.hidden_act]
+        self.act = activation(config.hidden_act)
         self.down_proj = nn.Linear(config.intermediate_size, C)
         self.norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.qa_outputs = nn.Linear(C, 2)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
-from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.loss.loss_utils import (
     ForQuestionAnsweringLoss,
@@ -38,6 +37,7 @@ from transformers.modeling_outputs import (
 from zoo.models.heads import BackboneHead, EncoderCausalLMHead, MaskedLMHead, last_token_index
 from zoo.models.longformer.configuration_longformer import ZooLongformerConfig
 from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
+from zoo.modules.mlp import activation
 from zoo.ops.sparse_attention import SparsePattern, sparse_attention, sparse_attention_step
 from zoo.positional.learned import interpolate_position_embeddings
 
@@ -108,7 +108,7 @@ class LongformerLayer(GradientCheckpointingLayer):
         self.self_attn = LongformerSelfAttention(config, layer_idx)
         self.attn_norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.up_proj = nn.Linear(C, config.intermediate_size)
-        self.act = ACT2FN[config.hidden_act]
+        self.act = activation(config.hidden_act)
         self.down_proj = nn.Linear(config.intermediate_size, C)
         self.mlp_norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -496,7 +496,9 @@ def extend_position_embeddings(
             f"extend_position_embeddings: new_max={new_max!r}, expected an integer >= the current "
             f"max_position_embeddings={old.num_embeddings}"
         )
-    return interpolate_position_embeddings(model, new_max, mode="copy", offset=backbone.config.position_offset)
+    return interpolate_position_embeddings(
+        model, new_max, mode="copy", offset=backbone.config.position_offset
+    )
 
 
 __all__ = [

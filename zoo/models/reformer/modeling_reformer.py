@@ -23,13 +23,13 @@ import math
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, MaskedLMOutput
 
 from zoo.models.heads import EncoderCausalLMHead, MaskedLMHead, SequenceClassificationHead
 from zoo.models.reformer.configuration_reformer import ZooReformerConfig, default_num_buckets
 from zoo.models.utils import CACHE_NAME, backbone_inputs, model_forward, with_cache
+from zoo.modules.mlp import activation
 from zoo.ops.lsh_attention import hash_buckets, local_attention, lsh_attention, random_rotations
 from zoo.ops.lsh_attention.hashing import bucket_factors, rotation_size
 from zoo.ops.lsh_attention.step import local_attention_step, lsh_attention_step
@@ -265,7 +265,7 @@ class ReformerFeedForward(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.up_proj = nn.Linear(config.hidden_size, config.feed_forward_size)
         self.down_proj = nn.Linear(config.feed_forward_size, config.hidden_size)
-        self.act = ACT2FN[config.hidden_act]
+        self.act = activation(config.hidden_act)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def _chunk(self, x):

@@ -8,6 +8,7 @@ from transformers import Mamba2ForCausalLM as HFMamba2ForCausalLM
 
 import zoo  # noqa: F401
 from zoo.convert import convert
+from zoo.models.mamba.convert_mamba import RENAMES
 from zoo.models.mamba2 import Mamba2ForCausalLM
 from zoo.models.mamba2.convert_mamba2 import from_transformers, to_transformers
 
@@ -55,6 +56,36 @@ def test_equal_logits_to_transformers(overrides):
         expected = hf(ids).logits
         got = ours(ids, use_cache=False).logits
     assert rel_err(got, expected) < 1e-4, rel_err(got, expected)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"n_groups": 1}, {"n_groups": 8, "use_bias": True}, {"time_step_limit": (0.0, 0.05)}],
+    ids=["groups2", "groups1", "groups8-bias", "dt-limit"],
+)
+def test_training_gradients_equal_transformers(overrides):
+    """A training step: the loss on every token and the gradient of every parameter equal transformers' (its
+    chunked torch path, in training mode); the time-step limit also clamps the gradient of dt."""
+    hf = hf_mamba2(**overrides).train()
+    ours = from_transformers(hf).train()
+    ids = torch.randint(3, 259, (2, 37))
+    expected, got = hf(ids, labels=ids).loss, ours(ids, labels=ids, use_cache=False).loss
+    assert rel_err(got, expected) < 1e-5
+    expected.backward()
+    got.backward()
+    hf_grads = {}
+    for name, p in hf.named_parameters():
+        for old, new in RENAMES:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        hf_grads[name] = p.grad
+    checked = 0
+    for name, p in ours.named_parameters():
+        assert p.grad is not None and hf_grads[name] is not None, name
+        assert rel_err(p.grad, hf_grads[name]) < 1e-4, (name, rel_err(p.grad, hf_grads[name]))
+        checked += 1
+    assert checked == len(hf_grads)
 
 
 def test_greedy_generation_equals_transformers():

@@ -171,6 +171,36 @@ def test_gradcheck(packed):
     assert torch.autograd.gradcheck(fn, leaves)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("K", [1, 4])
+def test_strided_slice_of_a_wider_input(K, dtype):
+    """x a slice of a wider projection (rows not contiguous, as Mamba-2's in_proj hands it) and a transposed
+    initial state: output, final state and every gradient against the oracle on contiguous inputs."""
+
+    def strided(x, weight, bias, initial_state):
+        wide_x = torch.cat([torch.zeros_like(x), x, torch.zeros_like(x)], dim=-1)[..., C : 2 * C]
+        h0 = initial_state.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not wide_x.is_contiguous() and (K == 1 or not h0.is_contiguous())
+        return op("torch")(wide_x, weight, bias, initial_state=h0)
+
+    check_against(strided, op("naive"), make_inputs(37, K=K), dtype, what=f"strided K={K}")
+
+
+@pytest.mark.parametrize("leaf", ["x", "weight", "bias", "initial_state"])
+def test_gradient_of_one_input_at_a_time(leaf):
+    """Only one input requires a gradient (the others frozen): that gradient equals the oracle's."""
+    inputs = make_inputs(13)
+    grads = {}
+    for backend in ("torch", "naive"):
+        run = {n: x.clone().requires_grad_(n == leaf) for n, x in inputs.items()}
+        y, final = op(backend)(**run)
+        loss = (
+            y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)
+        ).sum() + final.square().sum()
+        grads[backend] = torch.autograd.grad(loss, run[leaf])[0]
+    assert max_rel(grads["torch"], grads["naive"]) < TOL[torch.float64]
+
+
 @pytest.mark.parametrize("split", [2, 70])
 @pytest.mark.parametrize("backend", ["naive", "torch"])
 def test_state_chaining(backend, split):

@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -33,10 +34,81 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from zoo.models.heads import CausalLMHead, SequenceClassificationHead
 from zoo.models.mamba2.configuration_mamba2 import ZooMamba2Config
 from zoo.models.utils import CACHE_NAME, BackboneInputs, ZooBackbone
-from zoo.modules import PackedDocuments, RecurrentCache, RMSNorm, rms_norm
+from zoo.modules import PackedDocuments, RecurrentCache, RMSNorm
 from zoo.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
 from zoo.ops.dispatch import resolve_backend
 from zoo.ops.retention import default_chunk_size, retention, retention_step
+
+
+def _inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """rsqrt(mean(x^2) + eps) over the last dim, keepdim."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+
+
+class _TimeSteps(torch.autograd.Function):
+    """Step 3 of the mixer in one node: dt = clamp(softplus(dt_raw + dt_bias), lo, hi) (B, T, H), the scan's values
+    v = u * dt (B, T, H, P) and log-decays dt * A with A = -exp(A_log) (B, T, H). u and dt_raw may be strided
+    slices of the projections. The backward reduces dv u over each head's channels (torch.linalg.vecdot) and does
+    the small (B, T, H) algebra by hand, where autograd would keep a node per elementwise op."""
+
+    @staticmethod
+    def forward(ctx, dt_raw, dt_bias, A_log, u, lo: float, hi: float):
+        pre = dt_raw + dt_bias
+        dt = F.softplus(pre)
+        inside = (dt >= lo) & (dt <= hi)  # where the clamp passes the gradient on
+        dt = dt.clamp_(min=lo, max=hi)
+        A = -torch.exp(A_log)
+        v = u * dt[..., None]
+        ctx.save_for_backward(pre, dt, inside, A, u)
+        return v, dt * A
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dv, d_log_decay):
+        pre, dt, inside, A, u = ctx.saved_tensors
+        d_dt = torch.linalg.vecdot(dv, u, dim=-1).addcmul_(d_log_decay, A)  # (B, T, H)
+        du = dv * dt[..., None] if ctx.needs_input_grad[3] else None
+        d_A_log = (d_log_decay * dt).sum((0, 1)).mul_(A) if ctx.needs_input_grad[2] else None
+        d_pre = torch.ops.aten.softplus_backward(d_dt, pre, 1.0, 20.0).mul_(inside)
+        d_bias = d_pre.sum((0, 1)) if ctx.needs_input_grad[1] else None
+        return d_pre, d_bias, d_A_log, du, None, None
+
+
+class _SkipGatedGroupNorm(torch.autograd.Function):
+    """Step 5 of the mixer in one node: out = weight * rms_norm_groups((y + D u) * silu(z)), the D skip, the swish
+    gate and the RMS norm within each of G groups of channels. y (B, T, H, P) contiguous; u (B, T, H, P) and z
+    (B, T, H P) may be strided slices. Keeps s = y + D u, silu(z), the normalised gated input n and its inverse RMS
+    r; the backward is dweight = sum dout n, dh = r (dn - n mean(dn n)) with dn = dout weight, then the gate's
+    and the skip's products."""
+
+    @staticmethod
+    def forward(ctx, y, u, D, z, weight, eps: float, groups: int):
+        B, T, H, P = y.shape
+        s = torch.addcmul(y, u, D[:, None])  # (B, T, H, P)
+        gate = F.silu(z).contiguous()  # (B, T, H P)
+        n = (gate * s.view(B, T, H * P)).view(B, T, groups, H * P // groups)
+        r = _inverse_rms(n, eps)
+        n = n.mul_(r).view(B, T, H * P)
+        ctx.groups = groups
+        ctx.save_for_backward(s, u, D, z, gate, weight, n, r)
+        return n * weight
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out):
+        s, u, D, z, gate, weight, n, r = ctx.saved_tensors
+        B, T, H, P = s.shape
+        grouped = (B, T, ctx.groups, H * P // ctx.groups)
+        d_weight = (d_out * n).sum((0, 1)) if ctx.needs_input_grad[4] else None
+        dn = (d_out * weight).view(grouped)
+        n = n.view(grouped)
+        mean = torch.linalg.vecdot(dn, n, dim=-1).unsqueeze_(-1).div_(grouped[-1])
+        dh = dn.addcmul_(n, mean, value=-1).mul_(r).view(B, T, H * P)  # d(gated input)
+        dz = torch.ops.aten.silu_backward(dh * s.view(B, T, H * P), z) if ctx.needs_input_grad[3] else None
+        ds = dh.mul_(gate).view(B, T, H, P)  # dy
+        du = ds * D[:, None] if ctx.needs_input_grad[1] else None
+        d_D = torch.linalg.vecdot(ds, u, dim=-1).sum((0, 1)) if ctx.needs_input_grad[2] else None
+        return ds, du, d_D, dz, d_weight, None, None
 
 
 class Mamba2Mixer(nn.Module):
@@ -93,11 +165,13 @@ class Mamba2Mixer(nn.Module):
         backend = resolve_backend("retention", self.config.backend, device)
         return default_chunk_size(backend, self.state_size, self.head_dim)
 
-    def gated_group_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """RMS norm of ``y * silu(z)`` within each of the G groups of channels, then the weight."""
-        B, T, Dc = y.shape
-        gated = (y.float() * F.silu(z.float())).view(B, T, self.n_groups, Dc // self.n_groups)
-        return rms_norm(gated, self.norm.eps).view(B, T, Dc) * self.norm.weight
+    def gated_group_norm(self, y: torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """weight * RMS norm of ``(y + D u) * silu(z)`` within each of the G groups of channels: y, u (B, T, H, P),
+        z (B, T, H P), all in the computing dtype (at least float32); the result in it, (B, T, H P)."""
+        acc = y.dtype
+        return _SkipGatedGroupNorm.apply(
+            y, u, self.D.to(acc), z, self.norm.weight.to(acc), self.norm.eps, self.n_groups
+        )
 
     def forward(
         self, x, pad_mask=None, docs: PackedDocuments | None = None, cache: RecurrentCache | None = None
@@ -136,30 +210,31 @@ class Mamba2Mixer(nn.Module):
         u = u.view(Bsz, T, H, P)
         # B and C of each group serve its H / G heads: the op reads them grouped
         B_t, C_t = B_t.view(Bsz, T, G, N), C_t.view(Bsz, T, G, N)
-        # 3. time steps and the per-head, per-token log-decay
+        # 3. time steps and the per-head, per-token log-decay, in at least float32
+        acc = torch.promote_types(x.dtype, torch.float32)
+        u = u.to(acc)
         lo, hi = self.config.time_step_limit
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=lo, max=hi)  # (B, T, H)
-        log_decay = dt * -torch.exp(self.A_log.float())  # (B, T, H), <= 0
-        v = u.float() * dt[..., None]  # (B, T, H, P)
+        v, log_decay = _TimeSteps.apply(
+            dt.to(acc), self.dt_bias.to(acc), self.A_log.to(acc), u, lo, hi
+        )  # (B, T, H, P): dt x; (B, T, H): dt A <= 0
         # 4. state-space scan as retention: q = C, k = B, v = dt x, scale 1
         if step:
             y, ssm_state = retention_step(
-                C_t[:, 0], B_t[:, 0], v[:, 0], log_decay[:, 0], ssm_state, scale=1.0
+                C_t[:, 0].to(acc), B_t[:, 0].to(acc), v[:, 0], log_decay[:, 0], ssm_state, scale=1.0
             )
             y = y[:, None]
         else:
             y, ssm_state = retention(
-                C_t.float(), B_t.float(), v, log_decay, scale=1.0, initial_state=ssm_state,
+                C_t.to(acc), B_t.to(acc), v, log_decay, scale=1.0, initial_state=ssm_state,
                 output_final_state=want_state, cu_seqlens=cu_seqlens, chunk_size=self.scan_chunk_size(x.device),
                 backend=self.config.backend,
             )  # fmt: skip
-        y = y + u.float() * self.D.float()[:, None]  # (B, T, H, P)
         if cache is not None:
             if docs is not None:  # each row goes on from its last document
                 conv_state, ssm_state = docs.row_states(conv_state), docs.row_states(ssm_state)
             cache.set(self.layer_idx, conv=conv_state, ssm=ssm_state)
-        # 5. gated group norm, output projection
-        return self.out_proj(self.gated_group_norm(y.reshape(Bsz, T, Dc), z).to(x.dtype))
+        # 5. D skip, gated group norm, output projection
+        return self.out_proj(self.gated_group_norm(y.contiguous(), z.to(acc), u).to(x.dtype))
 
 
 class Mamba2Block(GradientCheckpointingLayer):

@@ -1,23 +1,86 @@
-"""The short causal depthwise convolution as one ``F.conv1d``: the CPU fast path and the fallback everywhere.
+"""The short causal depthwise convolution in PyTorch: the CPU fast path and the fallback everywhere.
 
-Same op as ``naive.py`` (the convolution of Mamba, Gu & Dao 2023, arXiv:2312.00752): a grouped convolution
-(groups = C, one filter per channel) over the input with its K - 1 inputs of history in front, the state (zeros
-by default); ``F.conv1d`` computes the cross-correlation sum_k weight[c, k] xs[t + k], which with the history in
-front is exactly y_t = sum_k weight[c, k] x_{t-K+1+k}.
+Same op as ``naive.py`` (the convolution of Mamba, Gu & Dao 2023, arXiv:2312.00752, section 3.4):
+y_t[c] = act(bias[c] + sum_k weight[c, k] x_{t-K+1+k}[c]).
 
-Packed sequences (``cu_seqlens``, batch 1): every sequence gets its own K - 1 history slots in front of it (its
-initial state, or zeros), placed with one index copy into a slightly longer sequence of T + N_seq (K - 1) steps,
-so that one convolution covers all of them and no tap can reach into the previous sequence's inputs; the outputs
-at the history slots are dropped, and each sequence's final state is the last K - 1 steps of its stretch (reaching
-into its history when it is shorter than K - 1). No loop over sequences.
+Whole sequences (no ``cu_seqlens``) run as ``_TapSum``, an autograd.Function over the channels-last input as it
+comes (any strides, such as a slice of a fused projection): K multiply-adds of shifted slices of x into the
+pre-activation, the SiLU, and a hand-written backward (the SiLU's, then K shifted multiply-adds for dx and K
+reductions over time for dweight). With K of 4 or less this is a few passes over contiguous rows, where a grouped
+``F.conv1d`` on CPU needs x transposed to channels-first and padded (two copies), a depthwise kernel that is slow
+in its backward, and the activation's gradient over the transposed layout. The initial state (the K - 1 inputs
+before the first token) adds its taps to the first K - 1 outputs only.
+
+Packed sequences (``cu_seqlens``, batch 1) run as one grouped ``F.conv1d``: every sequence gets its own K - 1
+history slots in front of it (its initial state, or zeros), placed with one index copy into a slightly longer
+sequence of T + N_seq (K - 1) steps, so that one convolution covers all of them and no tap can reach into the
+previous sequence's inputs; the outputs at the history slots are dropped, and each sequence's final state is the
+last K - 1 steps of its stretch (reaching into its history when it is shorter than K - 1). No loop over sequences.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from zoo.ops.causal_conv1d.naive import activate, compute_dtype
+
+
+class _TapSum(torch.autograd.Function):
+    """The convolution of whole sequences, channels-last, with the SiLU fused: x (B, T, C) of any strides, weight
+    (C, K), bias (C,) or None, h0 (B, K - 1, C) or None (any strides), all in one floating dtype. Tap k reads
+    x_{t-s} with s = K - 1 - k, from h0 when t < s. Keeps x, weight, h0 and the pre-activation (with SiLU)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, h0, silu: bool):
+        B, T, C = x.shape
+        K = weight.shape[1]
+        a = x * weight[:, K - 1] if bias is None else torch.addcmul(bias, x, weight[:, K - 1])
+        for k in range(K - 1):
+            s = K - 1 - k
+            if s < T:
+                a[:, s:].addcmul_(x[:, : T - s], weight[:, k])
+            if h0 is not None:
+                n = min(s, T)
+                a[:, :n].addcmul_(h0[:, K - 1 - s : K - 1 - s + n], weight[:, k])
+        ctx.silu = silu
+        ctx.save_for_backward(x, weight, h0, a if silu else None)
+        return F.silu(a) if silu else a
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, h0, a = ctx.saved_tensors
+        B, T, C = x.shape
+        K = weight.shape[1]
+        need_x, need_w, need_b, need_h0 = ctx.needs_input_grad[:4]
+        da = torch.ops.aten.silu_backward(dy, a) if ctx.silu else dy
+        dx = dw = db = dh0 = None
+        if need_x:
+            dx = da * weight[:, K - 1]
+            for k in range(K - 1):
+                s = K - 1 - k
+                if s < T:
+                    dx[:, : T - s].addcmul_(da[:, s:], weight[:, k])
+        if need_w:
+            dw = torch.zeros_like(weight)
+            for k in range(K):
+                s = K - 1 - k
+                if s < T:
+                    dw[:, k] = (da[:, s:] * x[:, : T - s]).sum((0, 1))
+                if h0 is not None and s > 0:
+                    n = min(s, T)
+                    dw[:, k] += (da[:, :n] * h0[:, K - 1 - s : K - 1 - s + n]).sum((0, 1))
+        if need_b:
+            db = da.sum((0, 1))
+        if need_h0:
+            dh0 = torch.zeros(B, K - 1, C, dtype=da.dtype, device=da.device)
+            for k in range(K - 1):
+                s = K - 1 - k
+                n = min(s, T)
+                dh0[:, K - 1 - s : K - 1 - s + n].addcmul_(da[:, :n], weight[:, k])
+        return dx, dw, db, dh0, None
 
 
 def _packed_layout(cu_seqlens: torch.Tensor, K: int, device: torch.device):
@@ -53,29 +116,30 @@ def chunk_causal_conv1d(
         final = initial_state if initial_state is not None else x.new_zeros(rows, C, K - 1)
         return x.new_zeros(x.shape), final.to(x.dtype) if output_final_state else None
     acc = compute_dtype(x.dtype)
-    w = weight.to(acc)[:, None, :]  # (C, 1, K): one filter per channel
-    b = None if bias is None else bias.to(acc)
-    xt = x.to(acc).transpose(1, 2)  # (batch, C, T)
     with torch.autocast(x.device.type, enabled=False):
         if cu_seqlens is None:
-            if initial_state is None:
-                xs = F.pad(xt, (K - 1, 0))
-            else:
-                xs = torch.cat([initial_state.to(acc), xt], dim=2)  # (batch, C, K - 1 + T)
-            y = F.conv1d(xs, w, b, groups=C)  # (batch, C, T)
-            final = xs[..., T:] if output_final_state else None  # (batch, C, K - 1)
-        else:
-            tokens, history, last, length = _packed_layout(cu_seqlens, K, x.device)
-            n_seq = cu_seqlens.numel() - 1
-            xs = xt.new_zeros(1, C, length).index_copy(2, tokens, xt)
-            if initial_state is not None:
-                h0 = initial_state.to(acc).transpose(0, 1).reshape(1, C, n_seq * (K - 1))  # sequence-major
-                xs = xs.index_copy(2, history, h0)
-            # output j is the window ending at step j + K - 1
-            y = F.conv1d(xs, w, b, groups=C).index_select(2, tokens - (K - 1))
+            h0 = None if initial_state is None else initial_state.to(acc).transpose(1, 2)  # (batch, K - 1, C)
+            b = None if bias is None else bias.to(acc)
+            y = _TapSum.apply(x.to(acc), weight.to(acc), b, h0, activation is not None)
             final = None
-            if output_final_state:
-                final = xs[0][:, last].transpose(0, 1)  # (N_seq, C, K - 1)
-        y = activate(y, activation)
+            if output_final_state:  # the last K - 1 inputs, reaching into the initial state when T < K - 1
+                if T >= K - 1:
+                    final = x[:, T - (K - 1) :].transpose(1, 2).contiguous()
+                else:
+                    history = initial_state if initial_state is not None else x.new_zeros(batch, C, K - 1)
+                    final = torch.cat([history.to(x.dtype), x.transpose(1, 2)], dim=2)[..., T:]
+            return y.to(x.dtype), final
+        w = weight.to(acc)[:, None, :]  # (C, 1, K): one filter per channel
+        b = None if bias is None else bias.to(acc)
+        xt = x.to(acc).transpose(1, 2)  # (batch, C, T)
+        tokens, history, last, length = _packed_layout(cu_seqlens, K, x.device)
+        n_seq = cu_seqlens.numel() - 1
+        xs = xt.new_zeros(1, C, length).index_copy(2, tokens, xt)
+        if initial_state is not None:
+            h0 = initial_state.to(acc).transpose(0, 1).reshape(1, C, n_seq * (K - 1))  # sequence-major
+            xs = xs.index_copy(2, history, h0)
+        # output j is the window ending at step j + K - 1
+        y = activate(F.conv1d(xs, w, b, groups=C).index_select(2, tokens - (K - 1)), activation)
+        final = xs[0][:, last].transpose(0, 1) if output_final_state else None  # (N_seq, C, K - 1)
     final = None if final is None else final.to(x.dtype)
     return y.transpose(1, 2).to(x.dtype), final

@@ -21,6 +21,8 @@ them. Timings are never asserted in tests (``tests/bench`` checks the schema at 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import importlib.util
 import json
@@ -133,6 +135,45 @@ def third_party_status() -> dict[str, str]:
     }
 
 
+# --------------------------------------------------------------------------------------------------- memory
+
+
+def process_rss_bytes() -> int | None:
+    """This process's resident set (``VmRSS``), None where ``/proc`` is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim`` or None (another C library)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_memory() -> dict:
+    """Between workloads (never inside a timed region): collect cyclic garbage and hand the C allocator's free
+    pages back to the OS. glibc serves tensors up to its (dynamic, up to 32 MiB) mmap threshold from its heaps and
+    keeps what they free resident; after a step at 16K that is 1-2 GiB the next workload, or the next entry, may not
+    reuse. Returns the resident set before and after, in bytes (None where unknown)."""
+    before = process_rss_bytes()
+    gc.collect()
+    if _TRIM is not None:
+        _TRIM(0)
+    return {"rss_before_bytes": before, "rss_after_bytes": process_rss_bytes()}
+
+
 # --------------------------------------------------------------------------------------------------- steps
 
 
@@ -240,6 +281,8 @@ def time_training(entry, models, lengths, cfg, device, peak, progress) -> list[d
                 row["reference_tokens_per_s"] = batch * length / median(times["reference"])
                 row.update(_ratio(times))
             rows.append(row)
+            del ids
+            release_memory()
     return rows
 
 
@@ -263,6 +306,8 @@ def time_prefill(entry, models, lengths, cfg, device, progress) -> list[dict]:
             row["reference_tokens_per_s"] = length / median(times["reference"])
             row.update(_ratio(times))
         rows.append(row)
+        del ids
+        release_memory()
     for model in models.values():
         model.train()
     return rows
@@ -277,6 +322,7 @@ def time_decode(entry, models, cfg, device, progress) -> dict:
     zoo_model = models["zoo"].eval()
     if entry.prepare_decode is not None:
         out["prepared"] = entry.prepare_decode(zoo_model, max(cfg.decode_contexts))
+        release_memory()
     decoders = {"zoo": zoo_model}
     ref = models.get("reference")
     decodes = ref is not None and getattr(ref, "decodes_with_cache", False)
@@ -290,11 +336,13 @@ def time_decode(entry, models, cfg, device, progress) -> dict:
             with torch.inference_mode():
                 first = prefill_step(model, entry, ids)
             state = {"cache": output_cache(first), "token": first.logits[:, -1:].argmax(-1), "context": ctx}
+            del first, ids  # the prompt's logits at every position are not needed while decoding
             _decode_block(model, state, 2)  # untimed
             with _gc_paused():
                 times = _decode_block(model, state, cfg.decode_steps)
             per_context.append({"context": ctx, "ms_per_token_median": 1e3 * median(times)})
             del state
+            release_memory()
         out[name] = per_context
     for model in models.values():
         model.train()
@@ -392,6 +440,8 @@ def run_entry(entry: Entry, cfg: SuiteConfig, device: str, dtype, peak: dict, pr
         "max_len": max_len,
     }
     models = {"zoo": model}
+    # the resident set around each workload's release (bench.suite.release_memory): what the process holds
+    result["process_memory"] = memory = {}
     if reference is not None:
         result["reference"] = {
             "name": entry.reference.name,
@@ -425,19 +475,24 @@ def run_entry(entry: Entry, cfg: SuiteConfig, device: str, dtype, peak: dict, pr
         result["flops_cross_check"] = {"error": repr(exc)[:300]}
     if "train" in entry.workloads:
         result["train"] = time_training(entry, models, lengths, cfg, device, peak, progress)
+        memory["train"] = release_memory()
     if "prefill" in entry.workloads:
         result["prefill"] = time_prefill(entry, models, lengths, cfg, device, progress)
+        memory["prefill"] = release_memory()
     if cfg.profile_length and "train" in entry.workloads:
         progress(f"{entry.name} profile T={cfg.profile_length}")
         pids = make_ids(1, cfg.profile_length, cfg.seed + 11, model.config.vocab_size, device)
         result["profile"] = {"seq_len": cfg.profile_length, **time_split(
             lambda: train_step(model, entry, pids), model, entry.mixers
         )}  # fmt: skip
+        del pids
+        memory["profile"] = release_memory()
     if device == "cuda" and "memory" in entry.workloads and cfg.memory != "off":
         progress(f"{entry.name} memory (torch.cuda)")
         result["memory"] = measure_cuda_memory(entry, model, lengths, cfg)
     if contexts:
         result["decode"] = time_decode(entry, models, cfg, device, progress)
+        memory["decode"] = release_memory()
     return result
 
 
@@ -516,7 +571,8 @@ def run_suite(cfg: SuiteConfig, argv: list[str] | None = None, progress=None) ->
         if "memory" in entry.workloads and cfg.memory != "off" and device == "cpu" and "error" not in record:
             memory_runs += [(name, length) for length in record["lengths"]]
             max_lens[name] = record["max_len"]
-        gc.collect()
+        # the entry's models are gone with run_entry's frame; their memory goes back before the next entry
+        record.setdefault("process_memory", {})["after_entry"] = release_memory()
     if memory_runs:
         say("memory probes")
         measured = measure_memory(memory_runs, cfg, max_lens)
@@ -534,4 +590,12 @@ def default_out_dir() -> Path:
     return REPO_ROOT / "bench" / "results" / f"suite_{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-__all__ = ["QUICK", "SuiteConfig", "run_suite", "select_device", "third_party_status"]
+__all__ = [
+    "QUICK",
+    "SuiteConfig",
+    "process_rss_bytes",
+    "release_memory",
+    "run_suite",
+    "select_device",
+    "third_party_status",
+]

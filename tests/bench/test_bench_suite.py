@@ -161,6 +161,7 @@ def test_quick_run_writes_json_table_and_plots(quick):
     shares = entry["profile"]["share"]
     assert sum(shares.values()) == pytest.approx(1.0) and shares["gemm"] > 0 and shares["mixing"] > 0
     assert entry["fits"]["train_time_exponent"] is not None and "peak_memory_exponent" not in entry["fits"]
+    assert set(entry["process_memory"]) == {"train", "prefill", "profile", "decode", "after_entry"}
     table = (out / "table.md").read_text()
     assert "| transformer | LlamaForCausalLM | ok" in table
     assert ("Pending entries" in table) == bool(PENDING)

@@ -29,10 +29,12 @@ def model(**overrides):
     return InfiniForCausalLM(tiny_config("zoo_infini", **overrides)).eval()
 
 
-def paper_logits(m: InfiniForCausalLM, ids: torch.Tensor) -> torch.Tensor:
-    """The forward as the paper writes it, one segment after another, in float64."""
+def paper_logits(m: InfiniForCausalLM, ids: torch.Tensor, sd: dict | None = None) -> torch.Tensor:
+    """The forward as the paper writes it, one segment after another, in float64; ``sd``: the weights by name
+    (default: the model's, detached)."""
     cfg = m.config
-    sd = {n: p.detach().double() for n, p in m.state_dict().items()}
+    if sd is None:
+        sd = {n: p.detach().double() for n, p in m.state_dict().items()}
     H, Hkv, D, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.segment_length
     eps = cfg.memory_eps
 
@@ -49,6 +51,8 @@ def paper_logits(m: InfiniForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
 
     def rotate(x, pos):  # x (B, l, h, D)
+        if cfg.position_embedding_type == "none":
+            return x
         x1, x2 = x[..., : D // 2], x[..., D // 2 :]
         return x * cos[pos, None] + torch.cat([-x2, x1], -1) * sin[pos, None]
 
@@ -104,6 +108,34 @@ def test_model_equals_the_papers_equations(update, T):
         ours = m(ids, use_cache=False).logits
     expected = paper_logits(m, ids)
     torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("positions", ["none", "rope"])
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_training_gradients_equal_the_papers_equations(update, positions):
+    """Every parameter's gradient of a loss on every token (the training step: rows of equal length, segments
+    batched, the memory op's written-out backward) against autograd through the paper's loop, at a length that is
+    not a multiple of the segment. Without positions to 1e-9 elementwise; with rotary positions to 1e-6 of each
+    gradient's largest entry, because the model's rotary angles are float32 (transformers' Llama rotary
+    embedding), which moves float64 gradients by up to ~4e-8 of their scale, the naive op alike."""
+    m = model(memory_update=update, position_embedding_type=positions).double().train()
+    ids = tokens(2, 11)
+    logits = m(ids, use_cache=False).logits
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (logits * weights).sum().backward()
+    params = {n: p.detach().clone().requires_grad_() for n, p in m.named_parameters()}
+    expected = paper_logits(m, ids, params)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
+    for name, p in m.named_parameters():
+        ref = params[name].grad
+        assert ref is not None and ref.abs().max() > 0, name
+        if positions == "none":
+            torch.testing.assert_close(
+                p.grad, ref, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}"
+            )
+        else:
+            assert (p.grad - ref).abs().max() <= 1e-6 * ref.abs().max(), name
 
 
 @pytest.mark.parametrize(

@@ -203,9 +203,10 @@ class InfiniAttention(Attention):
         L = min(self.segment_length, T)
         S = -(-T // L)
         pad = S * L - T  # the last segment's padding comes after its tokens: causal attention never sees it
-        q, k, v = (
-            F.pad(x, (0, 0, 0, 0, 0, pad)).reshape(B * S, L, x.shape[2], D).transpose(1, 2) for x in (q, k, v)
-        )
+        if pad:
+            q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+        # every segment of every row is one entry of the kernel's batch: one call, views of the projections
+        q, k, v = (x.reshape(B * S, L, x.shape[2], D).transpose(1, 2) for x in (q, k, v))
         out = self._kernel(q, k, v, None, is_causal=L > 1)
         return out.reshape(B, S * L, H, D)[:, :T]
 
@@ -316,7 +317,7 @@ class InfiniAttention(Attention):
                 cache.set(self.layer_idx, state=state, real=layout.tail_valid, **tail)
         # 4. the gate mixes the two per head
         g = torch.sigmoid(self.gate).to(local.dtype)[:, None]  # (H, 1)
-        out = g * memory.to(local.dtype) + (1 - g) * local
+        out = torch.lerp(local, memory.to(local.dtype), g)  # g A_mem + (1 - g) A_dot, in one pass
         return self.o_proj(out.reshape(B, T, H * D))
 
 

@@ -25,6 +25,22 @@ sum, done here directly.
 
 Packed sequences (``cu_seqlens``) are the general case: a batch of B rows is B packed sequences of T tokens.
 Segments restart at the start of every sequence, and no state crosses from one sequence to the next.
+
+**Rows of equal length** (no ``cu_seqlens``: the model's training forward) take a faster form of the same
+equations, :class:`_EqualSegments`: the inputs are laid out head-major once, (B * H, segments, L, D), so that every
+batched matmul runs on contiguous blocks without a copy, and its backward is written out instead of autograd's
+(which would keep and revisit every intermediate of the forward). With A_s the gradient of the state after segment
+s, G_s = σ(Q_s)^T (dO_s / d^q_s) and d^q = σ(Q) z + eps, d^k = σ(K) z + eps (z, M entering the segment):
+
+    linear  A_{s-1} = A_s + G_s                                 (a reverse cumulative sum)
+    delta   A_{s-1} = A_s - W_s A_s + G_s                       (W_s symmetric)
+    dV_s  = σ(K_s) A_s
+    dσ(Q) = (dO / d^q) M^T + dd^q z^T,         dd^q = -rowsum((dO / d^q) M^T ⊙ σ(Q)) / d^q
+    dσ(K) = V A_s^T + 1 dz_s^T  [delta: - σ(K) C_s / d^k + dd^k z^T,  C_s = A_s M^T + M A_s^T,
+                                         dd^k = rowsum(σ(K) C_s ⊙ σ(K)) / (2 (d^k)^2)]
+
+and the gradient of z the reverse cumulative sum of σ(Q)^T dd^q (+ σ(K)^T dd^k). The retrieval σ(K) M / d^k of
+the delta rule is never formed: its products with A_s fold into the small (Dk x Dk) matrix C_s.
 """
 
 from __future__ import annotations
@@ -86,6 +102,8 @@ def _chunk_compressive_memory(
     Dv = v.shape[-1]
     acc = state_dtype(q.dtype)
     if cu_seqlens is None:
+        return _equal_rows(q, k, v, segment_length, update, eps, initial_state, output_final_state)
+    if cu_seqlens is None:
         lengths = torch.full((B,), T, dtype=torch.long, device=q.device)
     else:
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -144,3 +162,154 @@ def _chunk_compressive_memory(
         z_final = state0[..., Dv] + per_sequence(U[..., Dv]).sum(1)
         final = torch.cat([M_final, z_final[..., None]], dim=-1)
     return out, final
+
+
+def _equal_rows(q, k, v, segment_length, update, eps, initial_state, output_final_state):
+    """B rows of T tokens each: :class:`_EqualSegments` (see the module docstring)."""
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    acc = state_dtype(q.dtype)
+    state0 = None if initial_state is None else initial_state.to(acc).reshape(B * H, Dk, Dv + 1)
+    L = min(segment_length, T)
+    out, final = _EqualSegments.apply(q.to(acc), k.to(acc), v.to(acc), state0, L, update == "delta", eps)
+    return out.to(v.dtype), final.view(B, H, Dk, Dv + 1) if output_final_state else None
+
+
+def _exclusive_scan(x: torch.Tensor, start: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """(N, S, ...) -> (N, S, ...): ``start`` + the sum of x over the earlier entries of axis 1 (the later ones
+    with ``reverse``), without a subtraction."""
+    out = torch.empty_like(x)
+    first, rest = (-1, slice(None, -1)) if reverse else (0, slice(1, None))
+    out[:, first] = start
+    if x.shape[1] > 1:
+        body = x[:, 1:] if reverse else x[:, :-1]
+        scanned = body.flip(1).cumsum(1).flip(1) if reverse else body.cumsum(1)
+        out[:, rest] = scanned + start[:, None]
+    return out
+
+
+class _Layout:
+    """Between (B, T, H, D) token order and the head-major (B * H * S, L, D) segments, zero past T."""
+
+    def __init__(self, B: int, T: int, H: int, L: int):
+        self.B, self.T, self.H, self.L = B, T, H, L
+        self.S = -(-T // L)
+
+    def heads(self, x: torch.Tensor, elu: bool = False) -> torch.Tensor:
+        """(B, T, H, D) -> (B H S, L, D), σ(x) - 1 with ``elu``, written straight into the new layout."""
+        B, T, H, D = x.shape
+        buf = x.new_empty(B, H, self.S * self.L, D)
+        buf[:, :, T:] = 0
+        into = buf[:, :, :T].transpose(1, 2)  # a (B, T, H, D) view
+        if elu:
+            torch.ops.aten.elu.out(x, 1.0, 1, 1, out=into)  # ELU(x), alpha = scale = 1
+        else:
+            into.copy_(x)
+        return buf.view(-1, self.L, D)
+
+    def tokens(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        """(B H S, L, D) -> (B, T, H, D) contiguous, times ``other`` (broadcastable, same layout) if given."""
+        B, H, T, D = self.B, self.H, self.T, x.shape[-1]
+        out = x.new_empty(B, T, H, D)
+        x = x.view(B, H, -1, D)[:, :, :T]
+        if other is None:
+            out.transpose(1, 2).copy_(x)
+        else:
+            torch.mul(x, other.view(B, H, -1, other.shape[-1])[:, :, :T], out=out.transpose(1, 2))
+        return out
+
+
+class _EqualSegments(torch.autograd.Function):
+    """The memory over B rows of T tokens, forward and backward written out (see the module docstring).
+
+    q, k (B, T, H, Dk); v (B, T, H, Dv), in the accumulation dtype; state0 (B H, Dk, Dv + 1) or None (empty);
+    segments of L tokens. Returns the reads (B, T, H, Dv) and the final state (B H, Dk, Dv + 1). Inside, segments
+    are head-major (B H S, L, D) blocks, so that every per-segment product is one ``bmm`` over all segments, on
+    views (transposes included) without a copy; the last segment's slots past T are zero and write nothing."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, state0, L: int, delta: bool, eps: float):
+        B, T, H, Dk = q.shape
+        Dv = v.shape[-1]
+        lay = _Layout(B, T, H, L)
+        N, S = B * H, lay.S
+        sq = lay.heads(q, elu=True).add_(1)  # σ(Q), (N S, L, Dk)
+        sk = lay.heads(k, elu=True).add_(1)
+        if S * L > T:
+            sk.view(N, S, L, Dk)[:, -1, T - (S - 1) * L :] = 0
+        v = lay.heads(v)
+        if state0 is None:
+            state0 = q.new_zeros(N, Dk, Dv + 1)
+        M0, z0 = state0[..., :Dv], state0[..., Dv]
+        z_seg = sk.sum(1).view(N, S, Dk)  # σ(K_s)^T 1
+        z_before = _exclusive_scan(z_seg, z0)
+        z_col = z_before.view(N * S, Dk, 1)
+        U = torch.bmm(sk.transpose(1, 2), v).view(N, S, Dk, Dv)
+        W = r_k = None
+        if delta:
+            r_k = torch.bmm(sk, z_col).add_(eps).reciprocal_()  # (N S, L, 1): 1 / d^k
+            # the walk over segments: contiguous (N, Dk, Dk) blocks per step (a strided batch makes bmm slow)
+            W = torch.bmm(sk.transpose(1, 2), sk * r_k).view(N, S, Dk, Dk).transpose(0, 1).contiguous()
+            U_steps = U.transpose(0, 1).contiguous()
+            M_before = torch.empty_like(U)
+            M = M0.contiguous()
+            for s in range(S):
+                M_before[:, s] = M
+                M = M - torch.bmm(W[s], M) + U_steps[s]
+            M_final = M
+        else:
+            M_before = _exclusive_scan(U, M0)
+            M_final = M_before[:, -1] + U[:, -1]
+        r_q = torch.bmm(sq, z_col).add_(eps).reciprocal_()  # (N S, L, 1): 1 / d^q
+        out = lay.tokens(torch.bmm(sq, M_before.view(N * S, Dk, Dv)), r_q)
+        final = torch.cat([M_final, (z_before[:, -1] + z_seg[:, -1])[..., None]], dim=-1)
+        ctx.save_for_backward(sq, sk, v, M_before, z_before, r_q, r_k, W)
+        ctx.delta, ctx.layout = delta, lay
+        return out, final
+
+    @staticmethod
+    def backward(ctx, d_out, d_final):
+        sq, sk, v, M_before, z_before, r_q, r_k, W = ctx.saved_tensors
+        lay = ctx.layout
+        N, S, Dk, Dv = M_before.shape
+        M_flat = M_before.view(N * S, Dk, Dv)
+        z_row = z_before.view(N * S, 1, Dk)
+        dM_final, dz_final = d_final[..., :Dv], d_final[..., Dv]
+        # the read: dO / d^q, its product with M^T, and the gradients of d^q and of the memory it read
+        dn = lay.heads(d_out).mul_(r_q)
+        P = torch.bmm(dn, M_flat.transpose(1, 2))  # (N S, L, Dk)
+        dd_q = (P * sq).sum(-1, keepdim=True).mul_(r_q).neg_()  # gradient of d^q
+        G = torch.bmm(sq.transpose(1, 2), dn).view(N, S, Dk, Dv)
+        g_z = torch.bmm(sq.transpose(1, 2), dd_q).view(N, S, Dk)
+        d_sq = P.addcmul_(dd_q, z_row)
+        # the gradient of the state after each segment: the recurrence backwards
+        if ctx.delta:
+            A_after = torch.empty_like(G)
+            G_steps = G.transpose(0, 1).contiguous()
+            A = dM_final.contiguous()
+            for s in reversed(range(S)):  # W (S, N, Dk, Dk), symmetric
+                A_after[:, s] = A
+                A = A - torch.bmm(W[s], A) + G_steps[s]
+            dM0 = A
+        else:
+            A_after = _exclusive_scan(G, dM_final, reverse=True)
+            dM0 = A_after[:, 0] + G[:, 0]
+        A_flat = A_after.view(N * S, Dk, Dv)
+        dv = lay.tokens(torch.bmm(sk, A_flat))
+        d_sk = torch.bmm(v, A_flat.transpose(1, 2))
+        if ctx.delta:
+            C = torch.bmm(A_flat, M_flat.transpose(1, 2))
+            C = C + C.transpose(1, 2)  # (N S, Dk, Dk)
+            Y = torch.bmm(sk, C)
+            dd_k = (Y * sk).sum(-1, keepdim=True).mul_(r_k * r_k * 0.5)  # gradient of d^k
+            d_sk.sub_(Y.mul_(r_k)).addcmul_(dd_k, z_row)
+            g_z = g_z + torch.bmm(sk.transpose(1, 2), dd_k).view(N, S, Dk)
+        dz_after = _exclusive_scan(g_z, dz_final, reverse=True)  # the gradient of z after each segment
+        d_sk.add_(dz_after.view(N * S, 1, Dk))
+        # through σ = ELU + 1: σ' = 1 where x > 0, else exp(x) = σ(x); so min(σ, 1) (0 on the empty slots)
+        dq = lay.tokens(d_sq, sq.clamp(max=1))
+        dk = lay.tokens(d_sk, sk.clamp(max=1))
+        d_state0 = None
+        if ctx.needs_input_grad[3]:
+            d_state0 = torch.cat([dM0, (dz_after[:, 0] + g_z[:, 0])[..., None]], dim=-1)
+        return dq, dk, dv, d_state0, None, None, None

@@ -273,3 +273,28 @@ def test_distilled_recurrence_fits_and_decodes_close_to_the_full_forward():
     model.undistill_recurrence()
     with torch.no_grad():
         assert "history" in output_cache(model(ids[:, :3], use_cache=True)).get(0)
+
+
+def test_fit_modes_recovers_exact_modes_in_batches(monkeypatch):
+    """Sequences that are exactly sums of 6 damped oscillations: the randomized leading subspace finds their
+    poles and residues (fit error at rounding), and forming the Hankel matrices a few sequences at a time
+    (``FIT_BATCH_BYTES`` made small) gives the same modes as all at once."""
+    from zoo.models.hyena import modeling_hyena
+
+    gen = torch.Generator().manual_seed(0)
+    radius = 0.80 + 0.15 * torch.rand(5, 3, generator=gen, dtype=torch.float64)
+    angle = math.pi * torch.rand(5, 3, generator=gen, dtype=torch.float64)
+    poles = torch.polar(radius, angle)  # 3 conjugate pairs: 6 real modes per sequence
+    weights = torch.randn(5, 3, generator=gen, dtype=torch.complex128)
+    j = torch.arange(200, dtype=torch.float64)
+    g = 2 * (weights[:, :, None] * poles[:, :, None] ** j).real.sum(1)  # (5, 200)
+    A, R = modeling_hyena.fit_modes(g, 6)
+    fit = (R[:, None, :] * A[:, None, :] ** j[:, None]).sum(-1).real
+    assert ((fit - g).norm(dim=-1) / g.norm(dim=-1)).max() < 1e-8
+    found = torch.sort(A.abs(), dim=-1).values
+    expected = torch.sort(torch.cat([radius, radius], -1), dim=-1).values
+    assert (found - expected).abs().max() < 1e-8
+    monkeypatch.setattr(modeling_hyena, "FIT_BATCH_BYTES", 2 * 100 * 101 * 8)  # two sequences per batch
+    A2, R2 = modeling_hyena.fit_modes(g, 6)
+    fit2 = (R2[:, None, :] * A2[:, None, :] ** j[:, None]).sum(-1).real
+    assert (fit2 - fit).abs().max() < 1e-9 * g.abs().max()

@@ -300,21 +300,49 @@ class HyenaOperator(nn.Module):
         return v, {"ssm": torch.stack(new_states, 1)}
 
 
+# Hankel matrices of the fit are formed for this many sequences at a time (each rows x cols float64), so that
+# memory stays near FIT_BATCH_BYTES whatever the number of channels and the fitted length
+FIT_BATCH_BYTES = 256 * 2**20
+
+
+def _leading_left_vectors(H: torch.Tensor, n: int, oversample: int = 10, power: int = 2) -> torch.Tensor:
+    """The n leading left singular vectors of H (..., rows, cols), by a randomized range finder with power
+    iterations (Halko, Martinsson & Tropp 2011, arXiv:0909.4061, algorithms 4.4 and 5.1): the Hankel matrices of
+    smooth filters have fast-decaying spectra, where this matches the full SVD's leading subspace to rounding,
+    at O(rows cols n) instead of O(rows cols^2). Deterministic (a fixed generator)."""
+    k = min(n + oversample, *H.shape[-2:])
+    gen = torch.Generator().manual_seed(0)
+    omega = torch.randn(H.shape[-1], k, generator=gen, dtype=H.dtype).to(H.device)
+    Y = torch.linalg.qr(H @ omega).Q
+    for _ in range(power):
+        Z = torch.linalg.qr(H.transpose(-1, -2) @ Y).Q
+        Y = torch.linalg.qr(H @ Z).Q
+    Ub = torch.linalg.svd(Y.transpose(-1, -2) @ H, full_matrices=False)[0]  # (..., k, k)
+    return (Y @ Ub)[..., :n]
+
+
 def fit_modes(g: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Diagonal modes of sequences g (..., M) (Massaroli et al. 2023, modal interpolation): g_j ~ Re(sum_k R_k
     A_k^j). The poles A from the shift invariance of the Hankel matrix's leading n singular vectors (clamped into
-    the unit disc, so that the recurrence cannot blow up), the residues R by least squares. Complex128."""
+    the unit disc, so that the recurrence cannot blow up), the residues R by least squares. Complex128. The Hankel
+    matrices (M / 2 x M / 2 per sequence) are formed a batch of sequences at a time (``FIT_BATCH_BYTES``); their
+    leading vectors come from ``_leading_left_vectors``."""
     M = g.shape[-1]
-    g = g.double()
+    lead = g.shape[:-1]
+    g = g.double().reshape(-1, M)
     rows = max(n + 1, M // 2)
-    idx = torch.arange(rows)[:, None] + torch.arange(M - rows + 1)  # (rows, cols) Hankel indices
-    U = torch.linalg.svd(g[..., idx], full_matrices=False)[0][..., :n]  # (..., rows, n)
-    shift = torch.linalg.lstsq(U[..., :-1, :], U[..., 1:, :]).solution  # (..., n, n)
-    A = torch.linalg.eigvals(shift)  # (..., n)
+    cols = M - rows + 1
+    idx = torch.arange(rows)[:, None] + torch.arange(cols)  # (rows, cols) Hankel indices
+    per_batch = max(1, FIT_BATCH_BYTES // (rows * cols * 8))
+    U = torch.cat(
+        [_leading_left_vectors(g[i : i + per_batch][:, idx], n) for i in range(0, g.shape[0], per_batch)]
+    )  # (S, rows, n)
+    shift = torch.linalg.lstsq(U[..., :-1, :], U[..., 1:, :]).solution  # (S, n, n)
+    A = torch.linalg.eigvals(shift)  # (S, n)
     A = A / A.abs().clamp(min=1.0)
-    V = A[..., None, :] ** torch.arange(M, dtype=torch.float64)[:, None]  # (..., M, n)
-    R = torch.linalg.lstsq(V, g.to(V.dtype)[..., None]).solution[..., 0]  # (..., n)
-    return A, R
+    V = A[..., None, :] ** torch.arange(M, dtype=torch.float64)[:, None]  # (S, M, n)
+    R = torch.linalg.lstsq(V, g.to(V.dtype)[..., None]).solution[..., 0]  # (S, n)
+    return A.reshape(*lead, n), R.reshape(*lead, n)
 
 
 class HyenaBlock(GradientCheckpointingLayer):

@@ -158,6 +158,31 @@ def test_per_head_decay_and_no_states():
     check_forward_backward(no_state, naive_op(output_final_state=False), inputs)
 
 
+@pytest.mark.parametrize("form", ["one matmul", "levelled"])
+def test_pair_matrix_forms_float32(monkeypatch, form):
+    """Both forms of the pair matrices (one matmul of split decays where every chunk's decay span is at most
+    MAX_SPAN, else the levels), forced in turn on the same inputs, in float32 against the float64 oracle: decays
+    up to e^-3 per token, chunk spans just under MAX_SPAN."""
+    from zoo.ops.delta_rule import chunk
+
+    inputs = make_inputs(100, decay="mixed", seed=4)
+    inputs["g"] = inputs["g"].clamp(min=-2.4)  # spans of 16 tokens <= 38.4 < MAX_SPAN
+    assert float((-inputs["g"]).sum(1).max()) > chunk.MAX_SPAN  # the sequence as a whole spans more
+    if form == "levelled":
+        monkeypatch.setattr(chunk, "MAX_SPAN", 0.0)
+    check_forward_backward(op("torch", 16), naive_op(), inputs, dtype=torch.float32, what=form)
+
+
+def test_without_gradients_equals_with():
+    """A forward without gradients (the scan keeps no states) returns what the differentiable one does."""
+    inputs = {n: x.float() for n, x in make_inputs(70, decay="mixed").items()}
+    with torch.no_grad():
+        out, final = op("torch", 16)(**inputs)
+    graded = {n: x.clone().requires_grad_() for n, x in inputs.items()}
+    expected_out, expected_final = op("torch", 16)(**graded)
+    assert torch.equal(out, expected_out.detach()) and torch.equal(final, expected_final.detach())
+
+
 def test_empty_sequence():
     """T = 0: an empty output, and the initial state passed on as the final one."""
     inputs = make_inputs(0)

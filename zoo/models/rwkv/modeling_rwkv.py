@@ -249,16 +249,16 @@ class RwkvTimeMix(nn.Module):
     def _goose(self, x, shifted, ctx, state, want_state, v_first):
         B, T, C = x.shape
         H, N = self.config.num_heads, self.config.head_size
-        # 1. static token-shift mixes
-        delta = shifted - x
-        xr, xw, xk, xv, xa, xg = (
-            x + delta * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
-        )
-        # 2. projections; low-rank decay, in-context learning rate and gate
-        r, k, v = self.r_proj(xr), self.k_proj(xk), self.v_proj(xv)  # (B, T, C)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
-        log_decay = -math.exp(-0.5) * torch.sigmoid((self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float())
+        # 1. static token-shift mixes, all six in one pass: x + (shifted - x) * mix, (B T, 6, C)
+        mixes = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])
+        flat = x.reshape(B * T, 1, C)
+        xr, xw, xk, xv, xa, xg = torch.addcmul(flat, shifted.reshape(B * T, 1, C) - flat, mixes).unbind(1)
+        # 2. projections; low-rank decay, in-context learning rate and gate (biases added by the products)
+        r, k, v = (p(t).view(B, T, C) for p, t in ((self.r_proj, xr), (self.k_proj, xk), (self.v_proj, xv)))
+        a = torch.addmm(self.a0, xa @ self.a1, self.a2).sigmoid_().view(B, T, C)
+        g = (torch.sigmoid(xg @ self.g1) @ self.g2).view(B, T, C)
+        log_decay = torch.addmm(self.w0, torch.tanh(xw @ self.w1), self.w2).float().sigmoid_()
+        log_decay = (-math.exp(-0.5) * log_decay).view(B, T, C)
         # 3. removal key (normalised per head) and written key
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)
         k = k * (1 + (a - 1) * self.k_a)
@@ -266,7 +266,7 @@ class RwkvTimeMix(nn.Module):
         if self.layer_idx == 0:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+            v = torch.lerp(v, v_first, torch.addmm(self.v0, xv @ self.v1, self.v2).sigmoid_().view(B, T, C))
         # the recurrence runs in float32 whatever the activations' dtype
         heads = lambda t: t.float().view(B, T, H, N)  # noqa: E731
         r, k, v, a, log_decay = heads(r), heads(k), heads(v), heads(a), heads(log_decay)
@@ -289,8 +289,8 @@ class RwkvTimeMix(nn.Module):
             )
         # 6. group norm per head, the current token's bonus (r . (k * r_k)) v, gate, output
         o = self.ln_x(ctx.unflat(o, B).reshape(B * T, C).to(self.ln_x.weight.dtype)).view(B, T, H, N)
-        bonus = (r * k * self.r_k).sum(-1, keepdim=True) * v
-        o = (o.to(v.dtype) + bonus).reshape(B, T, C)
+        bonus = (r * k * self.r_k).sum(-1, keepdim=True)  # (B, T, H, 1)
+        o = torch.addcmul(o.to(v.dtype), bonus, v).view(B, T, C)
         return self.o_proj(o * g), state, v_first
 
 

@@ -17,31 +17,37 @@ and reading (1) at t - 1 through a_t gives the u_t themselves, a lower-triangula
     u_t = S_0^T (a_t * e^{G_{t-1}}) + sum_{i<t} Aak_ti v_i + Aab_ti u_i,    Axy_ti = sum_c x_t[c] y_i[c] e^{G_{t-1}[c] - G_i[c]}
     (I - Aab) U = Aak V + Ã S_0      =>      U = W + P S_0,   W = (I - Aab)^{-1} Aak V,   P = (I - Aab)^{-1} Ã
 
-one triangular solve per chunk (C x C, unit diagonal, Dv + Dk right-hand sides), Ã the rows a_t * e^{G_{t-1}}.
+through the inverse of (I - Aab) (one triangular solve per chunk with C right-hand sides, then two products; a
+solve with the Dv + Dk right-hand sides themselves costs more on a CPU), Ã the rows a_t * e^{G_{t-1}}.
 This is the WY representation of the chunk's product of transitions: with B̃, K̃ the rows b_i * e^{G_C - G_i},
 k_i * e^{G_C - G_i}, the product (D_C + b_C a_C^T) ... (D_1 + b_1 a_1^T) equals diag(e^{G_C}) + B̃^T P, the
 diagonal plus a rank-C correction. The outputs and the state leaving the chunk follow from (1):
 
-    O   = Aqk V + Aqb W + (Q̃ + Aqb P) S_0          (Aq. as A.. with G_t for G_{t-1}, i <= t; Q̃ = q_t * e^{G_t})
-    S_C = (diag(e^{G_C}) + B̃^T P) S_0 + K̃^T V + B̃^T W  =  M S_0 + H
+    O   = Aqk V + Aqb U + Q̃ S_0                    (Aq. as A.. with G_t for G_{t-1}, i <= t; Q̃ = q_t * e^{G_t})
+    S_C = diag(e^{G_C}) S_0 + K̃^T V + B̃^T U        =  (diag(e^{G_C}) + B̃^T P) S_0 + K̃^T V + B̃^T W
 
-Everything but S_0 is computed for all chunks at once; the only sequential step is S_{n+1} = M_n S_n + H_n, done
-without forming M_n as e^{G_C} * S_n + B̃^T (P S_n) (2 C Dk Dv multiply-adds per chunk rather than Dk^2 (C + Dv)),
-after which all outputs are one batched matmul again.
+Everything but S_0 is computed for all chunks at once; the only sequential steps are, per chunk, U = W + P S_n,
+its reading Q̃ S_n and S_{n+1} = e^{G_C} * S_n + [K̃; B̃]^T [V; U] (the transition diag(e^{G_C}) + B̃^T P is never
+formed: 4 C Dk Dv multiply-adds per chunk rather than Dk^2 (C + Dv)), after which all outputs are one batched matmul
+again. The states entering the chunks are kept only when a backward will need them.
 
 Numerical stability. Every exponent above is G_x - G_y with x later than y, so it is <= 0: no exp overflows, and
-one underflows only where the true factor is below float range. The pair matrices Axy cannot be formed as
-(x_t e^{G_t}) (y_i e^{-G_i})^T, because e^{-G_i} overflows float32 once a channel has decayed by e^88 inside the
-chunk (a few tokens of strong decay). Instead, the strictly lower triangle is filled block by block at log2(C)
-levels: at level s the chunk is cut into blocks of 2s tokens, and the pairs (t in the second half, i in the first
-half) are one matmul through the reference r, the last token of the first half:
+one underflows only where the true factor is below float range. The pair matrices Axy are formed as
+(x_t e^{G_t}) (y_i e^{-G_i})^T, one matmul per chunk, only where every chunk's decay span |G_C| is at most
+``MAX_SPAN`` (always for RWKV-7's decays, at most e^{-e^{-1/2}} per token, in chunks up to 64): e^{-G_i} overflows
+float32 once a channel has decayed by e^88 inside the chunk (a few tokens of strong decay). Elsewhere, the strictly
+lower triangle is filled block by block at log2(C) levels: at level s the chunk is cut into blocks of 2s tokens,
+and the pairs (t in the second half, i in the first half) are one matmul through the reference r, the last token
+of the first half:
 
     e^{G_{t-1} - G_i} = e^{G_{t-1} - G_r} e^{G_r - G_i}          both factors <= 1, since i <= r <= t - 1
 
 Every pair i < t falls in exactly one such block, so the triangle is exact, at C * Dk multiply-adds per token in
 all (as one dense C x C product). The diagonal of Aq. is q_t . k_t, q_t . b_t. Every exponent is formed as a sum
-of the g's between its two tokens (a cumulative sum inside the half block, or from the chunk's end), never as the
-difference of two large cumulative sums, so that a large |G| cannot swallow a small difference in float32.
+of the g's between its two tokens (a cumulative sum inside the half block; G_t and G_C - G_t as products of g with
+a 0/1 matrix), never as the difference of two large cumulative sums, so that a large |G| cannot swallow a small
+difference in float32; in the one-matmul form, both factors come from the same G, whose rounding up to the
+earlier token then cancels.
 
 Packed sequences (``cu_seqlens``, batch 1): each sequence is padded to a whole number of chunks (padding tokens
 have k = v = a = b = 0 and g = 0, an identity transition), so that no chunk holds two sequences; the chunk scan
@@ -62,6 +68,10 @@ import torch
 import torch.nn.functional as F
 
 from zoo.ops.delta_rule.naive import state_dtype
+
+# the largest decay span |G_C| (summed log-decay over a chunk) for which the pair matrices are one matmul of split
+# decays: column factors up to e^40 ~ 2e17 leave float32 ample room for the vectors they multiply
+MAX_SPAN = 40.0
 
 
 def _pair_level(L: torch.Tensor, R: torch.Tensor, g: torch.Tensor, s: int):
@@ -97,89 +107,157 @@ def _corners(M: torch.Tensor, s: int) -> torch.Tensor:
     return torch.diagonal(target, dim1=-4, dim2=-2)
 
 
+def _split_pairs(rows: torch.Tensor, k: torch.Tensor, b: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """The pair matrices as one matmul per chunk, for chunks whose decay span allows it (see ``_PairMatrices``).
+
+    e^{G_x - G_i} = e^{G_x} e^{-G_i}: the given rows (..., 2 C, Dk), times the columns [k_i; b_i] / e^{G_i}, each
+    within e^{span} of its vector. Both factors come from the same cumulative sums G, so that the rounding of
+    G up to the earlier token cancels in the product: in float32 the pairs are as accurate as through the
+    levels (measured: within 2x of the levelled form, and of the token-by-token recurrence, up to spans of 80).
+    Entries above the diagonal (whose products can be large) are set to 0, not multiplied by it.
+    """
+    *lead, C, Dk = k.shape
+    cols = k.new_empty(*lead, 2 * C, Dk)
+    torch.div(k, decay, out=cols[..., :C, :])
+    torch.div(b, decay, out=cols[..., C:, :])
+    A = rows @ cols.transpose(-1, -2)  # (..., 2 C, 2 C)
+    t = torch.arange(C, device=k.device)
+    at_or_after, after = (t[None, :] >= t[:, None]).repeat(1, 2), (t[None, :] > t[:, None]).repeat(1, 2)
+    return A.masked_fill_(torch.cat([at_or_after, after]), 0.0)  # (a rows: i >= t; q rows: i > t)
+
+
+def _levelled_pairs(L: torch.Tensor, R: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The strictly lower triangles M (..., X, Y, C, C) of the pairs of rows L (..., C, X, Dk) and columns
+    R (..., C, Y, Dk), filled one level of the halving at a time (``_pair_level``)."""
+    *lead, C, X, Dk = L.shape
+    Y = R.shape[-2]
+    n = len(lead)
+    M = L.new_zeros(*lead, X, Y, C, C)
+    s = C // 2
+    while s >= 1:
+        P = C // (2 * s)
+        rows, cols, _, _ = _pair_level(L, R, g, s)
+        block = rows.reshape(*lead, P, s * X, Dk) @ cols.reshape(*lead, P, s * Y, Dk).transpose(-1, -2)
+        block = block.view(*lead, P, s, X, s, Y).permute(*range(n), n + 2, n + 4, n + 1, n + 3, n)
+        _corners(M, s).copy_(block)  # (..., X, Y, s, s, P)
+        s //= 2
+    return M
+
+
+def _levelled_pairs_backward(L, R, g, dM):
+    """The gradients of L, R and g from that of ``_levelled_pairs``' M (its strictly lower triangles)."""
+    *lead, C, X, Dk = L.shape
+    Y = R.shape[-2]
+    n = len(lead)
+    dM = dM.contiguous()
+    dL, dR, dg = torch.zeros_like(L), torch.zeros_like(R), torch.zeros_like(g)
+    s = C // 2
+    while s >= 1:
+        P = C // (2 * s)
+        rows, cols, e_rows, e_cols = _pair_level(L, R, g, s)
+        # (..., X, Y, s_t, s_i, P) -> (..., P, s_t X, s_i Y), the layout of the forward's block
+        d_block = (
+            _corners(dM, s).permute(*range(n), n + 4, n + 2, n, n + 3, n + 1).reshape(*lead, P, s * X, s * Y)
+        )
+        d_rows = (d_block @ cols.reshape(*lead, P, s * Y, Dk)).view(*lead, P, s, X, Dk)
+        d_cols = (d_block.transpose(-1, -2) @ rows.reshape(*lead, P, s * X, Dk)).view(*lead, P, s, Y, Dk)
+        dL.view(*lead, P, 2, s, X, Dk)[..., 1, :, :, :].addcmul_(d_rows, e_rows)
+        dR.view(*lead, P, 2, s, Y, Dk)[..., 0, :, :, :].addcmul_(d_cols, e_cols)
+        # the exponents: rows = L * e^{x} gives d x = d_rows * rows (likewise for the columns)
+        d_exp_rows = d_rows * rows  # (..., P, s, 2, Dk): G_{t-1} - G_r (x = 0), G_t - G_r (x = 1)
+        d_ahead = d_exp_rows[..., 1, :]
+        # G_{t-1} - G_r is the previous token's G_t - G_r
+        d_ahead[..., :-1, :] += d_exp_rows[..., 1:, 0, :]
+        d_behind = (d_cols * cols).sum(-2)  # (..., P, s, Dk)
+        d_halves = dg.view(*lead, P, 2, s, Dk)
+        # G_t - G_r sums g over the second half up to t: each g collects the d of every t at or after it;
+        # G_r - G_i sums g over the first half after i: each g collects the d of every i before it
+        d_halves[..., 1, :, :] += d_ahead.flip(-2).cumsum(-2).flip(-2)
+        d_halves[..., 0, 1:, :] += d_behind[..., :-1, :].cumsum(-2)
+        s //= 2
+    return dL, dR, dg
+
+
 class _PairMatrices(torch.autograd.Function):
-    """The strictly lower triangles of the decayed pair products, for every chunk at once.
+    """The decayed pair products of every chunk, at once.
 
-    L (..., C, 2, Dk): the row vectors (a_t, q_t); R (..., C, Y, Dk): the column vectors (k_i, b_i); g (..., C, Dk)
-    the log-decays. Returns M (..., 2, Y, C, C) with, for i < t (else 0),
+    a, q, k, b, g (..., C, Dk); rows (..., 2 C, Dk) = [a_t e^{G_{t-1}}; q_t e^{G_t}] and decay (..., C, Dk) = e^{G_t},
+    with G the cumulative sums of g in the chunk: given, not recomputed (their gradient reaches a, q and g through
+    their other uses). Returns A (..., 2 C, 2 C) = [[Aak, Aab], [Aqk, Aqb]] with
 
-        M[0, y, t, i] = sum_c a_t[c] R_i[y, c] exp(G_{t-1}[c] - G_i[c])
-        M[1, y, t, i] = sum_c q_t[c] R_i[y, c] exp(G_t[c] - G_i[c]),
+        Aak[t, i] = sum_c a_t[c] k_i[c] exp(G_{t-1}[c] - G_i[c])    for i < t, else 0 (Aab likewise with b_i)
+        Aqk[t, i] = sum_c q_t[c] k_i[c] exp(G_t[c] - G_i[c])        for i <= t, else 0 (Aqb likewise with b_i).
 
-    filled one level of the halving at a time (``_pair_level``): every pair i < t lies in the corner of exactly
-    one diagonal block. The backward is written out level by level (the rows and columns recomputed, not kept):
-    through autograd every level's views and pads of the full inputs would each cost a zero-filled gradient of
-    the inputs' size.
+    Where every chunk's decay span |G_C| is at most ``MAX_SPAN`` (always for RWKV-7's decays, at most e^{-e^{-1/2}}
+    per token, in chunks up to 64), one matmul per chunk of split decays (``_split_pairs``); else the
+    strictly lower triangles are filled one level of the halving at a time (``_levelled_pairs``: every pair i < t
+    lies in the corner of exactly one diagonal block), and the diagonal of the q rows added. The backward is
+    written out level by level (the rows and columns recomputed, not kept): through autograd every level's views
+    and pads of the full inputs would each cost a zero-filled gradient of the inputs' size.
     """
 
     @staticmethod
-    def forward(ctx, L, R, g):
-        with torch.autocast(L.device.type, enabled=False):
-            return _PairMatrices._forward(ctx, L, R, g)
+    def forward(ctx, a, q, k, b, g, rows, decay):
+        with torch.autocast(a.device.type, enabled=False):
+            return _PairMatrices._forward(ctx, a, q, k, b, g, rows, decay)
 
     @staticmethod
-    def _forward(ctx, L, R, g):
-        *lead, C, X, Dk = L.shape
-        Y = R.shape[-2]
+    def _forward(ctx, a, q, k, b, g, rows, decay):
+        *lead, C, Dk = a.shape
+        ctx.save_for_backward(a, q, k, b, g)
+        if bool((decay[..., -1, :] >= math.exp(-MAX_SPAN)).all()):
+            return _split_pairs(rows, k, b, decay)
         n = len(lead)
-        M = L.new_zeros(*lead, X, Y, C, C)
-        s = C // 2
-        while s >= 1:
-            P = C // (2 * s)
-            rows, cols, _, _ = _pair_level(L, R, g, s)
-            block = rows.reshape(*lead, P, s * X, Dk) @ cols.reshape(*lead, P, s * Y, Dk).transpose(-1, -2)
-            block = block.view(*lead, P, s, X, s, Y).permute(*range(n), n + 2, n + 4, n + 1, n + 3, n)
-            _corners(M, s).copy_(block)  # (..., X, Y, s, s, P)
-            s //= 2
-        ctx.save_for_backward(L, R, g)
-        return M
+        M = _levelled_pairs(torch.stack([a, q], -2), torch.stack([k, b], -2), g)  # (..., X, Y, C, C)
+        A = M.permute(*range(n), n, n + 2, n + 1, n + 3).reshape(*lead, 2 * C, 2 * C)
+        A[..., C:, :C].diagonal(dim1=-2, dim2=-1).add_((q * k).sum(-1))
+        A[..., C:, C:].diagonal(dim1=-2, dim2=-1).add_((q * b).sum(-1))
+        return A
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dM):
-        with torch.autocast(dM.device.type, enabled=False):
-            return _PairMatrices._backward(ctx, dM)
+    def backward(ctx, dA):
+        with torch.autocast(dA.device.type, enabled=False):
+            return _PairMatrices._backward(ctx, dA)
 
     @staticmethod
-    def _backward(ctx, dM):
-        L, R, g = ctx.saved_tensors
-        *lead, C, X, Dk = L.shape
-        Y = R.shape[-2]
+    def _backward(ctx, dA):
+        a, q, k, b, g = ctx.saved_tensors
+        *lead, C, Dk = a.shape
         n = len(lead)
-        dM = dM.contiguous()
-        dL, dR, dg = torch.zeros_like(L), torch.zeros_like(R), torch.zeros_like(g)
-        s = C // 2
-        while s >= 1:
-            P = C // (2 * s)
-            rows, cols, e_rows, e_cols = _pair_level(L, R, g, s)
-            # (..., X, Y, s_t, s_i, P) -> (..., P, s_t X, s_i Y), the layout of the forward's block
-            d_block = (
-                _corners(dM, s)
-                .permute(*range(n), n + 4, n + 2, n, n + 3, n + 1)
-                .reshape(*lead, P, s * X, s * Y)
-            )
-            d_rows = (d_block @ cols.reshape(*lead, P, s * Y, Dk)).view(*lead, P, s, X, Dk)
-            d_cols = (d_block.transpose(-1, -2) @ rows.reshape(*lead, P, s * X, Dk)).view(*lead, P, s, Y, Dk)
-            dL.view(*lead, P, 2, s, X, Dk)[..., 1, :, :, :].addcmul_(d_rows, e_rows)
-            dR.view(*lead, P, 2, s, Y, Dk)[..., 0, :, :, :].addcmul_(d_cols, e_cols)
-            # the exponents: rows = L * e^{x} gives d x = d_rows * rows (likewise for the columns)
-            d_exp_rows = d_rows * rows  # (..., P, s, 2, Dk): G_{t-1} - G_r (x = 0), G_t - G_r (x = 1)
-            d_ahead = d_exp_rows[..., 1, :]
-            # G_{t-1} - G_r is the previous token's G_t - G_r
-            d_ahead[..., :-1, :] += d_exp_rows[..., 1:, 0, :]
-            d_behind = (d_cols * cols).sum(-2)  # (..., P, s, Dk)
-            d_halves = dg.view(*lead, P, 2, s, Dk)
-            # G_t - G_r sums g over the second half up to t: each g collects the d of every t at or after it;
-            # G_r - G_i sums g over the first half after i: each g collects the d of every i before it
-            d_halves[..., 1, :, :] += d_ahead.flip(-2).cumsum(-2).flip(-2)
-            d_halves[..., 0, 1:, :] += d_behind[..., :-1, :].cumsum(-2)
-            s //= 2
-        return dL, dR, dg
+        dM = dA.view(*lead, 2, C, 2, C).permute(*range(n), n, n + 2, n + 1, n + 3)  # (..., X, Y, C, C)
+        dL, dR, dg = _levelled_pairs_backward(torch.stack([a, q], -2), torch.stack([k, b], -2), g, dM)
+        (da, dq), (dk, db) = dL.unbind(-2), dR.unbind(-2)
+        # the diagonal of the q rows: q_t . k_t and q_t . b_t
+        d_qk = dA[..., C:, :C].diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # (..., C, 1)
+        d_qb = dA[..., C:, C:].diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+        dq = dq + d_qk * k + d_qb * b
+        dk = dk + d_qk * q
+        db = db + d_qb * q
+        return da, dq, dk, db, dg, None, None
 
 
-def _pair_matrices(L: torch.Tensor, R: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``_PairMatrices`` on (L, R, g): M (..., 2, Y, C, C)."""
-    return _PairMatrices.apply(L.contiguous(), R.contiguous(), g.contiguous())
+def _pair_matrices(a, q, k, b, g, rows, decay) -> torch.Tensor:
+    """``_PairMatrices``: A (..., 2 C, 2 C)."""
+    return _PairMatrices.apply(*(x.contiguous() for x in (a, q, k, b, g)), rows, decay)
+
+
+def _decay_sums(C: int, like: torch.Tensor) -> torch.Tensor:
+    """(2 C, C) of 0 and 1: times g (..., C, Dk), the log-decays from the chunk's start through each token, G_t,
+    and from each token to the chunk's end, G_C - G_t, each a sum of the g's in between (not a difference)."""
+    t = torch.arange(C, device=like.device)
+    return torch.cat([t[:, None] >= t[None, :], t[:, None] < t[None, :]]).to(like.dtype)
+
+
+def _stacked(x: torch.Tensor, fx: torch.Tensor, y: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
+    """[x * fx; y * fy] along the tokens, (..., 2 C, D); written in place when no gradient is taken."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, fx, y, fy)):
+        return torch.cat([x * fx, y * fy], -2)
+    C = x.shape[-2]
+    out = x.new_empty(*x.shape[:-2], 2 * C, x.shape[-1])
+    torch.mul(x, fx, out=out[..., :C, :])
+    torch.mul(y, fy, out=out[..., C:, :])
+    return out
 
 
 def _to_chunks(x: torch.Tensor, layout, C: int, acc) -> torch.Tensor:
@@ -188,8 +266,9 @@ def _to_chunks(x: torch.Tensor, layout, C: int, acc) -> torch.Tensor:
     x = x.to(acc)
     if layout is None:
         N = -(-T // C)
-        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, N * C - T))  # (B, N C, H, D)
-        return x.view(B, N, C, H, D).permute(1, 0, 3, 2, 4).reshape(N, B * H, C, D)
+        if N * C != T:
+            x = F.pad(x, (0, 0, 0, 0, 0, N * C - T))  # (B, N C, H, D)
+        return x.view(B, N, C, H, D).permute(1, 0, 3, 2, 4).reshape(N, B * H, C, D).contiguous()
     index, _ = layout
     x = torch.cat([x[0], x.new_zeros(1, H, D)])  # (T + 1, H, D): the last row is padding
     x = x.index_select(0, index)  # (chunks C, H, D)
@@ -221,6 +300,9 @@ def _packed_layout(cu_seqlens: torch.Tensor, T: int, C: int):
     return (index, tokens), ranges
 
 
+# eager inside a torch.compile'd model (the graph breaks around it): the pair matrices' form is chosen from the
+# data (the decay spans), and tracing would unroll the loop over chunks
+@torch.compiler.disable
 def chunk_dplr_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -253,40 +335,36 @@ def chunk_dplr_delta_rule(
         S0 = initial_state
     S0 = q.new_zeros(len(ranges), rows, Dk, Dv, dtype=acc) if S0 is None else S0.to(acc)
 
-    # 1. chunks: (N, rows, C, D); the scale folded into q. Log-decays from the chunk's start: G through token t,
-    # G_prev through t - 1; G_end - G_i, from token i to the chunk's end, summed from the end (not a difference)
+    # 1. chunks: (N, rows, C, D); the scale folded into q. Log-decays G through token t (from the chunk's start)
+    # and G_C - G_t (from token t to the chunk's end), both sums of the g's in between
     q, k, v, a, b, g = (
         _to_chunks(x, layout, C, acc) for x in (q if scale == 1 else q * scale, k, v, a, b, g)
     )
-    G = g.cumsum(-2)
-    G_prev = F.pad(G[..., :-1, :], (0, 0, 1, 0))
-    to_end = g.flip(-2).cumsum(-2).flip(-2)
-    to_end = F.pad(to_end[..., 1:, :], (0, 0, 0, 1)).exp()  # (N, rows, C, Dk), <= 1
-    decay_end = G[..., -1, :, None].exp()  # (N, rows, Dk, 1)
+    decay, to_end = (_decay_sums(C, g) @ g).exp().split(C, -2)  # e^{G_t}, e^{G_C - G_t}: <= 1
+    decay_prev = F.pad(decay[..., :-1, :], (0, 0, 1, 0), value=1.0)  # e^{G_{t-1}}
+    decay_end = decay[..., -1, :, None]  # (N, rows, Dk, 1)
+    rows = _stacked(a, decay_prev, q, decay)  # (N, rows, 2 C, Dk): [Ã; Q̃], a_t e^{G_{t-1}} and q_t e^{G_t}
+    ends = _stacked(k, to_end, b, to_end)  # [K̃; B̃], k_i and b_i e^{G_C - G_i}
+    a_dec, q_dec = rows[..., :C, :], rows[..., C:, :]
 
-    # 2. decayed pair products inside each chunk (strictly lower), plus the diagonal for the q rows
-    pairs = _pair_matrices(torch.stack([a, q], -2), torch.stack([k, b], -2), g)  # (N, rows, 2, 2, C, C)
-    (A_ak, A_ab), (A_qk, A_qb) = (x.unbind(2) for x in pairs.unbind(2))  # (N, rows, C, C)
-    A_qk = A_qk + torch.diag_embed((q * k).sum(-1))
-    A_qb = A_qb + torch.diag_embed((q * b).sum(-1))
+    # 2. decayed pair products inside each chunk: Aa. strictly lower, Aq. with the diagonal
+    A = _pair_matrices(a, q, k, b, g, rows, decay)  # (N, rows, 2 C, 2 C)
+    A_ak, A_ab = A[..., :C, :C], A[..., :C, C:]
 
-    # 3. UT transform: (I - A_ab) [W, P] = [A_ak V, a e^{G_{t-1}}]
-    rhs = torch.cat([A_ak @ v, a * G_prev.exp()], -1)  # (N, rows, C, Dv + Dk)
-    WP = torch.linalg.solve_triangular(-A_ab, rhs, upper=False, unitriangular=True)
-    W, P = WP[..., :Dv], WP[..., Dv:]
+    # 3. UT transform: W = (I - A_ab)^{-1} A_ak V, P = (I - A_ab)^{-1} Ã, through the inverse (one triangular
+    # solve with C right-hand sides rather than Dv + Dk)
+    eye = torch.eye(C, dtype=A.dtype, device=A.device).expand(A_ab.shape)
+    inverse = torch.linalg.solve_triangular(-A_ab, eye, upper=False, unitriangular=True)
+    W, P = inverse @ (A_ak @ v), inverse @ a_dec  # (N, rows, C, Dv), (N, rows, C, Dk)
 
-    # 4. what each chunk does to the state entering it: S_out = (diag(e^{G_C}) + B̃^T P) S_in + H_c; its outputs
-    # O_intra + Q_in S_in
-    k_end, b_end = k * to_end, b * to_end
-    H_c = k_end.transpose(-1, -2) @ v + b_end.transpose(-1, -2) @ W  # (N, rows, Dk, Dv)
-    O = A_qk @ v + A_qb @ W  # (N, rows, C, Dv)
-    Q_in = q * G.exp() + A_qb @ P  # (N, rows, C, Dk)
+    # 4. the scan over chunks, restarting at every sequence's first chunk: each chunk's u_t = W + P S_in and its
+    # reading Q̃ S_in of the state entering it, then S_out = e^{G_C} * S_in + K̃^T V + B̃^T U (in the state dtype:
+    # under autocast the batched products above may be in a lower precision)
+    scan_inputs = (x.to(acc) for x in (decay_end, ends, v, W, P, q_dec))
+    VU, O_in, finals = _ChunkScan.apply(*scan_inputs, S0, ranges)
 
-    # 5. the scan over chunks, restarting at every sequence's first chunk; then every chunk reads its state
-    # (in the state dtype: under autocast the batched products above may be in a lower precision)
-    scan_inputs = (x.to(acc) for x in (decay_end, b_end, P, H_c))
-    states, finals = _ChunkScan.apply(*scan_inputs, S0, ranges)
-    O = O + Q_in @ states
+    # 5. outputs: O = Aqk V + Aqb U + Q̃ S_in
+    O = O_in + A[..., C:, :] @ VU  # (N, rows, C, Dv)
     out = _from_chunks(O, layout, B, T, H).to(v.dtype)
     final = None
     if output_final_state:
@@ -295,61 +373,91 @@ def chunk_dplr_delta_rule(
 
 
 class _ChunkScan(torch.autograd.Function):
-    """The sequential part: S_{n+1} = e_n * S_n + B_n^T (P_n S_n) + H_n over the chunks of each sequence.
+    """The sequential part, over the chunks of each sequence, from its initial state S_0:
 
-    decay e (N, rows, Dk, 1) = e^{G_C}; B (N, rows, C, Dk) the rows b_i e^{G_C - G_i}; P (N, rows, C, Dk) from the
-    UT transform; H (N, rows, Dk, Dv); S0 (sequences, rows, Dk, Dv); ``ranges`` each sequence's chunks (first,
-    end). Returns the state entering every chunk (N, rows, Dk, Dv) and each sequence's final state.
+        U_n = W_n + P_n S_n          O_n = Q_n S_n          S_{n+1} = e_n * S_n + K_n^T V_n + B_n^T U_n
 
-    The chunk's transition diag(e) + B^T P (Dk x Dk) is never formed: applied to S as two products through the C
-    rows of P it costs 2 C Dk Dv per chunk instead of Dk^2 (C + Dv). The backward runs the scan in reverse,
-    written out, so that the loop over chunks adds no autograd node per chunk.
+    decay e (N, rows, Dk, 1) = e^{G_C}; KB (N, rows, 2 C, Dk) the rows [K; B] = [k_i; b_i] * e^{G_C - G_i}; V, W
+    (N, rows, C, Dv); P (N, rows, C, Dk) from the UT transform; Q (N, rows, C, Dk) the rows q_t e^{G_t}; S0
+    (sequences, rows, Dk, Dv); ``ranges`` each sequence's chunks (first, end). Returns [V; U] (N, rows, 2 C, Dv),
+    with U the u_t of every chunk, O (N, rows, C, Dv), what every chunk reads from the state entering it, and each
+    sequence's final state.
+
+    The chunk's transition diag(e) + B^T P (Dk x Dk) is never formed: through the C rows of U it costs C Dk Dv per
+    chunk instead of Dk^2 (C + Dv), and the state leaving a chunk is one product of [K; B]^T with [V; U]. The states
+    entering the chunks are kept only for a backward. The backward runs the scan in reverse, written out, so that
+    the loop over chunks adds no autograd node per chunk.
     """
 
     @staticmethod
-    def forward(ctx, decay, B, P, H, S0, ranges):
-        with torch.autocast(H.device.type, enabled=False):
-            return _ChunkScan._forward(ctx, decay, B, P, H, S0, ranges)
+    def forward(ctx, decay, KB, V, W, P, Q, S0, ranges):
+        with torch.autocast(V.device.type, enabled=False):
+            return _ChunkScan._forward(ctx, decay, KB, V, W, P, Q, S0, ranges)
 
     @staticmethod
-    def _forward(ctx, decay, B, P, H, S0, ranges):
-        states = torch.empty_like(H)
+    def _forward(ctx, decay, KB, V, W, P, Q, S0, ranges):
+        N, rows, C, Dv = V.shape
+        VU = V.new_empty(N, rows, 2, C, Dv)
+        VU[:, :, 0] = V
+        VU[:, :, 1] = W
+        U = VU[:, :, 1]  # U_n = W_n + P_n S_n, completed in the loop
+        VU = VU.view(N, rows, 2 * C, Dv)
+        O = torch.empty_like(V)
+        KBt = KB.transpose(-1, -2)  # (N, rows, Dk, 2 C)
+        keep = any(ctx.needs_input_grad)
+        # with a backward, the state entering chunk n of sequence j is at n + j, and its final state at end + j;
+        # without, two buffers in turn
+        states = S0.new_empty(N + len(ranges) if keep else 2, *S0.shape[1:])
         finals = torch.empty_like(S0)
-        Bt = B.transpose(-1, -2)
         for j, (first, end) in enumerate(ranges):
             S = S0[j]
+            if keep:
+                S = states[first + j].copy_(S)
             for n in range(first, end):
-                states[n] = S
-                S = torch.baddbmm(H[n], Bt[n], P[n] @ S).addcmul_(decay[n], S)
+                U[n].baddbmm_(P[n], S)
+                torch.bmm(Q[n], S, out=O[n])
+                nxt = states[n + j + 1] if keep else states[(n - first) % 2]
+                torch.bmm(KBt[n], VU[n], out=nxt).addcmul_(decay[n], S)
+                S = nxt
             finals[j] = S
-        ctx.save_for_backward(decay, B, P, states)
-        ctx.ranges = ranges
-        return states, finals
+        if keep:
+            ctx.save_for_backward(decay, KB, VU, P, Q, states)
+            ctx.ranges = ranges
+        return VU, O, finals
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_states, d_finals):
-        with torch.autocast(d_states.device.type, enabled=False):
-            return _ChunkScan._backward(ctx, d_states, d_finals)
+    def backward(ctx, dVU, dO, d_finals):
+        with torch.autocast(dVU.device.type, enabled=False):
+            return _ChunkScan._backward(ctx, dVU, dO, d_finals)
 
     @staticmethod
-    def _backward(ctx, d_states, d_finals):
-        decay, B, P, states = ctx.saved_tensors
-        d_decay, dB, dP = torch.zeros_like(decay), torch.zeros_like(B), torch.zeros_like(P)
-        dH, dS0 = torch.zeros_like(states), torch.zeros_like(d_finals)
-        Pt = P.transpose(-1, -2)
+    def _backward(ctx, dVU, dO, d_finals):
+        decay, KB, VU, P, Q, slots = ctx.saved_tensors
+        C = VU.shape[-2] // 2
+        dU = dVU[..., C:, :]
+        Pt, Qt = P.transpose(-1, -2), Q.transpose(-1, -2)
+        d_in = torch.empty_like(slots)  # the gradient of the state entering each chunk, in the slots' order
+        dU_all = torch.empty_like(dU)  # the whole gradient of U_n: its own and through S_{n+1}
+        dS0 = torch.empty_like(d_finals)
         for j, (first, end) in enumerate(ctx.ranges):
-            dS = d_finals[j]  # the gradient of the state leaving chunk n, going back
+            d_in[end + j] = d_finals[j]
             for n in reversed(range(first, end)):
-                S = states[n]
-                dH[n] = dS
-                d_decay[n] = (dS * S).sum(-1, keepdim=True)
-                dB[n] = (P[n] @ S) @ dS.transpose(-1, -2)  # d B = (P S) dS^T
-                dU = B[n] @ dS  # the gradient of P S
-                dP[n] = dU @ S.transpose(-1, -2)
-                dS = torch.baddbmm(d_states[n], Pt[n], dU).addcmul_(decay[n], dS)
-            dS0[j] = dS
-        return d_decay, dB, dP, dH, dS0, None
+                d_next = d_in[n + j + 1]
+                torch.baddbmm(dU[n], KB[n, :, C:], d_next, out=dU_all[n])
+                d_here = torch.bmm(Qt[n], dO[n], out=d_in[n + j])
+                d_here.baddbmm_(Pt[n], dU_all[n]).addcmul_(decay[n], d_next)
+            dS0[j] = d_in[first + j]
+        # every chunk's slot (the state entering it) and its successor's (the state leaving it)
+        index = torch.cat([torch.arange(first, end) + j for j, (first, end) in enumerate(ctx.ranges)])
+        index = index.to(slots.device)
+        states, d_out = slots.index_select(0, index), d_in.index_select(0, index + 1)
+        d_decay = (d_out * states).sum(-1, keepdim=True)
+        dKB = VU @ d_out.transpose(-1, -2)  # (N, rows, 2 C, Dk): [V; U] dS_{n+1}^T
+        dV = torch.baddbmm(dVU[..., :C, :].flatten(0, 1), KB[..., :C, :].flatten(0, 1), d_out.flatten(0, 1))
+        dP = dU_all @ states.transpose(-1, -2)
+        dQ = dO @ states.transpose(-1, -2)
+        return d_decay, dKB, dV.view_as(dO), dU_all, dP, dQ, dS0, None
 
 
 def default_chunk_size(Dk: int, Dv: int) -> int:

@@ -14,7 +14,7 @@ def _constant_eps(eps, acc: torch.dtype):
     return eps.detach().to(acc) if isinstance(eps, torch.Tensor) else eps
 
 
-def _inverse_rms(x: torch.Tensor, eps) -> torch.Tensor:
+def inverse_rms(x: torch.Tensor, eps) -> torch.Tensor:
     """rsqrt(mean(x^2) + eps) over the last dim, keepdim; one reduction, no full-size temporary."""
     return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
 
@@ -30,7 +30,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps, weight: torch.Tensor | None):
-        r = _inverse_rms(x, eps)
+        r = inverse_rms(x, eps)
         ctx.save_for_backward(x, r, weight)
         y = x * r
         return y if weight is None else y.mul_(weight)
@@ -59,7 +59,7 @@ class _GatedRMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, gate: torch.Tensor, eps):
-        r = _inverse_rms(x, eps)
+        r = inverse_rms(x, eps)
         ctx.save_for_backward(x, gate, r)
         return F.silu(gate).mul_(x).mul_(r)
 
@@ -85,7 +85,7 @@ def rms_norm(x: torch.Tensor, eps: float | torch.Tensor, weight: torch.Tensor | 
     grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
     if not grad:  # inference: the same arithmetic without the autograd.Function's call overhead
         xa = x.to(acc)
-        y = (xa * _inverse_rms(xa, eps)).to(dtype)
+        y = (xa * inverse_rms(xa, eps)).to(dtype)
         return y if weight is None else weight * y
     if dtype == acc:
         return _RMSNormFunction.apply(x, eps, weight)

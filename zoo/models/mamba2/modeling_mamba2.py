@@ -35,14 +35,10 @@ from zoo.models.heads import CausalLMHead, SequenceClassificationHead
 from zoo.models.mamba2.configuration_mamba2 import ZooMamba2Config
 from zoo.models.utils import CACHE_NAME, BackboneInputs, ZooBackbone
 from zoo.modules import PackedDocuments, RecurrentCache, RMSNorm
+from zoo.modules.norms import inverse_rms
 from zoo.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
 from zoo.ops.dispatch import resolve_backend
 from zoo.ops.retention import default_chunk_size, retention, retention_step
-
-
-def _inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """rsqrt(mean(x^2) + eps) over the last dim, keepdim."""
-    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
 class _TimeSteps(torch.autograd.Function):
@@ -87,7 +83,7 @@ class _SkipGatedGroupNorm(torch.autograd.Function):
         s = torch.addcmul(y, u, D[:, None])  # (B, T, H, P)
         gate = F.silu(z).contiguous()  # (B, T, H P)
         n = (gate * s.view(B, T, H * P)).view(B, T, groups, H * P // groups)
-        r = _inverse_rms(n, eps)
+        r = inverse_rms(n, eps)
         n = n.mul_(r).view(B, T, H * P)
         ctx.groups = groups
         ctx.save_for_backward(s, u, D, z, gate, weight, n, r)

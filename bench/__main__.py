@@ -190,8 +190,13 @@ def suite_main(argv: list[str]) -> int:
         progress = lambda text: print(
             f"[{time.perf_counter() - started:6.1f}s] {text}", file=sys.stderr, flush=True
         )
-    result = run_suite(cfg, argv, progress)
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir()
+
+    def checkpoint(partial: dict) -> None:  # after each entry: a stopped run keeps what it measured
+        write_json(partial, out_dir / "result.json")
+        (out_dir / "table.md").write_text(format_markdown(partial) + "\n")
+
+    result = run_suite(cfg, argv, progress, on_entry=checkpoint)
     plots = write_plots(result, out_dir / "plots") if cfg.plots else []
     result["plots"] = [str(p.relative_to(out_dir)) for p in plots]
     table = format_markdown(result)

@@ -807,9 +807,13 @@ def default_out_path() -> Path:
 
 
 def write_json(result: dict, path: str | os.PathLike) -> Path:
+    """Written to a temporary file beside ``path`` and moved over it: an interrupted write leaves the last
+    complete file in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 

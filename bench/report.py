@@ -70,6 +70,8 @@ def format_markdown(result: dict) -> str:
         f"Command: `{result['command']}`",
         "",
     ]
+    if result.get("complete") is False:
+        out[-1:-1] = [f"Incomplete: the run is in progress or was stopped after {len(result['entries'])} entries."]
     header = ["entry", "reference", "logits", "params", "train tok/s (T)", "ref/zoo", "MFU",
               "time exp", "peak mem exp", "saved exp", "decode ms/token", "decode exp"]  # fmt: skip
     out += _table(header, summary_rows(result))

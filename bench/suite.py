@@ -524,7 +524,10 @@ def _fits(result: dict) -> dict:
     return fits
 
 
-def run_suite(cfg: SuiteConfig, argv: list[str] | None = None, progress=None) -> dict:
+def run_suite(cfg: SuiteConfig, argv: list[str] | None = None, progress=None, on_entry=None) -> dict:
+    """Every selected entry through its workloads. ``on_entry(result)``, when given, is called after each entry
+    with the result so far (``result["complete"]`` false until the end), so that a long run that is stopped keeps
+    what it measured."""
     torch.set_num_threads(cfg.threads)
     device, dtype = select_device(cfg.device)
     say = progress or (lambda text: None)
@@ -543,6 +546,7 @@ def run_suite(cfg: SuiteConfig, argv: list[str] | None = None, progress=None) ->
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
         "pending": dict(PENDING),
+        "complete": False,
         "entries": {},
     }
     if device == "cuda":
@@ -573,6 +577,10 @@ def run_suite(cfg: SuiteConfig, argv: list[str] | None = None, progress=None) ->
             max_lens[name] = record["max_len"]
         # the entry's models are gone with run_entry's frame; their memory goes back before the next entry
         record.setdefault("process_memory", {})["after_entry"] = release_memory()
+        if "error" not in record and (device == "cuda" or "memory" not in entry.workloads or cfg.memory == "off"):
+            record["fits"] = _fits(record)
+        if on_entry is not None:
+            on_entry(result)
     if memory_runs:
         say("memory probes")
         measured = measure_memory(memory_runs, cfg, max_lens)
@@ -583,6 +591,7 @@ def run_suite(cfg: SuiteConfig, argv: list[str] | None = None, progress=None) ->
             record["fits"] = _fits(record)
     result["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result["wall_time_s"] = time.perf_counter() - started
+    result["complete"] = True
     return result
 
 

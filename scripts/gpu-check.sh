@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one run: the op tests with every Triton form compiled and launched on the
-# GPU (no interpreter; tests/ops/conftest.py moves the Triton forms' inputs there and compares with the CPU
-# oracles), then the benchmark with both models on the GPU.
+# The checks that need a CUDA GPU, in one run (about 9 minutes on an H200):
+#   1. the op tests of every Triton form, compiled and launched on the GPU (no interpreter; tests/ops/conftest.py
+#      moves the Triton forms' inputs there and compares with the CPU float64 oracles), and, beside them,
+#   2. python -m bench.gpu_parity: every bench entry's model on the GPU (Triton) against the same weights on the
+#      CPU (torch), float32: logits, every gradient, decoding;
+#   3. then, alone on the GPU, python -m bench --device cuda: the suite in bf16 (lengths 2K and 8K).
 #
-#   bash scripts/gpu-check.sh [OUT_DIR]      (default bench/results)
+#   bash scripts/gpu-check.sh [OUT_DIR]      (default bench/results/gpu_<time>)
 #
-# Writes OUT_DIR/gpu_environment.txt, OUT_DIR/op_tests_cuda.log and OUT_DIR/retnet_vs_transformer_cuda.json.
+# Each step has its own time limit (OP_TESTS_TIMEOUT, PARITY_TIMEOUT, BENCH_TIMEOUT seconds); the suite writes its
+# result.json after every entry, so a stopped run keeps the entries it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR=${1:-bench/results}
+OUT_DIR=${1:-bench/results/gpu_$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
@@ -18,12 +22,22 @@ PY=${PYTHON:-python3}
   "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$OUT_DIR/gpu_environment.txt"
 
-echo "== op tests on CUDA (ZOO_BACKEND=triton)"
-ZOO_BACKEND=triton timeout "${OP_TESTS_TIMEOUT:-300}" "$PY" -m pytest tests/ops -q -n "${WORKERS:-8}" \
-  -p no:cacheprovider -rfE 2>&1 | tee "$OUT_DIR/op_tests_cuda.log" | tail -n 40
-echo "op tests exit: ${PIPESTATUS[0]}"
+TIMEOUT_FLAG=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout=150")
+echo "== op tests on CUDA (ZOO_BACKEND=triton) and bench.gpu_parity, side by side"
+( ZOO_BACKEND=triton timeout "${OP_TESTS_TIMEOUT:-220}" "$PY" -m pytest tests/ops -q -n "${WORKERS:-12}" \
+    -k "triton and not gpu_compile" -p no:cacheprovider -rfE $TIMEOUT_FLAG > "$OUT_DIR/op_tests_cuda.log" 2>&1
+  echo "op tests exit: $?" >> "$OUT_DIR/op_tests_cuda.log" ) &
+OPS=$!
+timeout "${PARITY_TIMEOUT:-220}" "$PY" -m bench.gpu_parity --out "$OUT_DIR/gpu_parity.json" 2>&1 \
+  | tee "$OUT_DIR/gpu_parity.log"
+echo "gpu_parity exit: ${PIPESTATUS[0]}"
+wait "$OPS"
+tail -n 30 "$OUT_DIR/op_tests_cuda.log"
 
 echo "== bench on CUDA"
-timeout "${BENCH_TIMEOUT:-200}" "$PY" -m bench retnet --device cuda --no-progress \
-  --out "$OUT_DIR/retnet_vs_transformer_cuda.json" 2>&1 | tail -n 60
-echo "bench exit: ${PIPESTATUS[0]}"
+timeout "${BENCH_TIMEOUT:-300}" "$PY" -m bench --device cuda --no-plots --profile-length 0 \
+  --lengths 2048 8192 --decode-contexts 1024 8192 --out-dir "$OUT_DIR/suite_cuda" \
+  --entries ${BENCH_ENTRIES:-transformer retnet mamba2 hybrid rwkv7 rwkv6 mamba infini hyena longformer bigbird \
+    rmt reformer reformer_transformers longformer_mlm bigbird_mlm rwkv4} > "$OUT_DIR/bench_cuda.log" 2>&1
+echo "bench exit: $?"
+tail -n 45 "$OUT_DIR/bench_cuda.log"

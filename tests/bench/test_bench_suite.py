@@ -145,6 +145,7 @@ def test_quick_run_writes_json_table_and_plots(quick):
     out, result = quick
     assert result["command"].startswith("python -m bench --quick --entries transformer")
     assert result["device"] == "cpu" and result["machine"]["torch_threads"] == 1
+    assert result["complete"] is True and not list(out.glob(".*.tmp"))
     assert result["peak_matmul"]["flops_per_s"] > 0
     assert "kernel_comparisons" not in result  # the GPU comparisons run on CUDA only
     entry = result["entries"]["transformer"]
@@ -167,6 +168,26 @@ def test_quick_run_writes_json_table_and_plots(quick):
     assert ("Pending entries" in table) == bool(PENDING)
     assert sorted(result["plots"]) == sorted(f"plots/{p}.png" for p in ("train_time", "decode"))
     assert all((out / p).stat().st_size > 0 for p in result["plots"])
+
+
+def test_a_stopped_run_keeps_the_entries_it_finished():
+    """``on_entry`` sees the result after each entry, marked incomplete until the end, with the entry's fits."""
+    from bench.report import format_markdown
+    from bench.suite import SuiteConfig, run_suite
+
+    cfg = SuiteConfig(
+        entries=["transformer", "retnet"], hidden_size=32, layers=1, lengths=[16, 32], decode_contexts=[8],
+        decode_steps=1, repeats=1, warmup=0, memory="off", profile_length=None, peak_size=32, plots=False,
+    )  # fmt: skip
+    seen = []
+    result = run_suite(cfg, on_entry=lambda partial: seen.append((json.loads(json.dumps(partial)),
+                                                                  format_markdown(partial))))  # fmt: skip
+    assert [sorted(r["entries"]) for r, _ in seen] == [["transformer"], ["retnet", "transformer"]]
+    assert [r["complete"] for r, _ in seen] == [False, False] and result["complete"] is True
+    first, table = seen[0]
+    assert first["entries"]["transformer"]["fits"]["train_time_exponent"] is not None
+    assert "Incomplete: the run is in progress or was stopped after 1 entries." in table
+    assert "Incomplete" not in format_markdown(result)
 
 
 def test_masked_lm_entry_checks_logits_and_trains():

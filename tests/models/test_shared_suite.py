@@ -67,6 +67,26 @@ def test_bf16_autocast_forward_backward(model_type):
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
+def test_bf16_weights_forward_backward_and_decode(model_type):
+    """The whole model in bf16 (``model.to(torch.bfloat16)``, as bf16 inference and the GPU bench run it): trains,
+    decodes with its cache, and stays near the float32 logits."""
+    model = causal_lm(model_type).train()
+    ids = tokens(2, 33)
+    with torch.no_grad():
+        ref = model(ids).logits
+    model = model.to(torch.bfloat16)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    err = (out.logits.float() - ref).norm() / ref.norm()
+    assert err < 5e-2, f"bf16 logits differ from float32 by {err:.2e} (relative)"
+    with torch.no_grad():
+        generated = model.eval().generate(ids[:1, :9], max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, 12)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
 @pytest.mark.parametrize("tied", [False, True])
 def test_save_load_round_trip(model_type, tied, tmp_path):
     model = causal_lm(model_type, tie_word_embeddings=tied)

@@ -332,7 +332,7 @@ def fit_modes(g: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = g.double().reshape(-1, M)
     rows = max(n + 1, M // 2)
     cols = M - rows + 1
-    idx = torch.arange(rows)[:, None] + torch.arange(cols)  # (rows, cols) Hankel indices
+    idx = torch.arange(rows, device=g.device)[:, None] + torch.arange(cols, device=g.device)  # Hankel indices
     per_batch = max(1, FIT_BATCH_BYTES // (rows * cols * 8))
     U = torch.cat(
         [_leading_left_vectors(g[i : i + per_batch][:, idx], n) for i in range(0, g.shape[0], per_batch)]
@@ -340,7 +340,7 @@ def fit_modes(g: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     shift = torch.linalg.lstsq(U[..., :-1, :], U[..., 1:, :]).solution  # (S, n, n)
     A = torch.linalg.eigvals(shift)  # (S, n)
     A = A / A.abs().clamp(min=1.0)
-    V = A[..., None, :] ** torch.arange(M, dtype=torch.float64)[:, None]  # (S, M, n)
+    V = A[..., None, :] ** torch.arange(M, dtype=torch.float64, device=A.device)[:, None]  # (S, M, n)
     R = torch.linalg.lstsq(V, g.to(V.dtype)[..., None]).solution[..., 0]  # (S, n)
     return A.reshape(*lead, n), R.reshape(*lead, n)
 
@@ -463,7 +463,7 @@ class HyenaForCausalLM(CausalLMHead, HyenaPreTrainedModel, GenerationMixin):
             mixer = layer.mixer
             h, _ = mixer.filters(L)  # (N - 1, d, L)
             A, R = fit_modes(h[..., 1:], state_dim)
-            V = A[..., None, :] ** torch.arange(L - 1, dtype=torch.float64)[:, None]
+            V = A[..., None, :] ** torch.arange(L - 1, dtype=torch.float64, device=A.device)[:, None]
             fit = (V @ R[..., None])[..., 0].real
             target = h[..., 1:].double()
             errors.append(float((fit - target).norm() / target.norm().clamp(min=1e-30)))

@@ -290,8 +290,8 @@ class RwkvTimeMix(nn.Module):
         # 6. group norm per head, the current token's bonus (r . (k * r_k)) v, gate, output
         o = self.ln_x(ctx.unflat(o, B).reshape(B * T, C).to(self.ln_x.weight.dtype)).view(B, T, H, N)
         bonus = (r * k * self.r_k).sum(-1, keepdim=True)  # (B, T, H, 1)
-        o = torch.addcmul(o.to(v.dtype), bonus, v).view(B, T, C)
-        return self.o_proj(o * g), state, v_first
+        o = torch.addcmul(o.to(v.dtype), bonus, v).view(B, T, C)  # float32, as the recurrence
+        return self.o_proj(o.to(g.dtype) * g), state, v_first
 
 
 class RwkvChannelMix(nn.Module):

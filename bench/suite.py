@@ -455,7 +455,9 @@ def run_entry(entry: Entry, cfg: SuiteConfig, device: str, dtype, peak: dict, pr
             # in float32 whatever the run's dtype (the same bf16-rounded weights on both sides): bf16 rounding,
             # or an LSH bucket it flips, would otherwise hide a real difference under a loose tolerance
             error = logits_error(model.float().eval(), reference.float().eval(), entry, ids)
-            tolerance = entry.reference.tolerance
+            # a GPU's float32 kernels (cuBLAS, Triton) reduce in other orders and split sums differently than the
+            # CPU's: Mamba-2 at width 1024 on an H200 agreed with transformers to 1.06e-4
+            tolerance = entry.reference.tolerance if device == "cpu" else max(entry.reference.tolerance, 5e-4)
             check = {"relative_error": error, "tolerance": tolerance, "dtype": "float32", "tokens": ids.shape[1]}
             model.to(dtype), reference.to(dtype)
             if dtype != torch.float32:  # recorded, not judged

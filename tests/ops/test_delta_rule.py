@@ -8,6 +8,7 @@ unit vector and iclr in (0, 1), log-decays g = -exp(-0.5) sigmoid(.) ... down to
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -173,14 +174,112 @@ def test_pair_matrix_forms_float32(monkeypatch, form):
     check_forward_backward(op("torch", 16), naive_op(), inputs, dtype=torch.float32, what=form)
 
 
-def test_without_gradients_equals_with():
-    """A forward without gradients (the scan keeps no states) returns what the differentiable one does."""
-    inputs = {n: x.float() for n, x in make_inputs(70, decay="mixed").items()}
+@contextlib.contextmanager
+def _route(taken: list):
+    """Records, per call of the chunked form, whether its forward-only route produced the result."""
+    from zoo.ops.delta_rule import chunk
+
+    original = chunk._forward_only
+
+    def spy(*args, **kwargs):
+        found = original(*args, **kwargs)
+        taken.append(found is not None)
+        return found
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chunk, "_forward_only", spy)
+        yield
+
+
+def _forward_only(fn, inputs):
+    """``fn`` under torch.no_grad, which takes the chunked form's forward-only route."""
     with torch.no_grad():
-        out, final = op("torch", 16)(**inputs)
-    graded = {n: x.clone().requires_grad_() for n, x in inputs.items()}
-    expected_out, expected_final = op("torch", 16)(**graded)
-    assert torch.equal(out, expected_out.detach()) and torch.equal(final, expected_final.detach())
+        return fn(**inputs)
+
+
+@pytest.mark.parametrize(
+    ("T", "B", "chunk_size", "scale"),
+    [
+        (1, 2, 16, None),
+        (7, 1, 16, 1.0),
+        (64, 2, 16, None),
+        (70, 3, 16, 0.7),
+        (200, 1, 64, 1.0),
+        (45, 2, 8, None),
+    ],
+)
+def test_forward_only_equals_the_oracle(T, B, chunk_size, scale):
+    """Without gradients (inference, prefill) the chunked form takes its own route (inputs read in place, no chunk
+    copies, states kept for one batched output product): output and final state against the float64 oracle, from
+    an initial state and without one, lengths on and off the chunk grid."""
+    taken = []
+    for initial_state in (True, False):
+        # decays up to e^-3 per token in chunks of at most 16, RWKV-7's (spans below MAX_SPAN) in longer ones
+        decay = "mixed" if chunk_size <= 16 else "rwkv7"
+        inputs = make_inputs(T, B=B, initial_state=initial_state, decay=decay, seed=T)
+        expected_out, expected_final = naive_op()(**inputs, scale=scale)
+        with _route(taken):
+            out, final = _forward_only(op("torch", chunk_size, scale=scale), inputs)
+        assert rel_err(out, expected_out) < TOLERANCE[torch.float64]
+        assert rel_err(final, expected_final) < TOLERANCE[torch.float64]
+        f32 = {n: (x.float() if x is not None else None) for n, x in inputs.items()}
+        out32, final32 = _forward_only(op("torch", chunk_size, scale=scale), f32)
+        assert out32.dtype == torch.float32 and final32.dtype == torch.float32
+        assert rel_err(out32, expected_out) < TOLERANCE[torch.float32]
+        assert rel_err(final32, expected_final) < TOLERANCE[torch.float32]
+    assert taken and all(taken)
+
+
+@pytest.mark.parametrize("initial_state", [True, False], ids=["h0", "no_h0"])
+def test_forward_only_packed_equals_the_oracle(initial_state):
+    """The forward-only route over packed sequences (empty ones first, inside and last; exact chunks; several
+    chunks) against the oracle sequence by sequence; an empty sequence passes its initial state on exactly."""
+    inputs = make_inputs(sum(PACKED_LENGTHS), B=1, initial_state=False)
+    if initial_state:
+        inputs["initial_state"] = torch.randn(len(PACKED_LENGTHS), H, DK, DV, dtype=torch.float64)
+    inputs["cu_seqlens"] = torch.tensor([0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()])
+    expected_out, expected_final = naive_op()(**inputs)
+    out, final = _forward_only(op("torch", 16), inputs)
+    assert rel_err(out, expected_out) < TOLERANCE[torch.float64]
+    assert rel_err(final, expected_final) < TOLERANCE[torch.float64]
+    assert final.shape == (len(PACKED_LENGTHS), H, DK, DV)
+    h0 = inputs["initial_state"] if initial_state else torch.zeros(len(PACKED_LENGTHS), H, DK, DV).double()
+    assert torch.equal(final[0], h0[0]) and torch.equal(final[-1], h0[-1])
+
+
+def test_forward_only_strong_decays_and_per_head_gates():
+    """Chunks whose decay span exceeds MAX_SPAN leave the forward-only route for the levelled pair matrices (same
+    results as the oracle, float32); a per-head decay [B, T, H] and no states in or out go through it too."""
+    inputs = make_inputs(150, decay="strong", seed=2)
+    expected_out, expected_final = naive_op()(**inputs)
+    f32 = {n: x.float() for n, x in inputs.items()}
+    taken = []
+    with _route(taken):
+        out, final = _forward_only(op("torch", 32), f32)
+    assert taken == [False]
+    assert rel_err(out, expected_out) < TOLERANCE[torch.float32]
+    assert rel_err(final, expected_final) < TOLERANCE[torch.float32]
+    inputs = make_inputs(40, initial_state=False)
+    inputs["g"] = inputs["g"][..., 0]
+    expected_out, _ = naive_op(output_final_state=False)(**inputs)
+    with _route(taken):
+        out, final = _forward_only(op("torch", 16, output_final_state=False), inputs)
+    assert taken == [False, True]
+    assert final is None and rel_err(out, expected_out) < TOLERANCE[torch.float64]
+
+
+def test_forward_only_state_chaining_and_inference_mode():
+    """Under torch.inference_mode: [0, 70) then [70, 150) from the first part's final state equals the oracle over
+    the whole."""
+    inputs = make_inputs(150, decay="mixed", seed=5)
+    expected_out, expected_final = naive_op()(**inputs)
+    first = {n: (x[:, :70] if n != "initial_state" else x) for n, x in inputs.items()}
+    with torch.inference_mode():
+        out1, state = op("torch", 16)(**first)
+        second = {n: x[:, 70:] for n, x in inputs.items() if n != "initial_state"}
+        out2, final = op("torch", 16)(**second, initial_state=state)
+    assert rel_err(torch.cat([out1, out2], 1), expected_out) < TOLERANCE[torch.float64]
+    assert rel_err(final, expected_final) < TOLERANCE[torch.float64]
 
 
 def test_empty_sequence():

@@ -261,7 +261,7 @@ class RwkvTimeMix(nn.Module):
         log_decay = (-math.exp(-0.5) * log_decay).view(B, T, C)
         # 3. removal key (normalised per head) and written key
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)
-        k = k * (1 + (a - 1) * self.k_a)
+        k = k * torch.addcmul(1 - self.k_a, a, self.k_a)  # k * (1 + (a - 1) k_a)
         # 4. value residual: every layer after the first mixes in the first layer's value
         if self.layer_idx == 0:
             v_first = v
@@ -271,16 +271,17 @@ class RwkvTimeMix(nn.Module):
         heads = lambda t: t.float().view(B, T, H, N)  # noqa: E731
         r, k, v, a, log_decay = heads(r), heads(k), heads(v), heads(a), heads(log_decay)
         kk = kk.float()
-        b = kk * a
+        # the rank-one part (-kk)(kk a)^T as kk (-kk a)^T: the sign on the product (in place), not a pass of its own
+        b = torch.mul(kk, a).neg_()
         if ctx.keep is not None:  # a padded position leaves the state as it is
             keep = ctx.keep[..., None]
             k, b, log_decay = k * keep, b * keep, log_decay * keep
         # 5. the generalised delta rule S_t = S_{t-1} (diag(w_t) + (-kk_t)(kk_t a_t)^T) + v_t k_t^T, o_t = S_t r_t
         if state is not None and T == 1:  # decoding: one recurrent step
-            o, state = dplr_delta_rule_step(r, k, v, -kk, b, log_decay, state, scale=1.0)
+            o, state = dplr_delta_rule_step(r, k, v, kk, b, log_decay, state, scale=1.0)
         else:
             o, state = dplr_delta_rule(
-                *(ctx.flat(t) for t in (r, k, v, -kk, b, log_decay)),
+                *(ctx.flat(t) for t in (r, k, v, kk, b, log_decay)),
                 scale=1.0,
                 initial_state=state,
                 output_final_state=want_state,
@@ -321,7 +322,7 @@ class RwkvChannelMix(nn.Module):
             xk = x + (shifted - x) * self.time_maa_k
             xr = x + (shifted - x) * self.time_maa_r
         else:
-            xk = x + (shifted - x) * self.x_k
+            xk = torch.lerp(x, shifted, self.x_k)  # x + (shifted - x) * x_k
         out = self.value(torch.relu(self.key(xk)).square())
         if self.version != 7:
             out = torch.sigmoid(self.receptance(xr)) * out

@@ -56,6 +56,12 @@ operations, and written out for the two loops (the levels of the pair triangles,
 autograd would add a node per level or chunk and a zero-filled full-size gradient for every view; it keeps one state
 per chunk, not per token.
 
+Without gradients (inference, prefill) a leaner route computes the same quantities (``_forward_only``): the
+decayed rows and columns are products of the inputs read in their own layout, written straight into the chunk
+layout (no copies of the inputs into chunks), [K̃; B̃] are the columns times e^{G_C}, the scan keeps the state
+entering every chunk, and the outputs O = Aqk V + Aqb U + Q̃ S_in are one batched product after it. It applies
+where every chunk's decay span is at most ``MAX_SPAN``; elsewhere the general route runs.
+
 Chunk length: short chunks are the fastest on a CPU for the usual head sizes (``default_chunk_size``): the work in
 the (C, C) blocks grows with C, the scan's only with 1 / C.
 """
@@ -325,6 +331,16 @@ def chunk_dplr_delta_rule(
     Dv = v.shape[-1]
     C = default_chunk_size(Dk, Dv) if chunk_size is None else chunk_size
     acc = state_dtype(q.dtype)
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, a, b, g, initial_state)
+    )
+    if not needs_grad and T > 0:
+        with torch.autocast(q.device.type, enabled=False):
+            found = _forward_only(
+                q, k, v, a, b, g, scale, initial_state, output_final_state, cu_seqlens, C, acc
+            )
+        if found is not None:
+            return found
     if cu_seqlens is None:
         layout, ranges = None, [(0, -(-T // C))]
         rows = B * H
@@ -370,6 +386,119 @@ def chunk_dplr_delta_rule(
     if output_final_state:
         final = finals.view(B, H, Dk, Dv) if cu_seqlens is None else finals
     return out, final
+
+
+def _token_view(x: torch.Tensor, layout, C: int, acc) -> torch.Tensor:
+    """(B, T, H, D) -> (B, N, C, H, D) in ``acc``: a view of the tokens in chunks (padded to whole chunks when
+    T is not a multiple of C), or for packed sequences the gathered chunks (1, chunks, C, H, D)."""
+    B, T, H, D = x.shape
+    x = x.to(acc)
+    if layout is None:
+        N = -(-T // C)
+        if N * C != T:
+            x = F.pad(x, (0, 0, 0, 0, 0, N * C - T))
+        return x.view(B, N, C, H, D)
+    index, _ = layout
+    x = torch.cat([x[0], x.new_zeros(1, H, D)]).index_select(0, index)  # (chunks C, H, D)
+    return x.view(1, index.numel() // C, C, H, D)
+
+
+def _chunk_buffer(N: int, B: int, H: int, C: int, D: int, like: torch.Tensor):
+    """An (N, B H, 2 C, D) buffer in the chunk layout and its two halves seen in the token layout,
+    (B, N, C, H, D) each: element-wise products written there change layout on the way."""
+    buf = like.new_empty(N, B * H, 2 * C, D)
+    tokens = buf.view(N, B, H, 2 * C, D).permute(1, 0, 3, 2, 4)
+    return buf, tokens[:, :, :C], tokens[:, :, C:]
+
+
+def _forward_only(q, k, v, a, b, g, scale, initial_state, output_final_state, cu_seqlens, C, acc):
+    """The chunked form when no gradient is taken (inference, prefill), with fewer passes over memory; None where
+    a chunk's decay span exceeds ``MAX_SPAN`` (the caller then takes the general route, with the levelled pair
+    matrices).
+
+    The same quantities as the general route (module docstring), arranged for a forward alone: the inputs are not
+    copied into the chunk layout, the decayed rows [Ã; Q̃] and columns [k; b] e^{-G} are products of the inputs
+    read in their own (token) layout, written into chunk-layout buffers; [K̃; B̃] are the columns times e^{G_C}
+    (both factors from the same G, as in the pair matrices); the scan keeps the state entering every chunk, and
+    the outputs are one batched product after it, O = Aqk V + Aqb U + Q̃ S_in.
+    """
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    if cu_seqlens is None:
+        layout, ranges, R = None, [(0, -(-T // C))], B * H
+    else:
+        layout, ranges = _packed_layout(cu_seqlens, T, C)
+        R = H
+    if scale != 1:
+        q = q * scale
+    q5, k5, v5, a5, b5, g5 = (_token_view(x, layout, C, acc) for x in (q, k, v, a, b, g))
+    Bv, N = q5.shape[:2]  # Bv: B, or 1 for packed sequences
+
+    # e^{G_t}, G_t the cumulative sum of the g's from the chunk's start (a sum, not a difference)
+    decay = g5.cumsum(2).exp_()  # (Bv, N, C, H, Dk)
+    decay_end = decay[:, :, -1].permute(1, 0, 2, 3).reshape(N, R, 1, Dk)
+    if not bool((decay_end >= math.exp(-MAX_SPAN)).all()):
+        return None
+
+    rows, rows_a, rows_q = _chunk_buffer(N, Bv, H, C, Dk, decay)  # [Ã; Q̃]
+    rows_a[:, :, 0] = a5[:, :, 0]
+    torch.mul(a5[:, :, 1:], decay[:, :, :-1], out=rows_a[:, :, 1:])  # a_t e^{G_{t-1}}
+    torch.mul(q5, decay, out=rows_q)  # q_t e^{G_t}
+    cols, cols_k, cols_b = _chunk_buffer(N, Bv, H, C, Dk, decay)  # [k; b] e^{-G_i}
+    torch.div(k5, decay, out=cols_k)
+    torch.div(b5, decay, out=cols_b)
+    VU, V_tokens, _ = _chunk_buffer(N, Bv, H, C, Dv, decay)  # [V; U]
+    V_tokens.copy_(v5)
+
+    # pair matrices, masked to the (strict) lower triangles; the UT transform
+    A = rows @ cols.transpose(-1, -2)  # (N, R, 2 C, 2 C)
+    A.masked_fill_(_pair_mask(C, A.device), 0.0)
+    ends_t = cols.mul_(decay_end).transpose(-1, -2)  # [K̃; B̃]^T (N, R, Dk, 2 C), in place of the columns
+    eye = torch.eye(C, dtype=A.dtype, device=A.device).expand(N, R, C, C)
+    inverse = torch.linalg.solve_triangular(-A[..., :C, C:], eye, upper=False, unitriangular=True)
+    W = inverse @ (A[..., :C, :C] @ VU[..., :C, :])  # (N, R, C, Dv)
+    P = inverse @ rows[..., :C, :]  # (N, R, C, Dk)
+
+    # the scan: U_n = W_n + P_n S_n, S_{n+1} = e^{G_C} * S_n + [K̃; B̃]^T [V; U]; sequence j's chunk n enters with
+    # the state in slot n + j and leaves with slot n + j + 1
+    U = VU[..., C:, :]
+    decay_end = decay_end.transpose(-1, -2)  # (N, R, Dk, 1)
+    slots = q5.new_empty(N + len(ranges), R, Dk, Dv)
+    S0 = None if initial_state is None else initial_state.to(acc).reshape(len(ranges), R, Dk, Dv)
+    for j, (first, end) in enumerate(ranges):
+        S = slots[first + j]
+        if S0 is None:
+            S.zero_()
+        else:
+            S.copy_(S0[j])
+        for n in range(first, end):
+            torch.baddbmm(W[n], P[n], S, out=U[n])
+            nxt = torch.bmm(ends_t[n], VU[n], out=slots[n + j + 1])
+            S = nxt.addcmul_(decay_end[n], S)
+
+    # outputs: O = Aqk V + Aqb U + Q̃ S_in
+    if len(ranges) == 1:
+        S_in = slots[:N]
+    else:
+        index = torch.cat([torch.arange(first, end) + j for j, (first, end) in enumerate(ranges)])
+        S_in = slots.index_select(0, index.to(slots.device))
+    O = A[..., C:, :] @ VU  # (N, R, C, Dv)
+    flat = lambda x: x.flatten(0, 1)  # noqa: E731
+    flat(O).baddbmm_(flat(rows[..., C:, :]), flat(S_in))
+    out = _from_chunks(O, layout, B, T, H).to(v.dtype)
+    final = None
+    if output_final_state:
+        ends_at = torch.tensor([end + j for j, (_, end) in enumerate(ranges)], device=slots.device)
+        final = slots.index_select(0, ends_at)
+        final = final.view(B, H, Dk, Dv) if cu_seqlens is None else final
+    return out, final
+
+
+def _pair_mask(C: int, device) -> torch.Tensor:
+    """(2 C, 2 C): True above the diagonal of the a rows' blocks and at or above it of the q rows'."""
+    t = torch.arange(C, device=device)
+    at_or_after, after = (t[None, :] >= t[:, None]).repeat(1, 2), (t[None, :] > t[:, None]).repeat(1, 2)
+    return torch.cat([at_or_after, after])
 
 
 class _ChunkScan(torch.autograd.Function):

@@ -11,6 +11,7 @@ times, much less their ratios). A form that cannot run a case is reported with i
 backward on the CPU).
 
     python -m bench.sparse_attention --lengths 1024 4096 16384 --rounds 5
+    python -m bench.sparse_attention --device cuda --dtype bfloat16     # on a GPU (FlexAttention trains there)
 """
 
 from __future__ import annotations
@@ -33,17 +34,18 @@ PATTERNS = {
 }
 
 
-def _inputs(T: int, heads: int, head_dim: int, grad: bool):
+def _inputs(T: int, heads: int, head_dim: int, grad: bool, device: str = "cpu", dtype=torch.float32):
     g = torch.Generator().manual_seed(T)
-    q, k, v = (torch.randn(1, T, heads, head_dim, generator=g).requires_grad_(grad) for _ in range(3))
-    return q, k, v
+    return tuple(
+        torch.randn(1, T, heads, head_dim, generator=g).to(device, dtype).requires_grad_(grad) for _ in range(3)
+    )
 
 
-def _form(name: str, pattern: SparsePattern, T: int):
+def _form(name: str, pattern: SparsePattern, T: int, device: str = "cpu"):
     """A callable (q, k, v) -> out, or a string saying why the form cannot run."""
     extra = {}
     if not pattern.is_block_layout:
-        glob = torch.zeros(1, T, dtype=torch.bool)
+        glob = torch.zeros(1, T, dtype=torch.bool, device=device)
         glob[:, 0] = True
         extra["global_mask"] = glob
     if name == "chunk":
@@ -73,7 +75,13 @@ def _form(name: str, pattern: SparsePattern, T: int):
     raise ValueError(f"unknown form {name!r}")
 
 
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _time(fn, q, k, v, train: bool) -> float:
+    _sync(q.device)
     start = time.perf_counter()
     if train:
         out = fn(q, k, v)
@@ -81,6 +89,7 @@ def _time(fn, q, k, v, train: bool) -> float:
     else:
         with torch.no_grad():
             fn(q, k, v)
+    _sync(q.device)
     return time.perf_counter() - start
 
 
@@ -92,6 +101,8 @@ def run(
     forms=("chunk", "flex", "flex_eager", "dense"),
     patterns=tuple(PATTERNS),
     modes=("train", "forward"),
+    device: str = "cpu",
+    dtype=torch.float32,
 ) -> dict:
     results = {}
     for pname in patterns:
@@ -99,13 +110,13 @@ def run(
         for train in [mode == "train" for mode in modes]:
             mode = "train" if train else "forward"
             for T in lengths:
-                q, k, v = _inputs(T, heads, head_dim, grad=train)
+                q, k, v = _inputs(T, heads, head_dim, train, device, dtype)
                 runnable, skipped = {}, {}
                 for name in forms:
                     if name == "flex_eager" and T > 4096:
                         skipped[name] = "dense T x T scores (unfused reference): skipped past 4K"
                         continue
-                    fn = _form(name, pattern, T)
+                    fn = _form(name, pattern, T, device)
                     try:
                         _time(fn, q, k, v, train)  # warm-up (compiles flex)
                     except NotImplementedError:
@@ -139,12 +150,18 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--patterns", nargs="+", choices=list(PATTERNS), default=list(PATTERNS))
     parser.add_argument("--modes", nargs="+", choices=["train", "forward"], default=["train", "forward"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     results = run(
-        args.lengths, args.rounds, args.heads, args.head_dim, patterns=args.patterns, modes=args.modes
-    )
-    results["device"] = f"cpu, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        args.lengths, args.rounds, args.heads, args.head_dim, patterns=args.patterns, modes=args.modes,
+        device=args.device, dtype=getattr(torch, args.dtype),
+    )  # fmt: skip
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    results["device"] = f"{where}, {args.dtype}, torch {torch.__version__}"
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one run (about 9 minutes on an H200):
+# The checks that need a CUDA GPU, in one run (about 8 minutes on an H200):
 #   1. the op tests of every Triton form, compiled and launched on the GPU (no interpreter; tests/ops/conftest.py
 #      moves the Triton forms' inputs there and compares with the CPU float64 oracles), and, beside them,
 #   2. python -m bench.gpu_parity: every bench entry's model on the GPU (Triton) against the same weights on the
 #      CPU (torch), float32: logits, every gradient, decoding;
-#   3. then, alone on the GPU, python -m bench --device cuda: the suite in bf16 (lengths 2K and 8K).
+#   3. then, alone on the GPU, python -m bench --device cuda: the suite in bf16 (lengths 2K and 8K);
+#   4. python -m bench.sparse_attention on CUDA (FlexAttention against the chunked form, which is the CUDA default);
+#   5. scripts/decode_profile.py: where a cached decoding step goes on the GPU (the baseline transformer's took
+#      65 ms per token at width 256 on an H200, against 4-9 ms for the recurrent models).
+# The suite's kernel comparisons run for fla / mamba_ssm / flash_attn when importable: carry their wheels (fla-core
+# and flash-linear-attention are pure Python) and put them on PYTHONPATH before calling this script.
 #
 #   bash scripts/gpu-check.sh [OUT_DIR]      (default bench/results/gpu_<time>)
 #
-# Each step has its own time limit (OP_TESTS_TIMEOUT, PARITY_TIMEOUT, BENCH_TIMEOUT seconds); the suite writes its
+# Each step has its own time limit (OP_TESTS_TIMEOUT, PARITY_TIMEOUT, BENCH_TIMEOUT, ... seconds); the suite writes its
 # result.json after every entry, so a stopped run keeps the entries it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,3 +46,11 @@ timeout "${BENCH_TIMEOUT:-300}" "$PY" -m bench --device cuda --no-plots --profil
     rmt reformer reformer_transformers longformer_mlm bigbird_mlm rwkv4} > "$OUT_DIR/bench_cuda.log" 2>&1
 echo "bench exit: $?"
 tail -n 45 "$OUT_DIR/bench_cuda.log"
+
+echo "== sparse attention forms on CUDA"
+timeout "${SPARSE_TIMEOUT:-90}" "$PY" -m bench.sparse_attention --device cuda --dtype bfloat16 --lengths 4096 16384 \
+  --rounds 5 --out "$OUT_DIR/sparse_attention_cuda.json" 2>&1 | tail -n 12
+echo "== decoding profile on CUDA"
+timeout "${PROFILE_TIMEOUT:-60}" "$PY" scripts/decode_profile.py --entries transformer rmt retnet --context 1024 \
+  --rows 15 > "$OUT_DIR/decode_profile_cuda.txt" 2>&1
+echo "decode profile exit: $?"; grep "^==" "$OUT_DIR/decode_profile_cuda.txt"

@@ -156,6 +156,59 @@ def test_torch_backward_with_kept_or_recomputed_states(monkeypatch, keep):
     check_forward_backward(op("torch"), reference, make_inputs(70, 2), what=f"keep={keep}")
 
 
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("G", [1, 2])
+def test_torch_without_states(monkeypatch, G, keep):
+    """Training's call: no initial state, no final state (its gradient then is None); states kept or recomputed."""
+    from zoo.ops.retention import chunk
+
+    monkeypatch.setattr(chunk, "keep_chunk_states", lambda *sizes: keep)
+    inputs = make_inputs(37, G, initial_state=False)
+
+    def fn(**kw):
+        out, state = retention(**kw, backend="torch", chunk_size=16)
+        assert state is None
+        return out
+
+    check_forward_backward(fn, lambda **kw: reference(**kw)[0], inputs, what=f"torch G={G} keep={keep}")
+
+
+@pytest.mark.parametrize("chunks_per_segment", [1, 2, 3])
+@pytest.mark.parametrize("G", [1, 2])
+def test_torch_segments(monkeypatch, G, chunks_per_segment):
+    """The grouped torch form runs through segments of chunks (the last one shorter where they do not divide the
+    chunks): forward, final state and every gradient against the oracle, with states kept or recomputed."""
+    from zoo.ops.retention import chunk, grouped
+
+    B, C = 2, 16
+    monkeypatch.setattr(grouped, "SEGMENT_ELEMENTS", chunks_per_segment * B * H * C * max(C, DV))
+    monkeypatch.setattr(chunk, "keep_chunk_states", lambda *sizes: chunks_per_segment != 2)
+    inputs = make_inputs(75, G, B=B)  # 5 chunks
+    check_forward_backward(
+        op("torch", C), reference, inputs, what=f"G={G} {chunks_per_segment} chunks per segment"
+    )
+
+
+def test_torch_low_precision_inputs():
+    """bfloat16 q, k, v and gates in, bfloat16 out and gradients, float32 state; close to the float32 oracle at
+    bfloat16's resolution."""
+    inputs = make_inputs(40, 1)
+    low = {
+        n: (x.float() if n == "initial_state" else x.bfloat16()).requires_grad_() for n, x in inputs.items()
+    }
+    high = {n: x.detach().float().requires_grad_() for n, x in low.items()}
+    out, state = op("torch")(**low)
+    ref, ref_state = reference(**high)
+    assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
+    assert rel_err(out, ref) < 2e-2 and rel_err(state, ref_state) < 2e-2
+    w_out, w_state = torch.randn_like(ref), torch.randn_like(ref_state)
+    ((out.float() * w_out).sum() + (state * w_state).sum()).backward()
+    ((ref * w_out).sum() + (ref_state * w_state).sum()).backward()
+    for name, x in low.items():
+        assert x.grad.dtype == x.dtype, name
+        assert rel_err(x.grad, high[name].grad) < 5e-2, name
+
+
 @pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
 def test_state_chaining(backend):
     dtype = BACKEND_DTYPE[backend]

@@ -44,7 +44,9 @@ and C among the heads of a group: Dao & Gu 2024, arXiv:2405.21060) stay (N, B*G,
 broadcast a group over its heads (``_per_head``). In the backward, the scores' gradient is summed over a group's
 heads before the two matmuls that give dQ and dK (d(Q K^T) = sum_h dA_h), the per-head terms through the states
 are summed after them (``_group_sum``), and the gate gradient's share from the scores, q_i . dq_i - k_i . dk_i of
-the head alone, is read off the per-head product P = dP * A (dP = dO V^T) as sum_j P_ij - sum_j P_ji.
+the head alone, is read off the per-head product P = dP * A (dP = dO V^T) as sum_j P_ij - sum_j P_ji. Grouped
+calls without packed documents or row sums (Mamba-2's training and prefill) take ``grouped.py`` instead, which runs
+the state products once per group on its heads side by side, in the caller's time-major layout.
 
 Layout: chunk-major (N, B*H, C, D), so that the state of chunk n is one contiguous block. A fixed per-head decay
 (an [H] decay broadcast over batch and time) shares one (C, C) decay block across all chunks. Memory is
@@ -590,6 +592,11 @@ def chunk_retention(
             if initial_state is not None:
                 state = initial_state.to(acc)
         return (out, state, q.new_zeros(B, 0, H, dtype=v.dtype)) if row_sum else (out, state)
+    if q.shape[2] < v.shape[2] and cu_seqlens is None and not row_sum:
+        # grouped q, k (Mamba-2's SSD): the state products run group-wide (``grouped.py``)
+        from zoo.ops.retention.grouped import grouped_chunk_retention
+
+        return grouped_chunk_retention(q, k, v, g, scale, initial_state, output_final_state, chunk_size)
     args = (q, k, v, g, initial_state, scale, chunk_size, output_final_state, row_sum, cu_seqlens)
     out, state, sums = _apply(*args)
     return (out, state, sums) if row_sum else (out, state)

@@ -151,6 +151,11 @@ def build_suite_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-length", type=int, help="T of the time profile (default 2048; 0: none)")
     p.add_argument("--peak-size", type=int, help="matrix size of the matmul-peak measurement (default 2048)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: CUDA (Triton, bf16) when present")
+    p.add_argument(
+        "--reference-max-length",
+        type=int,
+        help="time references only up to this T (zoo at every length: scaling to 64K without a quadratic reference)",
+    )
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     p.add_argument("--seed", type=int, help="weights and inputs (default 0)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for every entry; flags still override")

@@ -88,6 +88,7 @@ class SuiteConfig:
     profile_length: int | None = 2048  # None: no profile
     peak_size: int = 2048
     device: str = "auto"  # auto | cpu | cuda
+    reference_max_length: int | None = None  # references timed up to this T only (besides their own cap)
     threads: int | None = None
     seed: int = 0
     plots: bool = True
@@ -104,6 +105,8 @@ class SuiteConfig:
                 if not values or any(v < 1 for v in values):
                     raise ValueError(f"{name} must be positive integers, got {values}")
                 setattr(self, name, sorted(set(values)))
+        if self.reference_max_length is not None and self.reference_max_length < 1:
+            raise ValueError(f"reference_max_length must be positive, got {self.reference_max_length}")
         if self.repeats < 1 or self.warmup < 0 or self.decode_steps < 1:
             raise ValueError("repeats and decode_steps must be >= 1, warmup >= 0")
         if self.threads is None:
@@ -260,7 +263,11 @@ def time_training(entry, models, lengths, cfg, device, peak, progress) -> list[d
     for batch in cfg.batch_sizes:
         for length in lengths:
             ids = make_ids(batch, length, cfg.seed + length, zoo.config.vocab_size, device)
-            timed = {n: m for n, m in models.items() if n == "zoo" or _reference_fits(entry, length)}
+            timed = {
+                n: m
+                for n, m in models.items()
+                if n == "zoo" or _reference_fits(entry, length, cfg.reference_max_length)
+            }
             for _ in range(cfg.warmup):
                 for model in timed.values():
                     train_step(model, entry, ids)
@@ -286,9 +293,12 @@ def time_training(entry, models, lengths, cfg, device, peak, progress) -> list[d
     return rows
 
 
-def _reference_fits(entry: Entry, length: int) -> bool:
-    return entry.reference is not None and (
-        entry.reference.max_length is None or length <= entry.reference.max_length
+def _reference_fits(entry: Entry, length: int, cap: int | None = None) -> bool:
+    """Whether the reference is timed at ``length``: within its own ``max_length`` and the run's ``cap``."""
+    return (
+        entry.reference is not None
+        and (entry.reference.max_length is None or length <= entry.reference.max_length)
+        and (cap is None or length <= cap)
     )
 
 
@@ -296,7 +306,11 @@ def time_prefill(entry, models, lengths, cfg, device, progress) -> list[dict]:
     rows = []
     for length in lengths:
         ids = make_ids(1, length, cfg.seed + 3 * length, models["zoo"].config.vocab_size, device)
-        timed = {n: m.eval() for n, m in models.items() if n == "zoo" or _reference_fits(entry, length)}
+        timed = {
+            n: m.eval()
+            for n, m in models.items()
+            if n == "zoo" or _reference_fits(entry, length, cfg.reference_max_length)
+        }
         for model in timed.values():
             prefill_step(model, entry, ids)
         progress(f"{entry.name} prefill T={length}")

@@ -190,6 +190,25 @@ def test_a_stopped_run_keeps_the_entries_it_finished():
     assert "Incomplete" not in format_markdown(result)
 
 
+def test_references_are_timed_up_to_the_cap_only():
+    """--reference-max-length: zoo at every length, the reference only up to the cap (scaling runs to 64K)."""
+    from bench.flops import peak_matmul_flops
+    from bench.suite import SuiteConfig, run_entry
+
+    cfg = SuiteConfig(
+        hidden_size=32, layers=1, lengths=[16, 32], repeats=1, warmup=0, memory="off", profile_length=None,
+        decode_contexts=[8], decode_steps=1, reference_max_length=16,
+    )  # fmt: skip
+    result = run_entry(
+        load_entries()["transformer"], cfg, "cpu", torch.float32, peak_matmul_flops(size=32, repeats=1),
+        lambda _: None,
+    )  # fmt: skip
+    for rows in (result["train"], result["prefill"]):
+        assert [("reference_over_zoo_median" in r) for r in rows] == [True, False]
+    with pytest.raises(ValueError, match="reference_max_length"):
+        SuiteConfig(reference_max_length=0)
+
+
 def test_masked_lm_entry_checks_logits_and_trains():
     """An encoder entry: transformers' LongformerForMaskedLM on the same weights agrees, the masked-LM step is timed
     against it, and nothing is decoded."""

@@ -164,6 +164,49 @@ def test_long_prompt_with_cache_runs_in_segments_and_keeps_one_segment():
         assert layer["state"].shape == (1, 4, 8, 9)
 
 
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_aligned_cached_prefill_takes_the_equal_segments_route(update, monkeypatch):
+    """A cached input whose segments all start at its first token (an empty cache, or one whose last segment is
+    finished; no padding) runs without the packed layout: the memory of its finished segments through the
+    equal-rows op from the cached memory, its unfinished last segment read from the memory after them and kept.
+    Prompts that are not a multiple of the segment (4), then token-by-token decoding across two segment ends, or
+    pieces that start inside and at segment ends, equal the full forward; the cache after the prefill holds the
+    same memory and keys as the packed layout's."""
+    from zoo.models.infini import modeling_infini
+
+    m = model(memory_update=update)
+    packed_calls = []
+    original = modeling_infini.segment_layout
+    monkeypatch.setattr(
+        modeling_infini, "segment_layout", lambda *a, **kw: packed_calls.append(1) or original(*a, **kw)
+    )
+    ids = tokens(2, 21, seed=int(update == "delta"))
+    with torch.no_grad():
+        full = m(ids, use_cache=False).logits
+        for prefix in (3, 11):
+            out = m(ids[:, :prefix], use_cache=True)
+            assert not packed_calls, f"a prefill of {prefix} tokens took the packed layout"
+            torch.testing.assert_close(out.logits, full[:, :prefix], rtol=1e-5, atol=1e-5)
+            fast_cache = output_cache(out)
+            assert fast_cache.get(0)["keys"].shape[1] == prefix % 4
+            with monkeypatch.context() as forced:
+                forced.setattr(
+                    modeling_infini.InfiniModel, "_segments_start_here", staticmethod(lambda *a: False)
+                )
+                packed_cache = output_cache(m(ids[:, :prefix], use_cache=True))
+            assert packed_calls
+            for i in range(m.config.num_hidden_layers):
+                for name, t in packed_cache.get(i).items():
+                    torch.testing.assert_close(fast_cache.get(i)[name], t, rtol=1e-6, atol=1e-6)
+            packed_calls.clear()
+    # decoding one token at a time from an unaligned prefill, across the ends of segments 3 and 4
+    _, incremental, _ = full_and_incremental_logits(m, ids[:, :19], prefix=11, step=1)
+    torch.testing.assert_close(incremental, full[:, :19], rtol=1e-5, atol=1e-5)
+    # pieces of 6: 5 + 6 (from inside a segment: its first piece completes it) + 6 + 4 (from a segment's start)
+    _, incremental, _ = full_and_incremental_logits(m, ids, prefix=5, step=6)
+    torch.testing.assert_close(incremental, full, rtol=1e-5, atol=1e-5)
+
+
 def test_left_padded_generation_equals_one_by_one():
     """Rows of different lengths (left padding) fill their segments at different steps; each row's greedy
     continuation equals its own, unpadded."""

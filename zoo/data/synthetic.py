@@ -19,6 +19,8 @@ task                    example                               what it takes
                         pass key is 40517.``
 ``babi_single_fact``    ``Mary went to the kitchen. ...       finding the one supporting fact
                         Where is Mary? kitchen``              among distractors
+``passkey_suite``       the eval suite's passkey prompt and   ``passkey`` as the suite scores it
+                        its answer, ``length`` tokens
 ======================  ====================================  ==================================
 
 The two long-context tasks hide what must be recalled in filler sentences, up to a length drawn between
@@ -270,6 +272,27 @@ def passkey(
     return docs
 
 
+def passkey_suite(n: int, seed: int = 0, *, length: int = 512) -> list[str]:
+    """Passkey prompts made by the eval suite's own generator (``eval.tasks.passkey``, the repository's suite: its
+    header, repeated filler, the needle at a uniformly drawn depth, its question), each followed by its answer,
+    `` <key>.``: ``length`` tokens of zoo's byte tokenizer with the end-of-text token, so that a document fills a
+    training block of ``length`` exactly."""
+    from eval.tasks.base import CellSkipped
+    from eval.tasks.passkey import Passkey
+    from zoo.data.tokenizer import default_tokenizer
+
+    answer = len(" 12345.") + 1  # the answer's tokens and the end-of-text token
+    tokenizer, task, rng = default_tokenizer(), Passkey(), random.Random(seed)
+    docs = []
+    for _ in range(n):
+        try:
+            sample = task.make_sample(tokenizer, length - answer, f"{rng.random():.3f}", rng)
+        except CellSkipped as err:
+            raise ValueError(f"passkey_suite: length={length} is too short ({err})") from None
+        docs.append(f"{sample.prompt} {sample.answers[0]}.")
+    return docs
+
+
 def babi_single_fact(
     n: int, seed: int = 0, *, num_facts: int = 4, min_len: int = 256, max_len: int = 1024
 ) -> list[str]:
@@ -305,6 +328,7 @@ SYNTHETIC_TASKS: dict[str, Callable[..., list[str]]] = {
     "markov": markov,
     "passkey": passkey,
     "babi_single_fact": babi_single_fact,
+    "passkey_suite": passkey_suite,
 }
 
 
@@ -319,6 +343,7 @@ ANSWER_MARKERS: dict[str, tuple[str, int]] = {
     "arithmetic": ("=", 0),
     "passkey": ("The pass key is ", 1),
     "babi_single_fact": ("? ", 0),
+    "passkey_suite": ("The pass key is", 1),  # the space before the key too: the answer follows "is"
 }
 
 

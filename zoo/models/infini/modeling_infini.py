@@ -20,7 +20,11 @@ Decoding keeps, per layer, the memory (M, z) and the keys and values of the curr
 a segment fills it is folded into the memory and its keys and values dropped. A long prompt with the cache on runs
 in pieces of ``segment_length`` tokens, so its working memory is bounded by the segment, not the prompt; its token
 embeddings are looked up piece by piece, and with an int ``logits_to_keep`` (``generate()`` asks for 1) only the
-kept positions' hidden states outlive their piece, so that nothing held grows with the prompt but its ids.
+kept positions' hidden states outlive their piece, so that nothing held grows with the prompt but its ids. The
+first piece completes the cached unfinished segment, if any, so that every other piece starts on a segment's
+first token: without padding or packed documents such a piece is laid out as the training forward is (plain
+reshapes, the equal-rows memory op from the cached memory), and only its unfinished last segment is read from the
+memory and kept; padded or packed inputs, and pieces inside a segment, gather their segments instead.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from zoo.models.utils import (
 from zoo.modules import Attention, RecurrentCache, RotaryEmbedding, apply_rotary, build_mlp, build_norm
 from zoo.modules.attention import DENSE_MASK_KERNELS, attention_function
 from zoo.ops.compressive_memory import compressive_memory, compressive_memory_read
+from zoo.ops.compressive_memory.naive import state_dtype
 
 
 @dataclasses.dataclass
@@ -56,12 +61,16 @@ class SegmentLayout:
     """Where the tokens of one forward go, computed once and shared by every layer.
 
     The "combined" sequence of a row is the cached tokens of its unfinished segment (``past`` columns) followed by
-    the new tokens; ``*_token`` indices point into it flattened, (B * (past + T)). ``fast``: no cache, padding or
-    packed documents, so segments are plain reshapes of the new tokens and nothing else is set.
+    the new tokens; ``*_token`` indices point into it flattened, (B * (past + T)). ``fast``: no padding, packed
+    documents or unfinished cached segment, so that every row's segments start at its first new token and are
+    plain reshapes of the new tokens; nothing else is set then but ``cached`` (a cache is read and written: the
+    memory starts from the cached one, and the last segment, if unfinished, is kept for the next call instead of
+    written).
     """
 
     local_pos: torch.LongTensor  # (B, T) rotary position of each new token inside its segment
     fast: bool
+    cached: bool = False
     past: int = 0
     slot_token: torch.LongTensor | None = None  # (S * L,) token of each slot of the (segments, L) layout
     slot_valid: torch.BoolTensor | None = None  # (S, L)
@@ -273,6 +282,39 @@ class InfiniAttention(Attention):
             out = out.index_put((layout.tail_token[valid],), tail_read[valid])
         return out.view(B, C, H, -1)[:, layout.past :], new_state
 
+    def _memory_fast_cached(self, q, k_mem, v_mem, k_rot, k, v, cache):
+        """The memory read of (B, T, H, D) new tokens whose segments all start at the first one (``layout.fast``
+        with a cache): the finished segments through the equal-rows op from the cached memory, the unfinished last
+        one read from the memory after them; the cache then holds that memory and the unfinished segment's keys
+        and values (``k_rot``, ``k``, ``v``: (B, T, Hkv, D))."""
+        B, T, H, _ = q.shape
+        L = self.segment_length
+        past = cache.get(self.layer_idx)
+        state = None if past is None else past["state"]
+        done = T - T % L  # tokens of the finished segments
+        reads = []
+        if done:
+            read, state = compressive_memory(
+                q[:, :done],
+                k_mem[:, :done],
+                v_mem[:, :done],
+                segment_length=L,
+                update=self.memory_update,
+                eps=self.memory_eps,
+                initial_state=state,
+                output_final_state=True,
+            )
+            reads.append(read)
+        if state is None:  # nothing written yet: the empty memory, whose read is exactly zero
+            state = q.new_zeros(B, H, q.shape[-1], v_mem.shape[-1] + 1, dtype=state_dtype(q.dtype))
+        if done < T:
+            reads.append(compressive_memory_read(q[:, done:], state, eps=self.memory_eps).to(v_mem.dtype))
+        kept = (("keys", k_rot), ("mem_keys", k), ("values", v))
+        tail = {name: x[:, done:].contiguous() for name, x in kept}
+        real = torch.ones(B, T - done, dtype=torch.bool, device=q.device)
+        cache.set(self.layer_idx, state=state, real=real, **tail)
+        return reads[0] if len(reads) == 1 else torch.cat(reads, 1)
+
     def forward(self, hidden_states, *, layout: SegmentLayout, position_embeddings=None, cache=None):
         B, T, _ = hidden_states.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -289,14 +331,17 @@ class InfiniAttention(Attention):
             # 2. local attention, 3. memory (a key/value head writes the memory of each query head it serves)
             local = self._local_fast(q_rot, k_rot, v)
             k_mem, v_mem = (x.repeat_interleave(groups, dim=2) if groups > 1 else x for x in (k, v))
-            memory, _ = compressive_memory(
-                q,
-                k_mem,
-                v_mem,
-                segment_length=self.segment_length,
-                update=self.memory_update,
-                eps=self.memory_eps,
-            )
+            if layout.cached:
+                memory = self._memory_fast_cached(q, k_mem, v_mem, k_rot, k, v, cache)
+            else:
+                memory, _ = compressive_memory(
+                    q,
+                    k_mem,
+                    v_mem,
+                    segment_length=self.segment_length,
+                    update=self.memory_update,
+                    eps=self.memory_eps,
+                )
         else:
             past = cache.get(self.layer_idx) if cache is not None else None
             state = None
@@ -456,14 +501,18 @@ class InfiniModel(ZooBackbone, InfiniPreTrainedModel):
                 doc_starts=None if inputs.doc_starts is None else inputs.doc_starts[:, start:stop],
             )
 
-        if inputs.cache is None or T <= L:
+        # with a cache, a long input runs in pieces of one segment: the working memory stays bounded by it, and
+        # only the kept positions' hidden states outlive their piece. The first piece completes the cached
+        # unfinished segment, so that the others start on a segment's first token (the fast layout, where
+        # nothing else stops it).
+        past = inputs.cache.get(0) if inputs.cache is not None else None
+        first = L - past["real"].shape[1] if past is not None and past["real"].shape[1] else L
+        if inputs.cache is None or T <= first:
             hidden, all_hidden = self._segments_forward(piece_inputs(0, T), output_hidden_states)
             return hidden[:, first_kept:], all_hidden
-        # with a cache, a long input runs in pieces of one segment: the working memory stays bounded by it, and
-        # only the kept positions' hidden states outlive their piece
         hidden, all_hidden = [], None
-        for start in range(0, T, L):
-            stop = min(start + L, T)
+        for start in (0, *range(first, T, L)):
+            stop = min(start + L if start else first, T)
             h, piece_hidden = self._segments_forward(piece_inputs(start, stop), output_hidden_states)
             if stop > first_kept:
                 hidden.append(h[:, max(first_kept - start, 0) :])
@@ -478,13 +527,13 @@ class InfiniModel(ZooBackbone, InfiniPreTrainedModel):
         L = self.config.segment_length
         device = inputs.embeds.device
         cache = inputs.cache
-        if cache is None and inputs.pad_mask is None and inputs.doc_starts is None:
+        past = cache.get(0) if cache is not None else None
+        if self._segments_start_here(inputs, past):
             local_pos = (torch.arange(T, device=device) % L)[None].expand(B, T)
-            return SegmentLayout(local_pos=local_pos, fast=True)
+            return SegmentLayout(local_pos=local_pos, fast=True, cached=cache is not None)
         new_real = torch.ones(B, T, dtype=torch.bool, device=device)
         if inputs.pad_mask is not None:
             new_real = inputs.pad_mask[:, -T:].to(device=device, dtype=torch.bool)
-        past = cache.get(0) if cache is not None else None
         past_real = past["real"] if past is not None else new_real[:, :0]
         starts = torch.zeros(B, T, dtype=torch.bool, device=device)
         if inputs.doc_starts is not None:
@@ -492,6 +541,20 @@ class InfiniModel(ZooBackbone, InfiniPreTrainedModel):
         real = torch.cat([past_real, new_real], 1)
         starts = torch.cat([torch.zeros_like(past_real), starts], 1)
         return segment_layout(real, starts, L, past_real.shape[1], keep_tail=cache is not None)
+
+    @staticmethod
+    def _segments_start_here(inputs: BackboneInputs, past: dict | None) -> bool:
+        """Whether every row's segments start at its first new token and run over all of them (the fast layout):
+        no padding, one document per row (or, with a cache, a document that goes on from it), and no unfinished
+        segment in the cache."""
+        if inputs.pad_mask is not None:
+            return False
+        if past is not None and past["real"].shape[1]:
+            return False
+        starts = inputs.doc_starts
+        # position_ids restarting inside the input (or at its start, after cached tokens) mark documents that
+        # must not read the memory before them
+        return starts is None or not bool(starts[:, 1:].any() or (past is not None and starts[:, 0].any()))
 
     def _segments_forward(self, inputs: BackboneInputs, output_hidden_states: bool):
         layout = self._layout(inputs)

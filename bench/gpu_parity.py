@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from bench.harness import write_json
 from bench.registry import load_entries
 from bench.suite import forward_kwargs, make_ids
 from zoo.models.utils import CACHE_NAME, output_cache
@@ -224,8 +225,6 @@ def main(argv: list[str] | None = None) -> int:
                 "config": vars(args),
                 "entries": records,
             }
-            from bench.harness import write_json
-
             write_json(result, args.out)
     print(f"{len(names) - len(failed)}/{len(names)} entries within {args.tolerance:g}; failed: {failed}")
     return 1 if failed else 0

@@ -157,6 +157,11 @@ def build_suite_parser() -> argparse.ArgumentParser:
         help="time references only up to this T (zoo at every length: scaling to 64K without a quadratic reference)",
     )
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory in the process for both models (no page faults on every step at long T)",
+    )
     p.add_argument("--seed", type=int, help="weights and inputs (default 0)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for every entry; flags still override")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots")

@@ -42,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zoo.models.utils import CACHE_NAME, output_cache
+from zoo.training.allocator import allocator_settings
 
 SCHEMA_VERSION = 1
 MODELS = ("retnet", "transformer")
@@ -253,6 +254,8 @@ def machine_info() -> dict:
         "allocator_env": {
             k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"
         },
+        # mallopt settings applied in this process (zoo.training.allocator.keep_freed_memory), None: defaults
+        "allocator_mallopt": allocator_settings(),
     }
 
 

@@ -64,7 +64,8 @@ def format_markdown(result: dict) -> str:
     out = [
         f"Machine: {m.get('gpu') or m.get('cpu_model')}, {m['cpu_count']} CPUs, torch {m['torch']}, "
         f"{m['torch_threads']} threads, load average {_load(m, 'loadavg_start')} → {_load(m, 'loadavg_end')}; "
-        f"{result['device']} ({result['path']}).",
+        f"{result['device']} ({result['path']})"
+        + ("; glibc keeps freed memory (--keep-freed-memory)." if m.get("allocator_mallopt") else "."),
         f"Models: hidden {cfg['hidden_size']}, {cfg['layers']} layers; {cfg['repeats']} interleaved repeats. "
         f"Matmul peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s ({peak['method']}).",
         f"Command: `{result['command']}`",

@@ -90,6 +90,7 @@ class SuiteConfig:
     device: str = "auto"  # auto | cpu | cuda
     reference_max_length: int | None = None  # references timed up to this T only (besides their own cap)
     threads: int | None = None
+    keep_freed_memory: bool = False  # glibc keeps freed memory (zoo.training.allocator), for both models
     seed: int = 0
     plots: bool = True
     progress: bool = True
@@ -549,6 +550,10 @@ def run_suite(cfg: SuiteConfig, argv: list[str] | None = None, progress=None, on
     with the result so far (``result["complete"]`` false until the end), so that a long run that is stopped keeps
     what it measured."""
     torch.set_num_threads(cfg.threads)
+    if cfg.keep_freed_memory:
+        from zoo.training.allocator import keep_freed_memory
+
+        keep_freed_memory()
     device, dtype = select_device(cfg.device)
     say = progress or (lambda text: None)
     entries = load_entries()

@@ -34,6 +34,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed, st
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from zoo.training.allocator import keep_freed_memory
 from zoo.training.checkpoint import CheckpointManager
 from zoo.training.data import (
     BlockSampler,
@@ -336,6 +337,8 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> dict:
         )
 
     # 2. set up, and resume
+    if cfg.keep_freed_memory and keep_freed_memory() is None:
+        accelerator.print("training.keep_freed_memory: this C library has no mallopt; the allocator is left as is")
     prepare_output_dir(output_dir)
     if main:
         recipe.save(output_dir / "recipe.yaml")

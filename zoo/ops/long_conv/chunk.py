@@ -1,11 +1,11 @@
 """The long causal convolution in PyTorch: FFT for long sequences, a blocked Toeplitz matmul for short ones.
 
 Same op as ``naive.py`` (Hyena, Poli et al. 2023, arXiv:2302.10866): y_t = sum_{s <= t} h[t - s] u_s + D u_t per
-channel. Two forms of the convolution, both differentiable by autograd:
+channel. Two forms of the convolution:
 
 - ``fft_conv``: O(T log T). Input and filter zero-padded to 2T (at least T + L - 1, so the circular convolution
   of the FFT never wraps around) and multiplied in frequency (``torch.fft.rfft`` / ``irfft``), as Hyena's
-  reference ``fftconv`` does.
+  reference ``fftconv`` does; its backward (``_FFTConv``) is written out in real transforms.
 - ``toeplitz_conv``: O(T^2 / blocks), matmuls only. The (T, T) lower-triangular Toeplitz matrix of the filter is
   cut into (B, B) blocks; a block depends only on its distance d below the diagonal, so one (C, B, B) block per
   distance is built from the filter and applied to all block pairs at that distance at once. Distances the filter
@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from zoo.ops.long_conv.naive import compute_dtype, last_inputs
 
@@ -39,13 +40,41 @@ TOEPLITZ_BLOCK = 32
 METHODS = (None, "fft", "toeplitz")
 
 
+class _FFTConv(torch.autograd.Function):
+    """The FFT convolution with its backward in real transforms too. Autograd's own backward of ``rfft`` runs a
+    complex-to-complex transform over the whole padded length (and fills the spectrum's mirrored half); here both
+    gradients are correlations, computed as products with the conjugate spectra saved by the forward:
+    dx = irfft(G conj(H))[:T], dh = irfft(sum_N G conj(X))[:L], G = rfft(dy) padded to 2T. The padding makes the
+    circular correlations exact: x and h are zero from T and L on, so no wrapped-around term survives."""
+
+    @staticmethod
+    def forward(ctx, x, h):
+        T, L = x.shape[1], h.shape[1]
+        n = 2 * T
+        x_f = torch.fft.rfft(x.transpose(1, 2), n=n)  # (N, C, n // 2 + 1)
+        h_f = torch.fft.rfft(h, n=n)  # (C, n // 2 + 1)
+        ctx.save_for_backward(x_f, h_f)
+        ctx.T, ctx.L = T, L
+        return torch.fft.irfft(x_f * h_f, n=n)[..., :T].transpose(1, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x_f, h_f = ctx.saved_tensors
+        T, L = ctx.T, ctx.L
+        n = 2 * T
+        g_f = torch.fft.rfft(dy.transpose(1, 2), n=n)
+        dx = dh = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.fft.irfft(g_f * h_f.conj(), n=n)[..., :T].transpose(1, 2)
+        if ctx.needs_input_grad[1]:
+            dh = torch.fft.irfft((g_f * x_f.conj()).sum(0), n=n)[..., :L]
+        return dx, dh
+
+
 def fft_conv(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """sum_{j < L} h[:, j] x_{t - j}: x (N, T, C), h (C, L) with L <= T, in the dtype of x; returns (N, T, C)."""
-    T = x.shape[1]
-    n = 2 * T
-    x_f = torch.fft.rfft(x.transpose(1, 2), n=n)  # (N, C, n // 2 + 1)
-    h_f = torch.fft.rfft(h, n=n)  # (C, n // 2 + 1)
-    return torch.fft.irfft(x_f * h_f, n=n)[..., :T].transpose(1, 2)
+    return _FFTConv.apply(x, h)
 
 
 def toeplitz_blocks(h: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:

@@ -135,3 +135,35 @@ def test_passkey_suite_is_the_eval_prompt_and_its_answer():
         assert doc[end:] == "." and len(tokenizer(doc)["input_ids"]) == 300
     with pytest.raises(ValueError, match="length"):
         synthetic_documents("passkey_suite", 1, length=64)
+
+
+def test_babi_suite_is_the_eval_prompt_and_its_answer():
+    """The eval suite's bAbI prompt (its header, its question and answer cue), the answer after it: the place of
+    the asked person's last move among the story's sentences, read back from the document; a prompt of ``length``
+    tokens at most (as the suite's), the answer after it; the filler is real text of the corpus's train split, none
+    of the test split the suite scores on."""
+    import re
+
+    from eval.tasks.babilong import HEADER, PLACES
+    from zoo.data.corpus import default_corpus
+    from zoo.data.synthetic import answer_span
+    from zoo.data.tokenizer import default_tokenizer
+
+    tokenizer = default_tokenizer()
+    test_docs = [re.sub(r"\s+", " ", d).strip() for d in default_corpus("test")]
+    for doc in synthetic_documents("babi_suite", 8, seed=0, length=384):
+        start, end = answer_span("babi_suite", doc)
+        question = re.search(r"\n\nQuestion: Where is (\w+)\?\nAnswer:$", doc[:start])
+        assert doc.startswith(HEADER) and question is not None and end == len(doc)
+        person = question.group(1)
+        moves = re.findall(rf"{person} (?:went|moved|travelled|journeyed) to the (\w+)\.", doc[:start])
+        assert moves and doc[start:end] == f" {moves[-1]}" and moves[-1] in PLACES
+        prompt_tokens = len(tokenizer(doc[:start], add_special_tokens=False)["input_ids"])
+        assert 384 - 8 <= prompt_tokens <= 384 and len(tokenizer(doc)["input_ids"]) <= 384 + 10
+        # a stretch of filler after the header (cut before the first story sentence) is in no test document
+        filler = re.split(r"\b(?:Mary|John|Sandra|Daniel|Alice|Robert) ", doc[len(HEADER) :])[0][:40]
+        assert len(filler) < 20 or not any(filler in t for t in test_docs)
+    with pytest.raises(ValueError, match="length"):
+        synthetic_documents("babi_suite", 1, length=64)
+    with pytest.raises(ValueError, match="supporting"):
+        synthetic_documents("babi_suite", 1, supporting=4)

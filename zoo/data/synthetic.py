@@ -21,6 +21,9 @@ task                    example                               what it takes
                         Where is Mary? kitchen``              among distractors
 ``passkey_suite``       the eval suite's passkey prompt and   ``passkey`` as the suite scores it
                         its answer, ``length`` tokens
+``babi_suite``          the eval suite's bAbI prompt (real     ``babi_qa1`` as the suite scores it
+                        text of the train split) and its
+                        answer, ``length`` tokens
 ======================  ====================================  ==================================
 
 The two long-context tasks hide what must be recalled in filler sentences, up to a length drawn between
@@ -45,6 +48,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -293,6 +297,61 @@ def passkey_suite(n: int, seed: int = 0, *, length: int = 512) -> list[str]:
     return docs
 
 
+@functools.lru_cache(maxsize=1)
+def _train_split_documents() -> tuple[str, ...]:
+    from zoo.data.corpus import default_corpus
+
+    return tuple(d for d in (re.sub(r"\s+", " ", doc).strip() for doc in default_corpus("train")) if d)
+
+
+def _train_split_text(rng: random.Random, min_chars: int) -> str:
+    """Stretches of real documents of zoo's corpus *train* split in a seeded order, whitespace collapsed: the
+    filler of :func:`babi_suite`, kept apart from the test split the eval suite hides its stories in."""
+    documents = _train_split_documents()
+    if not documents:
+        raise ValueError("babi_suite: the train split of zoo's corpus is empty")
+    parts: list[str] = []
+    total = 0
+    while total < min_chars:
+        doc = documents[rng.randrange(len(documents))]
+        start = rng.randrange(max(1, len(doc) - min_chars))  # a random stretch: long documents vary too
+        parts.append(doc[start : start + min_chars - total])
+        total += len(parts[-1]) + 1
+    return " ".join(parts)
+
+
+def babi_suite(n: int, seed: int = 0, *, length: int = 512, supporting: int = 1) -> list[str]:
+    """bAbI prompts in the eval suite's own format (``eval.tasks.babilong``: its header, its story generator with
+    the facts at uniformly drawn depths in real text, ``Question: Where is Mary?`` / ``Answer:``), each followed by
+    its answer, `` kitchen``. The prompt has ``length`` tokens of zoo's byte tokenizer, as the suite builds it for
+    a cell of that length, and the answer comes after (up to 9 tokens and the end-of-text token: a block of
+    ``length + 10`` holds a document): with ``length`` a multiple of a segment-recurrent model's segment, the
+    answer starts a new segment, where the suite scores it. The real text comes from zoo's corpus train split,
+    never from the test split the suite scores on."""
+    from eval.tasks.babilong import HEADER, make_question
+    from eval.tasks.base import CellSkipped
+    from eval.tasks.text import filler_chars, haystack_prompt
+    from zoo.data.tokenizer import default_tokenizer
+
+    if supporting not in (1, 2, 3):
+        raise ValueError(f"supporting={supporting} must be 1, 2 or 3 (the bAbI tasks qa1, qa2, qa3)")
+    tokenizer, rng = default_tokenizer(), random.Random(seed)
+    docs = []
+    for _ in range(n):
+        facts, question, place = make_question(rng, supporting)
+        depths = sorted(rng.random() for _ in facts)
+        footer = f"\n\nQuestion: {question}\nAnswer:"
+        hay = _train_split_text(rng, filler_chars(tokenizer, length))
+        try:
+            prompt, _ = haystack_prompt(
+                tokenizer, length, HEADER, footer, hay, list(zip(depths, facts)), "babi_suite"
+            )
+        except CellSkipped as err:
+            raise ValueError(f"babi_suite: length={length} is too short ({err})") from None
+        docs.append(f"{prompt} {place}")
+    return docs
+
+
 def babi_single_fact(
     n: int, seed: int = 0, *, num_facts: int = 4, min_len: int = 256, max_len: int = 1024
 ) -> list[str]:
@@ -329,6 +388,7 @@ SYNTHETIC_TASKS: dict[str, Callable[..., list[str]]] = {
     "passkey": passkey,
     "babi_single_fact": babi_single_fact,
     "passkey_suite": passkey_suite,
+    "babi_suite": babi_suite,
 }
 
 
@@ -344,6 +404,7 @@ ANSWER_MARKERS: dict[str, tuple[str, int]] = {
     "passkey": ("The pass key is ", 1),
     "babi_single_fact": ("? ", 0),
     "passkey_suite": ("The pass key is", 1),  # the space before the key too: the answer follows "is"
+    "babi_suite": ("\nAnswer:", 0),  # the space before the place too, as the suite scores its choices
 }
 
 

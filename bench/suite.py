@@ -21,8 +21,6 @@ them. Timings are never asserted in tests (``tests/bench`` checks the schema at 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import importlib.util
 import json
@@ -49,6 +47,7 @@ from bench.harness import (
     median,
 )
 from bench.registry import PENDING, Entry, load_entries
+from zoo.training.allocator import libc_function
 
 SCHEMA_VERSION = 1
 MMAP_THRESHOLD = 65536
@@ -154,16 +153,7 @@ def process_rss_bytes() -> int | None:
     return None
 
 
-def _malloc_trim():
-    """glibc's ``malloc_trim`` or None (another C library)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        return None
-
-
-_TRIM = _malloc_trim()
+_TRIM = libc_function("malloc_trim")  # glibc's, or None (another C library)
 
 
 def release_memory() -> dict:

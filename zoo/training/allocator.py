@@ -30,10 +30,11 @@ DEFAULT_TRIM_THRESHOLD = INT_MAX  # the heap's free top kept up to ~2 GiB
 _applied: dict | None = None
 
 
-def _mallopt():
-    name = ctypes.util.find_library("c")
+def libc_function(name: str):
+    """The C library's function ``name`` (``mallopt``, ``malloc_trim``) or None (another C library, or none)."""
+    lib = ctypes.util.find_library("c")
     try:
-        return getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+        return getattr(ctypes.CDLL(lib), name, None) if lib else None
     except OSError:
         return None
 
@@ -47,7 +48,7 @@ def keep_freed_memory(
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= INT_MAX:
             raise ValueError(f"{name} must be an int of bytes in 1 .. {INT_MAX}, got {value!r}")
-    mallopt = _mallopt()
+    mallopt = libc_function("mallopt")
     if mallopt is None:
         return None
     # mallopt returns 1 on success, 0 when glibc refuses the value

@@ -31,7 +31,8 @@ def step():  # as a forward pass: temporaries of that size made and freed
 step()  # the first steps fault their memory in either way, while the heap grows to the steps' peak
 step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-step()
+for _ in range(4):
+    step()
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 print(json.dumps({"faults": faults, "applied": applied, "settings": allocator_settings()}))
 """
@@ -48,8 +49,9 @@ def test_freed_blocks_are_reused_instead_of_faulted_back_in():
         pytest.skip("this C library has no mallopt")
     assert default["settings"] is None
     assert kept["settings"] == kept["applied"] == {"mmap_threshold": 2**30, "trim_threshold": 2**31 - 1}
-    # 8 x 64 MiB in 4 KiB pages is 131072 faults with glibc's defaults; kept, the second step reuses the heap
-    assert default["faults"] > 60000, default
+    # 4 steps of 8 x 64 MiB in 4 KiB pages: 524288 faults with glibc's defaults; kept, the steps reuse the heap
+    # (at most one block may still be faulted in, where the heap's layout makes it grow once more: 16384)
+    assert default["faults"] > 250000, default
     assert kept["faults"] < default["faults"] / 20, (kept, default)
 
 

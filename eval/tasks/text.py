@@ -73,22 +73,23 @@ def passkey_filler(min_chars: int) -> str:
 ZOO_CORPUS = "zoo.data.corpus:test"
 
 
-@functools.lru_cache(maxsize=1)
-def _real_text() -> tuple[str, ...]:
+@functools.lru_cache(maxsize=2)
+def _real_text(split: str = "test") -> tuple[str, ...]:
     from zoo.data.corpus import default_corpus
 
-    documents = tuple(default_corpus("test"))
+    documents = tuple(default_corpus(split))
     if not documents:
         raise RuntimeError(
-            "zoo.data.corpus: the test split of the default corpus is empty; delete its cache"
+            f"zoo.data.corpus: the {split} split of the default corpus is empty; delete its cache"
             " ($ZOO_CACHE/corpus, default ~/.cache/zoo/corpus) to rebuild it"
         )
     return documents
 
 
-def real_text_documents() -> tuple[str, ...]:
-    """Held-out real English documents: zoo's corpus test split (see :func:`real_text_corpus`)."""
-    return _real_text()
+def real_text_documents(split: str = "test") -> tuple[str, ...]:
+    """Held-out real English documents: zoo's corpus test split (see :func:`real_text_corpus`). ``split="train"``
+    gives the documents models train on (``synthetic:babi_suite``'s filler), never what the suite scores."""
+    return _real_text(split)
 
 
 def real_text_corpus() -> dict:

@@ -299,9 +299,9 @@ def passkey_suite(n: int, seed: int = 0, *, length: int = 512) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _train_split_documents() -> tuple[str, ...]:
-    from zoo.data.corpus import default_corpus
+    from eval.tasks.text import real_text_documents
 
-    return tuple(d for d in (re.sub(r"\s+", " ", doc).strip() for doc in default_corpus("train")) if d)
+    return tuple(d for d in (re.sub(r"\s+", " ", doc).strip() for doc in real_text_documents("train")) if d)
 
 
 def _train_split_text(rng: random.Random, min_chars: int) -> str:

@@ -10,6 +10,7 @@ float32 under the CPU interpreter (5e-5), at small sizes.
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -187,6 +188,56 @@ def test_torch_segments(monkeypatch, G, chunks_per_segment):
     check_forward_backward(
         op("torch", C), reference, inputs, what=f"G={G} {chunks_per_segment} chunks per segment"
     )
+
+
+def _exact_pairs(monkeypatch) -> list[int]:
+    """Record, for every torch call, how many (chunk, head) pairs the intra-chunk product did exactly (with their
+    masks) instead of factored."""
+    from zoo.ops.retention import grouped
+
+    counts: list[int] = []
+    init = grouped._Intra.__init__
+
+    def counting(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        counts.append(0 if self.pairs is None else len(self.pairs[0]))
+
+    monkeypatch.setattr(grouped._Intra, "__init__", counting)
+    return counts
+
+
+@pytest.mark.parametrize("share", [0.002, 0.0], ids=["mixed", "all_exact"])
+@pytest.mark.parametrize("G", [1, 2])
+def test_torch_exact_and_factored_chunks(monkeypatch, G, share):
+    """The intra-chunk decays are factored as exp(b_i - r) exp(r - b_j) where a chunk's decay allows it, and done
+    exactly per (chunk, head) elsewhere: with the limit lowered so that some pairs (or all) take the exact form, the
+    output, final state and every gradient still equal the oracle at float64's tolerance."""
+    from zoo.ops.retention import grouped
+
+    monkeypatch.setattr(grouped, "FACTORED_RANGE_SHARE", share)
+    counts = _exact_pairs(monkeypatch)
+    inputs = make_inputs(75, G)  # 5 chunks of 16, 4 heads: 40 (chunk, head) pairs with B = 2
+    check_forward_backward(op("torch"), reference, inputs, what=f"G={G} share={share}")
+    pairs = 2 * 5 * H
+    assert counts and all(0 < n <= pairs for n in counts)
+    if share == 0.0:
+        assert all(n == pairs for n in counts)
+    else:
+        assert all(n < pairs for n in counts), counts
+
+
+def test_torch_strongly_decaying_gates_in_float32(monkeypatch):
+    """float32, per-token log-gates down to -60 on some heads: their chunks' factors would leave the float range, so
+    those (chunk, head) pairs are done exactly; everything stays finite and equals the float64 oracle."""
+    counts = _exact_pairs(monkeypatch)
+    inputs = make_inputs(80, 1)
+    inputs["decay"][:, ::7, 1] = -60.0
+    inputs["decay"][:, :, 3] *= 30.0
+    errors = check_forward_backward(
+        op("torch"), reference, inputs, dtype=torch.float32, tol=2e-4, what="strong decay"
+    )
+    assert all(math.isfinite(e) for e in errors.values())
+    assert counts and all(0 < n < 2 * 5 * H for n in counts), counts
 
 
 def test_torch_low_precision_inputs():

@@ -14,10 +14,14 @@ chunk (b_C its last entry), w_q = scale exp(b), w_k = exp(b_C - b), per head and
     O       = A_h V_h  +  (Q S_in) * w_q             Q S_in: (C, Dk) @ (Dk, R Dv), one product per group
     S_out   = exp(b_C) S_in + K^T (V * w_k)          (Dk, C) @ (C, R Dv)
 
-Only A_h V_h and the two products of its backward stay per head. Backward, with G_n the gradient of the state
-entering chunk n (G_N = dS_final):
+A_h V_h is per head as written, but its mask factors: with r = b_C / 2 per chunk and head, exp(b_i - b_j) =
+exp(b_i - r) exp(r - b_j), so A_h V_h = scale exp(b - r) * (tril(Q K^T) (V_h exp(r - b))), and one (C, C) score block
+per group multiplies the (C, R Dv) factor of all its heads side by side (``_Intra``): no per-head (C, C) masks or
+products at all. The factors lie within exp(+-|b_C| / 2); a (chunk, head) pair whose decay b_C is below the float
+range's share (``FACTORED_RANGE_SHARE``: -80 in float32) is done exactly with its mask, on its own. Backward, with
+G_n the gradient of the state entering chunk n (G_N = dS_final):
 
-    dA_h = (dO_h V_h^T) * D_h
+    dA_h = (dO_h V_h^T) * D_h                 factored: tril((dO exp(b - r)) (V exp(r - b))^T) summed over the heads
     dQ   = (sum_h dA_h) K   + (dO * w_q) S_in^T
     dK   = (sum_h dA_h)^T Q + (V * w_k) G_{n+1}^T
     dV_h = A_h^T dO_h       + (K G_{n+1}) * w_k
@@ -32,12 +36,14 @@ products over Dv of tensors the backward has anyway, with no per-head dQ or dK.
 Forward and backward run through the chunks a segment at a time (``_segments``: about 2^18 numbers per per-head
 block, 512 tokens for 32 heads of 16 x 16), so that a segment's intermediates are still in cache when the next
 product reads them (the backward from the last segment, carrying the states' gradient); on a CPU this measured
-about 1.2x faster than whole-sequence passes. The decay masks D_h (the forward's exps) are kept for the backward
-instead of the scores, and the output for the gates' gradient; the per-chunk states are kept on the same condition
-as in ``chunk.py`` (``keep_chunk_states``). Packed documents and row sums go through ``chunk.py``.
+about 1.2x faster than whole-sequence passes. The output is kept for the gates' gradient; the per-chunk states are
+kept on the same condition as in ``chunk.py`` (``keep_chunk_states``). Packed documents and row sums go through
+``chunk.py``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -74,19 +80,6 @@ class _Layout:
         x = x.view(N, B, X, C, D).permute(1, 0, 3, 2, 4).reshape(B, self.Tp, X, D)
         return x[:, : self.T].to(dtype)
 
-    def per_head(self, wide: torch.Tensor, Dv: int) -> torch.Tensor:
-        """Wide (N * B * G, C, R Dv) -> per head (N * B * H, C, Dv), a copy."""
-        C, R = self.C, self.R
-        x = wide.view(-1, C, R, Dv).transpose(1, 2)
-        return x.reshape(-1, C, Dv)
-
-    def add_per_head_(self, wide: torch.Tensor, per_head: torch.Tensor) -> torch.Tensor:
-        """wide (N * B * G, C, R Dv) += per_head (N * B * H, C, Dv), in place."""
-        C, R = self.C, self.R
-        Dv = per_head.shape[-1]
-        wide.view(-1, C, R, Dv).add_(per_head.view(-1, R, C, Dv).transpose(1, 2))
-        return wide
-
 
 class _Gates:
     """The decay factors of one call from per-token log-gates g (B, T, H); recomputed only in part for the
@@ -120,18 +113,6 @@ class _Gates:
     def q(self, scale: float, lay: _Layout) -> torch.Tensor:
         N, B, C, G, R = lay.N, lay.B, lay.C, lay.G, lay.R
         return (self.q_raw * scale).reshape(N, B, C, G, R).transpose(2, 3).reshape(N * B * G, C, R, 1)
-
-    def mask_into(self, out: torch.Tensor, n0: int, n1: int, scale: float) -> None:
-        """out (L B H, C, C) = the decay masks of chunks n0 <= n < n1: scale exp(b_i - b_j) for i >= j, else 0; the
-        exponents masked before exp (b_i - b_j > 0 above the diagonal may overflow)."""
-        C = self.b.shape[2]
-        bh = self.b[n0:n1].transpose(2, 3)  # (L, B, H, C)
-        M = out.view(*bh.shape, C)
-        torch.sub(bh[..., :, None], bh[..., None, :], out=M)
-        above = torch.ones(C, C, dtype=torch.bool, device=M.device).triu_(1)
-        M.masked_fill_(above, float("-inf")).exp_()
-        if scale != 1.0:
-            M.mul_(scale)
 
 
 def _segments(lay: _Layout, H: int, Dv: int) -> list[tuple[int, int]]:
@@ -184,6 +165,132 @@ class _Scan:
             S[n].addcmul_(S[n + 1], decay[n])
 
 
+def _heads_first(state: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    """A state in the op's layout (B G, Dk, R Dv) (or a (B G, Dk, R, Dv) view of it) -> (B, H, Dk, Dv)."""
+    BG, Dk = state.shape[:2]
+    Dv = state.numel() // (BG * Dk * lay.R)
+    return state.reshape(lay.B, lay.G, Dk, lay.R, Dv).transpose(2, 3).reshape(lay.B, lay.G * lay.R, Dk, Dv)
+
+
+def _gate_products(out: torch.Tensor, dO, O, V, dV, R: int) -> None:
+    """out (n, C, R) = dO_i . o_i - v_i . dv_i per head and token, the gradient of the cumulative log-gate b_i
+    (``q_i . dq_i - k_i . dk_i``, module docstring); the wide tensors (n, C, R Dv)."""
+    n, C, RDv = O.shape
+    torch.linalg.vecdot(dO.view(n, C, R, -1), O.view(n, C, R, -1), out=out)
+    out.sub_(torch.linalg.vecdot(V.view(n, C, R, -1), dV.view(n, C, R, -1)))
+
+
+def _gate_gradient(db, lay: _Layout, d_last, S_last, d_final, dtype) -> torch.Tensor:
+    """The log-gates' gradient (B, T, H) from the cumulative gates' db (N B G, C, R): the final state's share
+    <dS_T, S_T> added at the last token (``d_last``, ``S_last``: the final state's gradient and value, (B G, Dk,
+    R Dv) or views of it), then summed from each token to the end."""
+    B, G, C, R, N = lay.B, lay.G, lay.C, lay.R, lay.N
+    db = db.view(N, B, G, C, R)
+    if d_final is not None:
+        Dk = S_last.shape[1]
+        last = (d_last.reshape(B * G, Dk, R, -1) * S_last.reshape(B * G, Dk, R, -1)).sum((1, 3))  # (B G, R)
+        db[N - 1, :, :, C - 1] += last.view(B, G, R)
+    db = db.permute(1, 0, 3, 2, 4).reshape(B, lay.Tp, G * R)
+    return db.flip(1).cumsum(1).flip(1)[:, : lay.T].to(dtype)
+
+
+def _gradients(dQ, dK, dV, dg, d_initial, lay: _Layout, q, k, v) -> tuple:
+    """The backward's return: dq, dk, dv back in the inputs' layouts and dtypes, then dg, d_initial, and None for
+    the three non-tensor arguments."""
+    G, Dv = lay.G, v.shape[-1]
+    return (
+        lay.unchunk(dQ, G, q.dtype),
+        lay.unchunk(dK, G, k.dtype),
+        lay.unchunk(dV, G, v.dtype).reshape(lay.B, lay.T, G * lay.R, Dv),
+        dg,
+        d_initial,
+        None,
+        None,
+        None,
+    )
+
+
+# The intra-chunk decays are factored (``_Intra``) where a chunk's decay exp(b_C) of a head is at least exp(-2 L)
+# with L this share of the log of the float range (float32: 40, float64: 319): the factors stay within exp(+-L)
+FACTORED_RANGE_SHARE = 0.45
+
+
+class _Intra:
+    """The intra-chunk products with the decay mask factored. With r = b_C / 2 per chunk and head,
+    exp(b_i - b_j) = exp(b_i - r) exp(r - b_j), both within exp(+-|b_C| / 2), so per chunk
+
+        A_h V_h = (Q K^T * D_h) V_h = scale exp(b - r) * (tril(Q K^T) (V_h exp(r - b)))
+
+    one (C, C) score block per group against the (C, R Dv) factor of all its heads side by side, the decays on V
+    (``into``) and on the product (``out``), as (N B G, C, R, 1) factors of the wide tensors. The (chunk, head)
+    pairs whose b_C is below -2 L (``FACTORED_RANGE_SHARE``), where the factors would leave the float range, have
+    both factors 0 and are done exactly, with their masks, on their own (``add_forward_``, ``add_backward_``)."""
+
+    def __init__(self, b: torch.Tensor, lay: _Layout, scale: float):
+        N, B, C, G, R = lay.N, lay.B, lay.C, lay.G, lay.R
+        self.lay, self.scale, self.b = lay, scale, b
+        limit = FACTORED_RANGE_SHARE * math.log(torch.finfo(b.dtype).max)
+        b_last = b[:, :, -1:]  # (N, B, 1, H)
+        outside = b_last < -2 * limit
+        d = b - 0.5 * b_last  # b_i - r
+
+        def wide(x: torch.Tensor) -> torch.Tensor:
+            return x.exp_().reshape(N, B, C, G, R).transpose(2, 3).reshape(N * B * G, C, R, 1)
+
+        self.out = wide(d.masked_fill(outside, float("-inf")))
+        if scale != 1.0:
+            self.out.mul_(scale)
+        self.into = wide(d.neg_().masked_fill_(outside, float("-inf")))
+        self.pairs = None
+        if bool(outside.any()):
+            n, bi, h = outside[:, :, 0].nonzero(as_tuple=True)  # in the order of n
+            # the pairs' rows of the chunk-major tensors, their head within the group, their cumulative gates
+            self.pairs = ((n * B + bi) * G + h // R, h % R, b[n, bi, :, h])
+            self.bounds = torch.searchsorted(n, torch.arange(N + 1, device=n.device)).tolist()
+
+    def scores(self, Q: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+        """tril(Q K^T) per group and chunk, (n, C, C)."""
+        return torch.bmm(Q, K.transpose(1, 2)).tril_()
+
+    def _exact(self, Q, K, V, n0: int, n1: int):
+        """The pairs done exactly among chunks n0 <= n < n1 (None if none): their rows, heads, masked scores A
+        (U, C, C), q, k (U, C, Dk) and v (U, C, Dv)."""
+        if self.pairs is None or self.bounds[n0] == self.bounds[n1]:
+            return None
+        rows, heads, bp = (x[self.bounds[n0] : self.bounds[n1]] for x in self.pairs)
+        C = self.lay.C
+        Qp, Kp = Q[rows], K[rows]
+        Vp = V.view(V.shape[0], C, self.lay.R, -1)[rows, :, heads]
+        above = torch.ones(C, C, dtype=torch.bool, device=bp.device).triu_(1)
+        M = (bp[:, :, None] - bp[:, None, :]).masked_fill_(above, float("-inf")).exp_()
+        if self.scale != 1.0:
+            M.mul_(self.scale)
+        return rows, heads, torch.bmm(Qp, Kp.transpose(1, 2)).mul_(M), M, Qp, Kp, Vp
+
+    def add_forward_(self, O: torch.Tensor, Q, K, V, n0: int, n1: int) -> None:
+        """O (N B G, C, R Dv) += the exact pairs' A_h V_h, for chunks n0 <= n < n1."""
+        exact = self._exact(Q, K, V, n0, n1)
+        if exact is None:
+            return
+        rows, heads, A, _, _, _, Vp = exact
+        O4 = O.view(O.shape[0], self.lay.C, self.lay.R, -1)
+        O4[rows, :, heads] += torch.bmm(A, Vp)
+
+    def add_backward_(self, dQ, dK, dV, dO, Q, K, V, n0: int, n1: int) -> None:
+        """The exact pairs' gradients for chunks n0 <= n < n1: dV_h += A_h^T dO_h, and dA_h = (dO_h V_h^T) * D_h
+        into dQ and dK."""
+        exact = self._exact(Q, K, V, n0, n1)
+        if exact is None:
+            return
+        rows, heads, A, M, Qp, Kp, Vp = exact
+        C, R = self.lay.C, self.lay.R
+        dOp = dO.view(dO.shape[0], C, R, -1)[rows, :, heads]
+        dV.view(dV.shape[0], C, R, -1)[rows, :, heads] += torch.bmm(A.transpose(1, 2), dOp)
+        dA = torch.bmm(dOp, Vp.transpose(1, 2)).mul_(M)
+        dQ.index_add_(0, rows, torch.bmm(dA, Kp))
+        dK.index_add_(0, rows, torch.bmm(dA.transpose(1, 2), Qp))
+
+
 class GroupedChunkRetention(torch.autograd.Function):
     """Chunkwise retention for grouped q, k (formulas in the module docstring). q, k (B, T, G, Dk), v (B, T, H, Dv)
     with R = H / G > 1, g (B, T, H); initial and final states (B, H, Dk, Dv)."""
@@ -207,31 +314,27 @@ class GroupedChunkRetention(torch.autograd.Function):
         V = lay.chunks(v.reshape(B, T, G, R * Dv), G, acc)  # (N B G, C, R Dv)
         gates = _Gates(g, lay, acc)
         w_q = gates.q(scale, lay)
-        M = torch.empty(N * B * H, C, C, dtype=acc, device=q.device)  # the decay masks, kept for the backward
+        intra = _Intra(gates.b, lay, scale)
         S = torch.empty(N + 1, BG, Dk, R * Dv, dtype=acc, device=q.device)  # S[n] enters chunk n; S[N]: final
         _initial_states(S[0], initial_state, lay)
         scan = _Scan(S, gates)
         O = torch.empty_like(V)
         for n0, n1 in _segments(lay, H, Dv):
             rows = slice(n0 * BG, n1 * BG)
-            Qs, Ks, Vs, Ms = Q[rows], K[rows], V[rows], M[n0 * B * H : n1 * B * H]
-            gates.mask_into(Ms, n0, n1, scale)
-            # intra-chunk: one score block per group, each head's mask on it
-            A = (torch.bmm(Qs, Ks.transpose(1, 2))[:, None] * Ms.view(-1, R, C, C)).view(-1, C, C)
-            O_intra = torch.bmm(A, lay.per_head(Vs, Dv))  # (L B H, C, Dv)
-            del A
+            Qs, Ks, Vs = Q[rows], K[rows], V[rows]
             scan.forward_(Ks, _times(Vs, gates.k[rows]), n0, n1)
             Os = O[rows]
             torch.bmm(Qs, S[n0:n1].view(-1, Dk, R * Dv), out=Os)
-            Os.view(-1, C, R, Dv).mul_(w_q[rows])
-            lay.add_per_head_(Os, O_intra)
-            del O_intra
-
-        final = None
-        if output_final_state:
-            final = S[N].view(B, G, Dk, R, Dv).transpose(2, 3).reshape(B, H, Dk, Dv).clone()
+            Os4 = Os.view(-1, C, R, Dv)
+            Os4.mul_(w_q[rows])
+            # intra-chunk: one score block per group against all its heads, the decays factored on either side
+            Y = torch.bmm(intra.scores(Qs, Ks), _times(Vs, intra.into[rows]))
+            Os4.addcmul_(Y.view(-1, C, R, Dv), intra.out[rows])
+            del Y
+            intra.add_forward_(O, Q, K, V, n0, n1)
+        final = _heads_first(S[N], lay).clone() if output_final_state else None
         kept = chunk.keep_chunk_states(Dk, Dv, C)
-        ctx.save_for_backward(q, k, v, gates.b, M, S if kept else None, O, initial_state)
+        ctx.save_for_backward(q, k, v, gates.b, S if kept else None, O, initial_state)
         ctx.meta = (lay, scale, Dv, g.dtype)
         out = lay.unchunk(O, G, v.dtype).reshape(B, T, H, Dv)
         return out, final
@@ -243,16 +346,17 @@ class GroupedChunkRetention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, d_out, d_final):
-        q, k, v, b, M, S, O, initial_state = ctx.saved_tensors
+        q, k, v, b, S, O, initial_state = ctx.saved_tensors
         lay, scale, Dv, g_dtype = ctx.meta
         B, T, G, R, N, C = lay.B, lay.T, lay.G, lay.R, lay.N, lay.C
         Dk = q.shape[-1]
         H, BG = G * R, B * G
-        acc = M.dtype
+        acc = b.dtype
         Q, K = lay.chunks(q, G, acc), lay.chunks(k, G, acc)
         V = lay.chunks(v.reshape(B, T, G, R * Dv), G, acc)
         gates = _Gates.from_cumulative(b, lay)
         w_q = gates.q(scale, lay)
+        intra = _Intra(b, lay, scale)
         segments = _segments(lay, H, Dv)
         if S is None:  # not kept: recomputed
             S = torch.empty(N + 1, BG, Dk, R * Dv, dtype=acc, device=q.device)
@@ -262,7 +366,6 @@ class GroupedChunkRetention(torch.autograd.Function):
                 rows = slice(n0 * BG, n1 * BG)
                 scan.forward_(K[rows], _times(V[rows], gates.k[rows]), n0, n1)
         dO = lay.chunks(d_out.reshape(B, T, G, R * Dv), G, acc)  # (N B G, C, R Dv)
-        need_dg = ctx.needs_input_grad[3]
 
         # dS[n]: the gradient of the state entering chunk n, dS[N] = dS_final; segments from the last one
         dS = torch.empty_like(S)
@@ -272,21 +375,20 @@ class GroupedChunkRetention(torch.autograd.Function):
             dS[N].zero_()
         back = _Scan(dS, gates)
         dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
+        need_dg = ctx.needs_input_grad[3]
         db = torch.empty(N * BG, C, R, dtype=acc, device=q.device) if need_dg else None
         for n0, n1 in reversed(segments):
             rows = slice(n0 * BG, n1 * BG)
-            Qs, Ks, Vs, dOs, Ms = Q[rows], K[rows], V[rows], dO[rows], M[n0 * B * H : n1 * B * H]
-            dO_h, V_h = lay.per_head(dOs, Dv), lay.per_head(Vs, Dv)  # (L B H, C, Dv)
-            # intra-chunk
-            A = (torch.bmm(Qs, Ks.transpose(1, 2))[:, None] * Ms.view(-1, R, C, C)).view(-1, C, C)
-            dV_h = torch.bmm(A.transpose(1, 2), dO_h)
-            del A
-            dA = torch.bmm(dO_h, V_h.transpose(1, 2)).mul_(Ms)  # (L B H, C, C)
-            del dO_h, V_h
-            dA = dA.view(-1, R, C, C).sum(1)  # (L B G, C, C): the group's heads share the scores
-            torch.bmm(dA, Ks, out=dQ[rows])
-            torch.bmm(dA.transpose(1, 2), Qs, out=dK[rows])
-            del dA
+            Qs, Ks, Vs, dOs = Q[rows], K[rows], V[rows], dO[rows]
+            # intra-chunk, factored: dP = tril(dY X^T) with dY = dO * out and X = V * into, the group's heads
+            # summed inside the product; dX = P^T dY
+            dY = _times(dOs, intra.out[rows])
+            dP = torch.bmm(dY, _times(Vs, intra.into[rows]).transpose(1, 2)).tril_()  # (L B G, C, C)
+            torch.bmm(dP, Ks, out=dQ[rows])
+            torch.bmm(dP.transpose(1, 2), Qs, out=dK[rows])
+            del dP
+            dX = torch.bmm(intra.scores(Qs, Ks).transpose(1, 2), dY)
+            del dY
             # the states: each chunk's direct use, then scanned back from the state after the segment
             dOq = _times(dOs, w_q[rows])
             torch.bmm(Qs.transpose(1, 2), dOq, out=dS[n0:n1].view(-1, Dk, R * Dv))
@@ -297,38 +399,17 @@ class GroupedChunkRetention(torch.autograd.Function):
             dK[rows].baddbmm_(_times(Vs, gates.k[rows]), dS_after.transpose(1, 2))
             dVs = dV[rows]
             torch.bmm(Ks, dS_after, out=dVs)
-            dVs.view(-1, C, R, Dv).mul_(gates.k[rows])
-            lay.add_per_head_(dVs, dV_h)
-            del dV_h
+            dVs.view(-1, C, R, Dv).mul_(gates.k[rows]).addcmul_(dX.view(-1, C, R, Dv), intra.into[rows])
+            del dX
+            intra.add_backward_(dQ, dK, dV, dO, Q, K, V, n0, n1)
             if need_dg:
-                # dL/dB_i per head: q_i . dq_i - k_i . dk_i = dO_i . o_i - v_i . dv_i (module docstring)
-                dbs = db[rows]
-                torch.linalg.vecdot(dOs.view(-1, C, R, Dv), O[rows].view(-1, C, R, Dv), out=dbs)
-                dbs.sub_(torch.linalg.vecdot(Vs.view(-1, C, R, Dv), dVs.view(-1, C, R, Dv)))
+                _gate_products(db[rows], dOs, O[rows], Vs, dVs, R)
 
-        dg = None
-        if need_dg:
-            db = db.view(N, B, G, C, R)
-            if d_final is not None:  # and <dS_T, S_T> at the last token
-                last = (back.chunks[N] * S.view(N + 1, BG, Dk, R, Dv)[N]).sum((1, 3))  # (B G, R)
-                db[N - 1, :, :, C - 1] += last.view(B, G, R)
-            db = db.permute(1, 0, 3, 2, 4).reshape(B, lay.Tp, H)
-            dg = db.flip(1).cumsum(1).flip(1)[:, :T].to(g_dtype)
-
+        dg = _gate_gradient(db, lay, back.chunks[N], S[N], d_final, g_dtype) if need_dg else None
         d_initial = None
         if initial_state is not None:
-            d_initial = back.chunks[0].view(B, G, Dk, R, Dv).transpose(2, 3).reshape(B, H, Dk, Dv)
-            d_initial = d_initial.to(initial_state.dtype)
-        return (
-            lay.unchunk(dQ, G, q.dtype),
-            lay.unchunk(dK, G, k.dtype),
-            lay.unchunk(dV, G, v.dtype).reshape(B, T, H, Dv),
-            dg,
-            d_initial,
-            None,
-            None,
-            None,
-        )
+            d_initial = _heads_first(back.chunks[0], lay).to(initial_state.dtype)
+        return _gradients(dQ, dK, dV, dg, d_initial, lay, q, k, v)
 
 
 @torch.compiler.disable

@@ -130,6 +130,20 @@ def test_forward_backward(T, activation, dtype):
 
 
 @pytest.mark.parametrize("K", [1, 4])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 16], ids=lambda r: f"rows{r}")
+def test_backward_in_blocks_of_rows(monkeypatch, rows, activation, K):
+    """The torch backward runs a block of rows at a time, from the last: with blocks of 1-16 rows (fewer rows than
+    the filter's K - 1 steps of history, and a last block shorter than the others), the output, final state and
+    every gradient equal the oracle."""
+    from zoo.ops.causal_conv1d import chunk
+
+    monkeypatch.setattr(chunk, "BLOCK_ELEMENTS", rows * 2 * C)  # make_inputs' batch of 2
+    inputs = make_inputs(37, K=K)
+    check_against(op("torch", activation), op("naive", activation), inputs, torch.float64, what=f"rows={rows}")
+
+
+@pytest.mark.parametrize("K", [1, 4])
 @pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
 def test_empty_sequence(backend, K):
     """T = 0: an empty output, and the initial state (or zeros) passed on as the final one, packed too."""

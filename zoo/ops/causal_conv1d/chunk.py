@@ -6,8 +6,9 @@ y_t[c] = act(bias[c] + sum_k weight[c, k] x_{t-K+1+k}[c]).
 Whole sequences (no ``cu_seqlens``) run as ``_TapSum``, an autograd.Function over the channels-last input as it
 comes (any strides, such as a slice of a fused projection): K multiply-adds of shifted slices of x into the
 pre-activation, the SiLU, and a hand-written backward (the SiLU's, then K shifted multiply-adds for dx and K
-reductions over time for dweight). With K of 4 or less this is a few passes over contiguous rows, where a grouped
-``F.conv1d`` on CPU needs x transposed to channels-first and padded (two copies), a depthwise kernel that is slow
+reductions over time for dweight), the backward a block of rows at a time so that its passes read from cache (on
+a CPU about 2.5x faster than whole-sequence passes at T = 2048, C = 544, with the data out of cache to begin with).
+With K of 4 or less this is a few passes over contiguous rows, where a grouped ``F.conv1d`` on CPU needs x transposed to channels-first and padded (two copies), a depthwise kernel that is slow
 in its backward, and the activation's gradient over the transposed layout. The initial state (the K - 1 inputs
 before the first token) adds its taps to the first K - 1 outputs only.
 
@@ -25,6 +26,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from zoo.ops.causal_conv1d.naive import activate, compute_dtype
+
+# numbers in a block of rows of the backward (``_TapSum.backward``): 2^18, 1 MiB in float32, about a core's L2
+BLOCK_ELEMENTS = 1 << 18
 
 
 class _TapSum(torch.autograd.Function):
@@ -55,25 +59,40 @@ class _TapSum(torch.autograd.Function):
         B, T, C = x.shape
         K = weight.shape[1]
         need_x, need_w, need_b, need_h0 = ctx.needs_input_grad[:4]
-        da = torch.ops.aten.silu_backward(dy, a) if ctx.silu else dy
-        dx = dw = db = dh0 = None
-        if need_x:
-            dx = da * weight[:, K - 1]
+        da = torch.empty_like(dy) if ctx.silu else dy
+        dx = torch.empty_like(x) if need_x else None
+        dw = torch.zeros_like(weight) if need_w else None
+        db = dy.new_zeros(C) if need_b else None
+        # blocks of rows from the last: every pass over a block (the SiLU's gradient, the taps of dx, the products
+        # summed for dweight) reads what the previous one left in cache; dx of a block needs da up to K - 1 rows
+        # after it, which the later block has written
+        rows = max(K, BLOCK_ELEMENTS // max(B * C, 1))
+        for t0 in reversed(range(0, T, rows)):
+            t1 = min(T, t0 + rows)
+            dab = da[:, t0:t1]
+            if ctx.silu:
+                torch.ops.aten.silu_backward.grad_input(dy[:, t0:t1], a[:, t0:t1], grad_input=dab)
+            if need_b:
+                db += dab.sum((0, 1))
+            if need_w:
+                for k in range(K):
+                    s = K - 1 - k
+                    lo = max(t0, s)
+                    if lo < t1:
+                        dw[:, k] += (da[:, lo:t1] * x[:, lo - s : t1 - s]).sum((0, 1))
+            if need_x:
+                dxb = torch.mul(dab, weight[:, K - 1], out=dx[:, t0:t1])
+                for k in range(K - 1):
+                    s = K - 1 - k
+                    hi = min(t1, T - s)
+                    if t0 < hi:
+                        dxb[:, : hi - t0].addcmul_(da[:, t0 + s : hi + s], weight[:, k])
+        if need_w and h0 is not None:
             for k in range(K - 1):
                 s = K - 1 - k
-                if s < T:
-                    dx[:, : T - s].addcmul_(da[:, s:], weight[:, k])
-        if need_w:
-            dw = torch.zeros_like(weight)
-            for k in range(K):
-                s = K - 1 - k
-                if s < T:
-                    dw[:, k] = (da[:, s:] * x[:, : T - s]).sum((0, 1))
-                if h0 is not None and s > 0:
-                    n = min(s, T)
-                    dw[:, k] += (da[:, :n] * h0[:, K - 1 - s : K - 1 - s + n]).sum((0, 1))
-        if need_b:
-            db = da.sum((0, 1))
+                n = min(s, T)
+                dw[:, k] += (da[:, :n] * h0[:, K - 1 - s : K - 1 - s + n]).sum((0, 1))
+        dh0 = None
         if need_h0:
             dh0 = torch.zeros(B, K - 1, C, dtype=da.dtype, device=da.device)
             for k in range(K - 1):

@@ -63,9 +63,15 @@ def test_equal_logits_to_transformers(overrides):
     [{}, {"n_groups": 1}, {"n_groups": 8, "use_bias": True}, {"time_step_limit": (0.0, 0.05)}],
     ids=["groups2", "groups1", "groups8-bias", "dt-limit"],
 )
-def test_training_gradients_equal_transformers(overrides):
+@pytest.mark.parametrize("one_row_blocks", [False, True], ids=["", "row-blocks"])
+def test_training_gradients_equal_transformers(monkeypatch, overrides, one_row_blocks):
     """A training step: the loss on every token and the gradient of every parameter equal transformers' (its
-    chunked torch path, in training mode); the time-step limit also clamps the gradient of dt."""
+    chunked torch path, in training mode); the time-step limit also clamps the gradient of dt. With
+    ``one_row_blocks`` the convolution's backward runs in the shortest blocks of time steps (its K)."""
+    if one_row_blocks:
+        from zoo.ops import blocking
+
+        monkeypatch.setattr(blocking, "BLOCK_ELEMENTS", 1)
     hf = hf_mamba2(**overrides).train()
     ours = from_transformers(hf).train()
     ids = torch.randint(3, 259, (2, 37))

@@ -136,9 +136,9 @@ def test_backward_in_blocks_of_rows(monkeypatch, rows, activation, K):
     """The torch backward runs a block of rows at a time, from the last: with blocks of 1-16 rows (fewer rows than
     the filter's K - 1 steps of history, and a last block shorter than the others), the output, final state and
     every gradient equal the oracle."""
-    from zoo.ops.causal_conv1d import chunk
+    from zoo.ops import blocking
 
-    monkeypatch.setattr(chunk, "BLOCK_ELEMENTS", rows * 2 * C)  # make_inputs' batch of 2
+    monkeypatch.setattr(blocking, "BLOCK_ELEMENTS", rows * 2 * C)  # make_inputs' batch of 2
     inputs = make_inputs(37, K=K)
     check_against(op("torch", activation), op("naive", activation), inputs, torch.float64, what=f"rows={rows}")
 

@@ -6,8 +6,9 @@ y_t[c] = act(bias[c] + sum_k weight[c, k] x_{t-K+1+k}[c]).
 Whole sequences (no ``cu_seqlens``) run as ``_TapSum``, an autograd.Function over the channels-last input as it
 comes (any strides, such as a slice of a fused projection): K multiply-adds of shifted slices of x into the
 pre-activation, the SiLU, and a hand-written backward (the SiLU's, then K shifted multiply-adds for dx and K
-reductions over time for dweight), the backward a block of rows at a time so that its passes read from cache (on
-a CPU about 2.5x faster than whole-sequence passes at T = 2048, C = 544, with the data out of cache to begin with).
+reductions over time for dweight), the backward a block of rows at a time so that its passes read from cache
+(``zoo.ops.blocking``; on a CPU about 2.5x faster than whole-sequence passes at T = 2048, C = 544, with the data out
+of cache to begin with).
 With K of 4 or less this is a few passes over contiguous rows, where a grouped ``F.conv1d`` on CPU needs x transposed to channels-first and padded (two copies), a depthwise kernel that is slow
 in its backward, and the activation's gradient over the transposed layout. The initial state (the K - 1 inputs
 before the first token) adds its taps to the first K - 1 outputs only.
@@ -25,10 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from zoo.ops.blocking import row_blocks
 from zoo.ops.causal_conv1d.naive import activate, compute_dtype
-
-# numbers in a block of rows of the backward (``_TapSum.backward``): 2^18, 1 MiB in float32, about a core's L2
-BLOCK_ELEMENTS = 1 << 18
 
 
 class _TapSum(torch.autograd.Function):
@@ -66,9 +65,7 @@ class _TapSum(torch.autograd.Function):
         # blocks of rows from the last: every pass over a block (the SiLU's gradient, the taps of dx, the products
         # summed for dweight) reads what the previous one left in cache; dx of a block needs da up to K - 1 rows
         # after it, which the later block has written
-        rows = max(K, BLOCK_ELEMENTS // max(B * C, 1))
-        for t0 in reversed(range(0, T, rows)):
-            t1 = min(T, t0 + rows)
+        for t0, t1 in row_blocks(T, B * C, minimum=K, reverse=True):
             dab = da[:, t0:t1]
             if ctx.silu:
                 torch.ops.aten.silu_backward.grad_input(dy[:, t0:t1], a[:, t0:t1], grad_input=dab)

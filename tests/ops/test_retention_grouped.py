@@ -240,6 +240,48 @@ def test_torch_strongly_decaying_gates_in_float32(monkeypatch):
     assert counts and all(0 < n < 2 * 5 * H for n in counts), counts
 
 
+def _scaled_reference(v_scale, v, **kwargs):
+    """The oracle on the values v * v_scale, multiplied out here."""
+    return reference(v=v * v_scale[..., None], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("backend", "G", "share"),
+    [("torch", 1, None), ("torch", 2, None), ("torch", 2, 0.002), ("naive", 2, None), ("triton", 1, None)],
+    ids=["torch-G1", "torch-G2", "torch-G2-exact-pairs", "naive", "triton"],
+)
+def test_v_scale(monkeypatch, backend, G, share):
+    """``v_scale`` (Mamba-2's time steps): the values are v * v_scale; the torch grouped form folds the scale into
+    its decay factors (with some (chunk, head) pairs done exactly when ``share`` is lowered), the others multiply
+    first. Output, final state and every gradient, the scale's included, equal the oracle on v * v_scale."""
+    from zoo.ops.retention import grouped
+
+    if share is not None:
+        monkeypatch.setattr(grouped, "FACTORED_RANGE_SHARE", share)
+    inputs = make_inputs(75, G)
+    inputs["v_scale"] = torch.rand(2, 75, H, dtype=torch.float64) + 0.1
+    dtype = BACKEND_DTYPE[backend]
+    check_forward_backward(op(backend), _scaled_reference, inputs, dtype=dtype, what=f"{backend} G={G}")
+
+
+def test_v_scale_with_packed_documents():
+    """Packed documents take the per-document route, which multiplies the scale in first: equal to the oracle."""
+    lengths = (5, 30, 17)
+    inputs = make_inputs(sum(lengths), 1, B=1, initial_state=False)
+    inputs["initial_state"] = torch.randn(len(lengths), H, DK, DV, dtype=torch.float64)
+    inputs["cu_seqlens"] = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    inputs["v_scale"] = torch.rand(1, sum(lengths), H, dtype=torch.float64)
+    check_forward_backward(op("torch"), _scaled_reference, inputs, what="packed v_scale")
+
+
+def test_v_scale_shape_is_checked():
+    inputs = make_inputs(5, 2)
+    with pytest.raises(ValueError, match=r"v_scale has shape \(2, 5, 3\), expected \[B, T, H\]=\[2, 5, 4\]"):
+        retention(**inputs, v_scale=torch.ones(2, 5, 3, dtype=torch.float64), backend="torch")
+    with pytest.raises(ValueError, match="v_scale has dtype torch.int64"):
+        retention(**inputs, v_scale=torch.ones(2, 5, 4, dtype=torch.long), backend="torch")
+
+
 def test_torch_low_precision_inputs():
     """bfloat16 q, k, v and gates in, bfloat16 out and gradients, float32 state; close to the float32 oracle at
     bfloat16's resolution."""

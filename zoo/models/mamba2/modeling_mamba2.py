@@ -42,32 +42,30 @@ from zoo.ops.retention import default_chunk_size, retention, retention_step
 
 
 class _TimeSteps(torch.autograd.Function):
-    """Step 3 of the mixer in one node: dt = clamp(softplus(dt_raw + dt_bias), lo, hi) (B, T, H), the scan's values
-    v = u * dt (B, T, H, P) and log-decays dt * A with A = -exp(A_log) (B, T, H). u and dt_raw may be strided
-    slices of the projections. The backward reduces dv u over each head's channels (torch.linalg.vecdot) and does
-    the small (B, T, H) algebra by hand, where autograd would keep a node per elementwise op."""
+    """Step 3 of the mixer in one node: dt = clamp(softplus(dt_raw + dt_bias), lo, hi) (B, T, H) and the log-decays
+    dt * A with A = -exp(A_log) (B, T, H); dt_raw may be a strided slice of the projection. The scan takes dt as the
+    scale of its values x (``retention``'s ``v_scale``: v = dt x without forming it), so that this node only does
+    the small (B, T, H) algebra, by hand, where autograd would keep a node per elementwise op."""
 
     @staticmethod
-    def forward(ctx, dt_raw, dt_bias, A_log, u, lo: float, hi: float):
+    def forward(ctx, dt_raw, dt_bias, A_log, lo: float, hi: float):
         pre = dt_raw + dt_bias
         dt = F.softplus(pre)
         inside = (dt >= lo) & (dt <= hi)  # where the clamp passes the gradient on
         dt = dt.clamp_(min=lo, max=hi)
         A = -torch.exp(A_log)
-        v = u * dt[..., None]
-        ctx.save_for_backward(pre, dt, inside, A, u)
-        return v, dt * A
+        ctx.save_for_backward(pre, dt, inside, A)
+        return dt, dt * A
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dv, d_log_decay):
-        pre, dt, inside, A, u = ctx.saved_tensors
-        d_dt = torch.linalg.vecdot(dv, u, dim=-1).addcmul_(d_log_decay, A)  # (B, T, H)
-        du = dv * dt[..., None] if ctx.needs_input_grad[3] else None
+    def backward(ctx, d_dt, d_log_decay):
+        pre, dt, inside, A = ctx.saved_tensors
+        d_dt = d_dt.addcmul(d_log_decay, A)  # (B, T, H)
         d_A_log = (d_log_decay * dt).sum((0, 1)).mul_(A) if ctx.needs_input_grad[2] else None
         d_pre = torch.ops.aten.softplus_backward(d_dt, pre, 1.0, 20.0).mul_(inside)
         d_bias = d_pre.sum((0, 1)) if ctx.needs_input_grad[1] else None
-        return d_pre, d_bias, d_A_log, du, None, None
+        return d_pre, d_bias, d_A_log, None, None
 
 
 class _SkipGatedGroupNorm(torch.autograd.Function):
@@ -220,18 +218,19 @@ class Mamba2Mixer(nn.Module):
         acc = torch.promote_types(x.dtype, torch.float32)
         u = u.to(acc)
         lo, hi = self.config.time_step_limit
-        v, log_decay = _TimeSteps.apply(
-            dt.to(acc), self.dt_bias.to(acc), self.A_log.to(acc), u, lo, hi
-        )  # (B, T, H, P): dt x; (B, T, H): dt A <= 0
-        # 4. state-space scan as retention: q = C, k = B, v = dt x, scale 1
+        dt, log_decay = _TimeSteps.apply(
+            dt.to(acc), self.dt_bias.to(acc), self.A_log.to(acc), lo, hi
+        )  # (B, T, H): the time steps and dt A <= 0
+        # 4. state-space scan as retention: q = C, k = B, v = dt x (x scaled by dt inside the op), scale 1
         if step:
             y, ssm_state = retention_step(
-                C_t[:, 0].to(acc), B_t[:, 0].to(acc), v[:, 0], log_decay[:, 0], ssm_state, scale=1.0
-            )
+                C_t[:, 0].to(acc), B_t[:, 0].to(acc), u[:, 0] * dt[:, 0, :, None], log_decay[:, 0], ssm_state,
+                scale=1.0,
+            )  # fmt: skip
             y = y[:, None]
         else:
             y, ssm_state = retention(
-                C_t.to(acc), B_t.to(acc), v, log_decay, scale=1.0, initial_state=ssm_state,
+                C_t.to(acc), B_t.to(acc), u, log_decay, scale=1.0, initial_state=ssm_state, v_scale=dt,
                 output_final_state=want_state, cu_seqlens=cu_seqlens, chunk_size=self.scan_chunk_size(x.device),
                 backend=self.config.backend,
             )  # fmt: skip

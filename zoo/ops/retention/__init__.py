@@ -131,6 +131,7 @@ def retention(
     chunk_size: int | None = None,
     backend: str | None = None,
     output_row_sum: bool = False,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Retention over whole sequences.
 
@@ -156,6 +157,10 @@ def retention(
             The state then carries their recurrence, the decayed key sum, as one more, last column:
             ``initial_state`` and the final state are [N, H, Dk, Dv + 1]. The ``torch`` and ``triton`` backends
             read them off the score blocks they compute anyway; ``naive`` runs a second pass with v = 1.
+        v_scale: [B, T, H] or None: the values are ``v * v_scale[..., None]`` (Mamba-2's time steps, v = dt x),
+            with gradients for both. The ``torch`` backend's grouped form (grouped q, k without packed documents
+            or row sums) folds the scale into its per-token decay factors instead of forming the product; every
+            other form multiplies first.
 
     Returns:
         (out [B, T, H, Dv] in the dtype of v, final_state or None), and the row sums as a third element with
@@ -172,9 +177,16 @@ def retention(
         chunk_size = default_chunk_size(name, Dk, v.shape[-1])
     if chunk_size < 1:
         raise ValueError(f"retention: chunk_size={chunk_size}, expected a positive integer")
+    if v_scale is not None:
+        if not v_scale.is_floating_point():
+            raise ValueError(f"retention: v_scale has dtype {v_scale.dtype}, expected a floating dtype")
+        if tuple(v_scale.shape) != (B, T, H):
+            raise _shape_error("v_scale", v_scale, f"[B, T, H]=[{B}, {T}, {H}]")
+        if not (name == "torch" and chunk.groups_fold_v_scale(q, v, cu_seqlens, output_row_sum)):
+            v, v_scale = v * v_scale[..., None].to(v.dtype), None
     args = (q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     if name == "torch":
-        return chunk.chunk_retention(*args, chunk_size=chunk_size, row_sum=output_row_sum)
+        return chunk.chunk_retention(*args, chunk_size=chunk_size, row_sum=output_row_sum, v_scale=v_scale)
     if name == "triton":
         # imported here so that zoo imports without triton, and triton is only imported when asked for
         from zoo.ops.retention import triton as triton_impl

@@ -64,14 +64,31 @@ class _Layout:
         self.Tp = self.N * C
 
     def chunks(self, x: torch.Tensor, X: int, dtype: torch.dtype) -> torch.Tensor:
-        """(B, T, X, D) -> (N * B * X, C, D), contiguous, in ``dtype`` (a view when B = X = 1, T fills the chunks
-        and x is contiguous)."""
+        """(B, T, X, D) -> (N * B * X, C, D) in ``dtype``, its rows contiguous: a view when B = X = 1, T fills the
+        chunks and x's rows are contiguous (such as a slice of a wider projection), else a contiguous copy."""
         B, N, C = self.B, self.N, self.C
         if self.Tp != self.T:
             x = F.pad(x, (0, 0, 0, 0, 0, self.Tp - self.T))
         D = x.shape[-1]
         x = x.to(dtype).reshape(B, N, C, X, D).permute(1, 0, 3, 2, 4)
-        return x.reshape(N * B * X, C, D).contiguous()
+        x = x.reshape(N * B * X, C, D)
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    def per_token(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, T, H) -> (N, B, C, H) in ``dtype``, zero past T."""
+        if self.Tp != self.T:
+            x = F.pad(x, (0, 0, 0, self.Tp - self.T))
+        return x.to(dtype).reshape(self.B, self.N, self.C, -1).transpose(0, 1)
+
+    def wide(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-token, per-head (N, B, C, H) tensor as a factor (N B G, C, R, 1) of the wide tensors."""
+        N, B, C, G, R = self.N, self.B, self.C, self.G, self.R
+        return x.reshape(N, B, C, G, R).transpose(2, 3).reshape(N * B * G, C, R, 1)
+
+    def unwide(self, x: torch.Tensor) -> torch.Tensor:
+        """(N B G, C, R) per head and token -> (B, T, H)."""
+        N, B, C, G, R = self.N, self.B, self.C, self.G, self.R
+        return x.view(N, B, G, C, R).permute(1, 0, 3, 2, 4).reshape(B, self.Tp, G * R)[:, : self.T]
 
     def unchunk(self, x: torch.Tensor, X: int, dtype: torch.dtype) -> torch.Tensor:
         """(N * B * X, C, D) -> (B, T, X, D) in ``dtype``."""
@@ -194,15 +211,16 @@ def _gate_gradient(db, lay: _Layout, d_last, S_last, d_final, dtype) -> torch.Te
     return db.flip(1).cumsum(1).flip(1)[:, : lay.T].to(dtype)
 
 
-def _gradients(dQ, dK, dV, dg, d_initial, lay: _Layout, q, k, v) -> tuple:
-    """The backward's return: dq, dk, dv back in the inputs' layouts and dtypes, then dg, d_initial, and None for
-    the three non-tensor arguments."""
+def _gradients(dQ, dK, dV, dg, d_scale, d_initial, lay: _Layout, q, k, v) -> tuple:
+    """The backward's return: dq, dk, dv back in the inputs' layouts and dtypes, then dg, the values' scale's,
+    d_initial, and None for the three non-tensor arguments."""
     G, Dv = lay.G, v.shape[-1]
     return (
         lay.unchunk(dQ, G, q.dtype),
         lay.unchunk(dK, G, k.dtype),
         lay.unchunk(dV, G, v.dtype).reshape(lay.B, lay.T, G * lay.R, Dv),
         dg,
+        d_scale,
         d_initial,
         None,
         None,
@@ -224,28 +242,30 @@ class _Intra:
     one (C, C) score block per group against the (C, R Dv) factor of all its heads side by side, the decays on V
     (``into``) and on the product (``out``), as (N B G, C, R, 1) factors of the wide tensors. The (chunk, head)
     pairs whose b_C is below -2 L (``FACTORED_RANGE_SHARE``), where the factors would leave the float range, have
-    both factors 0 and are done exactly, with their masks, on their own (``add_forward_``, ``add_backward_``)."""
+    both factors 0 and are done exactly, with their masks, on their own (``add_forward_``, ``add_backward_``).
+    With a scale of v per token and head (``vs``, (N, B, C, H)), ``into_v`` = into * vs takes it: V is then the
+    unscaled values."""
 
-    def __init__(self, b: torch.Tensor, lay: _Layout, scale: float):
-        N, B, C, G, R = lay.N, lay.B, lay.C, lay.G, lay.R
+    def __init__(self, b: torch.Tensor, lay: _Layout, scale: float, vs: torch.Tensor | None = None):
+        N, B, G, R = lay.N, lay.B, lay.G, lay.R
         self.lay, self.scale, self.b = lay, scale, b
         limit = FACTORED_RANGE_SHARE * math.log(torch.finfo(b.dtype).max)
         b_last = b[:, :, -1:]  # (N, B, 1, H)
         outside = b_last < -2 * limit
         d = b - 0.5 * b_last  # b_i - r
 
-        def wide(x: torch.Tensor) -> torch.Tensor:
-            return x.exp_().reshape(N, B, C, G, R).transpose(2, 3).reshape(N * B * G, C, R, 1)
-
-        self.out = wide(d.masked_fill(outside, float("-inf")))
+        self.out = lay.wide(d.masked_fill(outside, float("-inf")).exp_())
         if scale != 1.0:
             self.out.mul_(scale)
-        self.into = wide(d.neg_().masked_fill_(outside, float("-inf")))
-        self.pairs = None
+        self.into = lay.wide(d.neg_().masked_fill_(outside, float("-inf")).exp_())
+        self.into_v = self.into if vs is None else self.into * lay.wide(vs)
+        self.pairs = self.pair_scale = None
         if bool(outside.any()):
             n, bi, h = outside[:, :, 0].nonzero(as_tuple=True)  # in the order of n
             # the pairs' rows of the chunk-major tensors, their head within the group, their cumulative gates
             self.pairs = ((n * B + bi) * G + h // R, h % R, b[n, bi, :, h])
+            if vs is not None:
+                self.pair_scale = vs[n, bi, :, h, None]  # (U, C, 1)
             self.bounds = torch.searchsorted(n, torch.arange(N + 1, device=n.device)).tolist()
 
     def scores(self, Q: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
@@ -261,6 +281,8 @@ class _Intra:
         C = self.lay.C
         Qp, Kp = Q[rows], K[rows]
         Vp = V.view(V.shape[0], C, self.lay.R, -1)[rows, :, heads]
+        if self.pair_scale is not None:
+            Vp = Vp * self.pair_scale[self.bounds[n0] : self.bounds[n1]]
         above = torch.ones(C, C, dtype=torch.bool, device=bp.device).triu_(1)
         M = (bp[:, :, None] - bp[:, None, :]).masked_fill_(above, float("-inf")).exp_()
         if self.scale != 1.0:
@@ -277,8 +299,8 @@ class _Intra:
         O4[rows, :, heads] += torch.bmm(A, Vp)
 
     def add_backward_(self, dQ, dK, dV, dO, Q, K, V, n0: int, n1: int) -> None:
-        """The exact pairs' gradients for chunks n0 <= n < n1: dV_h += A_h^T dO_h, and dA_h = (dO_h V_h^T) * D_h
-        into dQ and dK."""
+        """The exact pairs' gradients for chunks n0 <= n < n1: dV_h += A_h^T dO_h (the gradient of the scaled
+        values), and dA_h = (dO_h V_h^T) * D_h into dQ and dK."""
         exact = self._exact(Q, K, V, n0, n1)
         if exact is None:
             return
@@ -296,14 +318,14 @@ class GroupedChunkRetention(torch.autograd.Function):
     with R = H / G > 1, g (B, T, H); initial and final states (B, H, Dk, Dv)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, scale, chunk_size, output_final_state):
+    def forward(ctx, q, k, v, g, v_scale, initial_state, scale, chunk_size, output_final_state):
         with torch.autocast(q.device.type, enabled=False):
             return GroupedChunkRetention._forward(
-                ctx, q, k, v, g, initial_state, scale, chunk_size, output_final_state
+                ctx, q, k, v, g, v_scale, initial_state, scale, chunk_size, output_final_state
             )
 
     @staticmethod
-    def _forward(ctx, q, k, v, g, initial_state, scale, chunk_size, output_final_state):
+    def _forward(ctx, q, k, v, g, v_scale, initial_state, scale, chunk_size, output_final_state):
         B, T, G, Dk = q.shape
         H, Dv = v.shape[2:]
         R = H // G
@@ -314,27 +336,29 @@ class GroupedChunkRetention(torch.autograd.Function):
         V = lay.chunks(v.reshape(B, T, G, R * Dv), G, acc)  # (N B G, C, R Dv)
         gates = _Gates(g, lay, acc)
         w_q = gates.q(scale, lay)
-        intra = _Intra(gates.b, lay, scale)
+        vs = None if v_scale is None else lay.per_token(v_scale, acc)
+        w_k = gates.k if vs is None else gates.k * lay.wide(vs)  # the values' scale in their decay factors
+        intra = _Intra(gates.b, lay, scale, vs)
         S = torch.empty(N + 1, BG, Dk, R * Dv, dtype=acc, device=q.device)  # S[n] enters chunk n; S[N]: final
         _initial_states(S[0], initial_state, lay)
         scan = _Scan(S, gates)
-        O = torch.empty_like(V)
+        O = V.new_empty(V.shape)
         for n0, n1 in _segments(lay, H, Dv):
             rows = slice(n0 * BG, n1 * BG)
             Qs, Ks, Vs = Q[rows], K[rows], V[rows]
-            scan.forward_(Ks, _times(Vs, gates.k[rows]), n0, n1)
+            scan.forward_(Ks, _times(Vs, w_k[rows]), n0, n1)
             Os = O[rows]
             torch.bmm(Qs, S[n0:n1].view(-1, Dk, R * Dv), out=Os)
             Os4 = Os.view(-1, C, R, Dv)
             Os4.mul_(w_q[rows])
             # intra-chunk: one score block per group against all its heads, the decays factored on either side
-            Y = torch.bmm(intra.scores(Qs, Ks), _times(Vs, intra.into[rows]))
+            Y = torch.bmm(intra.scores(Qs, Ks), _times(Vs, intra.into_v[rows]))
             Os4.addcmul_(Y.view(-1, C, R, Dv), intra.out[rows])
             del Y
             intra.add_forward_(O, Q, K, V, n0, n1)
         final = _heads_first(S[N], lay).clone() if output_final_state else None
         kept = chunk.keep_chunk_states(Dk, Dv, C)
-        ctx.save_for_backward(q, k, v, gates.b, S if kept else None, O, initial_state)
+        ctx.save_for_backward(q, k, v, gates.b, v_scale, S if kept else None, O, initial_state)
         ctx.meta = (lay, scale, Dv, g.dtype)
         out = lay.unchunk(O, G, v.dtype).reshape(B, T, H, Dv)
         return out, final
@@ -346,7 +370,7 @@ class GroupedChunkRetention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, d_out, d_final):
-        q, k, v, b, S, O, initial_state = ctx.saved_tensors
+        q, k, v, b, v_scale, S, O, initial_state = ctx.saved_tensors
         lay, scale, Dv, g_dtype = ctx.meta
         B, T, G, R, N, C = lay.B, lay.T, lay.G, lay.R, lay.N, lay.C
         Dk = q.shape[-1]
@@ -356,7 +380,9 @@ class GroupedChunkRetention(torch.autograd.Function):
         V = lay.chunks(v.reshape(B, T, G, R * Dv), G, acc)
         gates = _Gates.from_cumulative(b, lay)
         w_q = gates.q(scale, lay)
-        intra = _Intra(b, lay, scale)
+        vs = None if v_scale is None else lay.wide(lay.per_token(v_scale, acc))
+        w_k = gates.k if vs is None else gates.k * vs
+        intra = _Intra(b, lay, scale, None if v_scale is None else lay.per_token(v_scale, acc))
         segments = _segments(lay, H, Dv)
         if S is None:  # not kept: recomputed
             S = torch.empty(N + 1, BG, Dk, R * Dv, dtype=acc, device=q.device)
@@ -364,7 +390,7 @@ class GroupedChunkRetention(torch.autograd.Function):
             scan = _Scan(S, gates)
             for n0, n1 in segments:
                 rows = slice(n0 * BG, n1 * BG)
-                scan.forward_(K[rows], _times(V[rows], gates.k[rows]), n0, n1)
+                scan.forward_(K[rows], _times(V[rows], w_k[rows]), n0, n1)
         dO = lay.chunks(d_out.reshape(B, T, G, R * Dv), G, acc)  # (N B G, C, R Dv)
 
         # dS[n]: the gradient of the state entering chunk n, dS[N] = dS_final; segments from the last one
@@ -374,16 +400,19 @@ class GroupedChunkRetention(torch.autograd.Function):
         else:
             dS[N].zero_()
         back = _Scan(dS, gates)
-        dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
+        dQ, dK, dV = Q.new_empty(Q.shape), K.new_empty(K.shape), V.new_empty(V.shape)
         need_dg = ctx.needs_input_grad[3]
+        need_vs = vs is not None and ctx.needs_input_grad[4]
         db = torch.empty(N * BG, C, R, dtype=acc, device=q.device) if need_dg else None
+        # the values' scale: d(scale) = dv . v_unscaled per head and token, dv the scaled values' gradient
+        d_vs = torch.empty(N * BG, C, R, dtype=acc, device=q.device) if vs is not None else None
         for n0, n1 in reversed(segments):
             rows = slice(n0 * BG, n1 * BG)
             Qs, Ks, Vs, dOs = Q[rows], K[rows], V[rows], dO[rows]
             # intra-chunk, factored: dP = tril(dY X^T) with dY = dO * out and X = V * into, the group's heads
             # summed inside the product; dX = P^T dY
             dY = _times(dOs, intra.out[rows])
-            dP = torch.bmm(dY, _times(Vs, intra.into[rows]).transpose(1, 2)).tril_()  # (L B G, C, C)
+            dP = torch.bmm(dY, _times(Vs, intra.into_v[rows]).transpose(1, 2)).tril_()  # (L B G, C, C)
             torch.bmm(dP, Ks, out=dQ[rows])
             torch.bmm(dP.transpose(1, 2), Qs, out=dK[rows])
             del dP
@@ -396,20 +425,30 @@ class GroupedChunkRetention(torch.autograd.Function):
             dQ[rows].baddbmm_(dOq, S[n0:n1].view(-1, Dk, R * Dv).transpose(1, 2))
             del dOq
             dS_after = dS[n0 + 1 : n1 + 1].view(-1, Dk, R * Dv)
-            dK[rows].baddbmm_(_times(Vs, gates.k[rows]), dS_after.transpose(1, 2))
+            dK[rows].baddbmm_(_times(Vs, w_k[rows]), dS_after.transpose(1, 2))
             dVs = dV[rows]
             torch.bmm(Ks, dS_after, out=dVs)
             dVs.view(-1, C, R, Dv).mul_(gates.k[rows]).addcmul_(dX.view(-1, C, R, Dv), intra.into[rows])
             del dX
             intra.add_backward_(dQ, dK, dV, dO, Q, K, V, n0, n1)
-            if need_dg:
-                _gate_products(db[rows], dOs, O[rows], Vs, dVs, R)
+            if vs is None:
+                if need_dg:
+                    _gate_products(db[rows], dOs, O[rows], Vs, dVs, R)
+                continue
+            # dVs is the scaled values' gradient: d(scale) from it, then v's own gradient, dVs times the scale
+            dvs = d_vs[rows]
+            torch.linalg.vecdot(dVs.view(-1, C, R, Dv), Vs.view(-1, C, R, Dv), out=dvs)
+            if need_dg:  # dO . o - (v scale) . dv = dO . o - scale d(scale)
+                torch.linalg.vecdot(dOs.view(-1, C, R, Dv), O[rows].view(-1, C, R, Dv), out=db[rows])
+                db[rows].addcmul_(dvs, vs[rows, :, :, 0], value=-1)
+            dVs.view(-1, C, R, Dv).mul_(vs[rows])
 
         dg = _gate_gradient(db, lay, back.chunks[N], S[N], d_final, g_dtype) if need_dg else None
+        d_scale = lay.unwide(d_vs).to(v_scale.dtype) if need_vs else None
         d_initial = None
         if initial_state is not None:
             d_initial = _heads_first(back.chunks[0], lay).to(initial_state.dtype)
-        return _gradients(dQ, dK, dV, dg, d_initial, lay, q, k, v)
+        return _gradients(dQ, dK, dV, dg, d_scale, d_initial, lay, q, k, v)
 
 
 @torch.compiler.disable
@@ -422,7 +461,11 @@ def grouped_chunk_retention(
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     chunk_size: int,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Grouped chunkwise retention: q, k (B, T, G, Dk), v (B, T, H, Dv) with G < H dividing H, g (B, T, H) log-gates,
-    T > 0; states (B, H, Dk, Dv). Runs eagerly inside a ``torch.compile``d model, as ``chunk.py``'s op."""
-    return GroupedChunkRetention.apply(q, k, v, g, initial_state, scale, chunk_size, output_final_state)
+    T > 0; states (B, H, Dk, Dv); the values v * v_scale[..., None] when ``v_scale`` (B, T, H) is given, the scale
+    taken into the decay factors. Runs eagerly inside a ``torch.compile``d model, as ``chunk.py``'s op."""
+    return GroupedChunkRetention.apply(
+        q, k, v, g, v_scale, initial_state, scale, chunk_size, output_final_state
+    )

@@ -188,6 +188,13 @@ def test_torch_segments(monkeypatch, G, chunks_per_segment):
     check_forward_backward(
         op("torch", C), reference, inputs, what=f"G={G} {chunks_per_segment} chunks per segment"
     )
+    # with the values' scale and the skip (Mamba-2's dt and D), some (chunk, head) pairs exact
+    monkeypatch.setattr(grouped, "FACTORED_RANGE_SHARE", 0.002)
+    inputs["v_scale"] = torch.rand(B, 75, H, dtype=torch.float64) + 0.1
+    inputs["skip"] = torch.randn(H, dtype=torch.float64)
+    check_forward_backward(
+        op("torch", C), _scaled_reference, inputs, what=f"G={G} {chunks_per_segment} per segment, v_scale, skip"
+    )
 
 
 def _exact_pairs(monkeypatch) -> list[int]:
@@ -240,46 +247,71 @@ def test_torch_strongly_decaying_gates_in_float32(monkeypatch):
     assert counts and all(0 < n < 2 * 5 * H for n in counts), counts
 
 
-def _scaled_reference(v_scale, v, **kwargs):
-    """The oracle on the values v * v_scale, multiplied out here."""
-    return reference(v=v * v_scale[..., None], **kwargs)
+def _scaled_reference(v, v_scale=None, skip=None, **kwargs):
+    """The oracle on the values v * v_scale, multiplied out here, plus skip[h] * v on the output."""
+    out, state = reference(v=v if v_scale is None else v * v_scale[..., None], **kwargs)
+    return (out if skip is None else out + v * skip[:, None]), state
 
 
+@pytest.mark.parametrize("with_skip", [False, True], ids=["", "skip"])
 @pytest.mark.parametrize(
     ("backend", "G", "share"),
     [("torch", 1, None), ("torch", 2, None), ("torch", 2, 0.002), ("naive", 2, None), ("triton", 1, None)],
     ids=["torch-G1", "torch-G2", "torch-G2-exact-pairs", "naive", "triton"],
 )
-def test_v_scale(monkeypatch, backend, G, share):
-    """``v_scale`` (Mamba-2's time steps): the values are v * v_scale; the torch grouped form folds the scale into
-    its decay factors (with some (chunk, head) pairs done exactly when ``share`` is lowered), the others multiply
-    first. Output, final state and every gradient, the scale's included, equal the oracle on v * v_scale."""
+def test_v_scale_and_skip(monkeypatch, backend, G, share, with_skip):
+    """``v_scale`` (Mamba-2's time steps): the values are v * v_scale; ``skip`` (Mamba-2's D) adds skip[h] * v to
+    the output. The torch grouped form folds the scale into its decay factors (with some (chunk, head) pairs done
+    exactly when ``share`` is lowered) and adds the skip in its passes; the others multiply first and add after.
+    Output, final state and every gradient, the scale's and the skip's included, equal the oracle."""
     from zoo.ops.retention import grouped
 
     if share is not None:
         monkeypatch.setattr(grouped, "FACTORED_RANGE_SHARE", share)
     inputs = make_inputs(75, G)
     inputs["v_scale"] = torch.rand(2, 75, H, dtype=torch.float64) + 0.1
+    if with_skip:
+        inputs["skip"] = torch.randn(H, dtype=torch.float64)
     dtype = BACKEND_DTYPE[backend]
     check_forward_backward(op(backend), _scaled_reference, inputs, dtype=dtype, what=f"{backend} G={G}")
 
 
-def test_v_scale_with_packed_documents():
-    """Packed documents take the per-document route, which multiplies the scale in first: equal to the oracle."""
+@pytest.mark.parametrize("gated", [True, False], ids=["gates", "gates-without-gradient"])
+def test_skip_without_v_scale(gated):
+    """``skip`` alone on the grouped torch form, with and without a gradient for the gates (the backward then
+    skips the gates' terms): equal to the oracle."""
+    inputs = make_inputs(40, 1)
+    inputs["skip"] = torch.randn(H, dtype=torch.float64)
+    fn = op("torch")
+    if not gated:
+        decay = inputs.pop("decay")
+        fn = functools.partial(fn, decay=decay)
+        ref = functools.partial(_scaled_reference, decay=decay)
+    else:
+        ref = _scaled_reference
+    check_forward_backward(fn, ref, inputs, what=f"skip gated={gated}")
+
+
+def test_v_scale_and_skip_with_packed_documents():
+    """Packed documents take the per-document route, with the scale multiplied in first and the skip added after:
+    equal to the oracle."""
     lengths = (5, 30, 17)
     inputs = make_inputs(sum(lengths), 1, B=1, initial_state=False)
     inputs["initial_state"] = torch.randn(len(lengths), H, DK, DV, dtype=torch.float64)
     inputs["cu_seqlens"] = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     inputs["v_scale"] = torch.rand(1, sum(lengths), H, dtype=torch.float64)
+    inputs["skip"] = torch.randn(H, dtype=torch.float64)
     check_forward_backward(op("torch"), _scaled_reference, inputs, what="packed v_scale")
 
 
-def test_v_scale_shape_is_checked():
+def test_v_scale_and_skip_shapes_are_checked():
     inputs = make_inputs(5, 2)
     with pytest.raises(ValueError, match=r"v_scale has shape \(2, 5, 3\), expected \[B, T, H\]=\[2, 5, 4\]"):
         retention(**inputs, v_scale=torch.ones(2, 5, 3, dtype=torch.float64), backend="torch")
     with pytest.raises(ValueError, match="v_scale has dtype torch.int64"):
         retention(**inputs, v_scale=torch.ones(2, 5, 4, dtype=torch.long), backend="torch")
+    with pytest.raises(ValueError, match=r"skip has shape \(2,\), expected \[H\]=\[4\]"):
+        retention(**inputs, skip=torch.ones(2, dtype=torch.float64), backend="naive")
 
 
 def test_torch_low_precision_inputs():

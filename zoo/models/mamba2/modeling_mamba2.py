@@ -13,7 +13,9 @@ B and C:
 The recurrence is retention with per-token log-gates (q = C, k = B, v = dt x, scale 1), so it runs on
 ``zoo.ops.retention`` (chunked PyTorch on CPU, Triton on GPU, one-token steps for decoding); B and C go in as
 their G groups, [B, T, G, N], which the op shares among the H / G heads of each group without copying them (head
-h reads group h // (H / G), the order in which transformers' Mamba2 repeats them). Weight names follow
+h reads group h // (H / G), the order in which transformers' Mamba2 repeats them). x goes in as it is, with dt as
+the values' scale and D as the skip (``retention``'s ``v_scale`` and ``skip``): the op's CPU form applies both in
+its passes over the chunks, where dt x and D x would each be a full-size pass of their own. Weight names follow
 transformers' ``Mamba2ForCausalLM`` under zoo's ``model.`` prefix (``convert_mamba2.py``). Padding and packed
 documents as in zoo's Mamba.
 """
@@ -68,49 +70,46 @@ class _TimeSteps(torch.autograd.Function):
         return d_pre, d_bias, d_A_log, None, None
 
 
-class _SkipGatedGroupNorm(torch.autograd.Function):
-    """Step 5 of the mixer in one node: out = weight * rms_norm_groups((y + D u) * silu(z)), the D skip, the swish
-    gate and the RMS norm within each of G groups of channels. y (B, T, H, P) contiguous; u (B, T, H, P) and z
-    (B, T, H P) may be strided slices. Keeps s = y + D u, silu(z), the normalised gated input n and its inverse RMS
-    r; the backward is dweight = sum dout n, dh = r (dn - n mean(dn n)) with dn = dout weight, then the gate's
-    and the skip's products."""
+class _GatedGroupNorm(torch.autograd.Function):
+    """Step 5 of the mixer in one node: out = weight * rms_norm_groups(y * silu(z)), the swish gate and the RMS norm
+    within each of G groups of channels (the D skip is already in y: the scan adds it, ``retention``'s ``skip``). y
+    (B, T, H P) contiguous; z (B, T, H P) may be a strided slice. Keeps y, silu(z), the normalised gated input n and
+    its inverse RMS r; the backward is dweight = sum dout n, dh = r (dn - n mean(dn n)) with dn = dout weight, then
+    the gate's products."""
 
     @staticmethod
-    def forward(ctx, y, u, D, z, weight, eps: float, groups: int):
-        B, T, H, P = y.shape
-        s = torch.addcmul(y, u, D[:, None])  # (B, T, H, P)
+    def forward(ctx, y, z, weight, eps: float, groups: int):
+        B, T, D = y.shape
         gate = F.silu(z).contiguous()  # (B, T, H P)
-        n = (gate * s.view(B, T, H * P)).view(B, T, groups, H * P // groups)
+        n = (gate * y).view(B, T, groups, D // groups)
         r = inverse_rms(n, eps)
-        n = n.mul_(r).view(B, T, H * P)
+        n = n.mul_(r).view(B, T, D)
         ctx.groups = groups
-        ctx.save_for_backward(s, u, D, z, gate, weight, n, r)
+        ctx.save_for_backward(y, z, gate, weight, n, r)
         return n * weight
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out):
-        s, u, D, z, gate, weight, n, r = ctx.saved_tensors
-        B, T, H, P = s.shape
-        grouped = (B, T, ctx.groups, H * P // ctx.groups)
+        y, z, gate, weight, n, r = ctx.saved_tensors
+        B, T, D = y.shape
+        grouped = (B, T, ctx.groups, D // ctx.groups)
         prod = d_out * n
-        d_weight = prod.sum((0, 1)) if ctx.needs_input_grad[4] else None
+        d_weight = prod.sum((0, 1)) if ctx.needs_input_grad[2] else None
         # mean(dn n) per group with dn = d_out weight: the weight's dot product with d_out n, summed anyway for
         # dweight (one matrix-vector product for a single group)
         if ctx.groups == 1:
-            mean = (prod.view(B * T, H * P) @ weight).view(B, T, 1, 1)
+            mean = (prod.view(B * T, D) @ weight).view(B, T, 1, 1)
         else:
             mean = (prod.view(grouped) * weight.view(grouped[2:])).sum(-1, keepdim=True)
         mean.div_(grouped[-1])
         del prod
         dn = (d_out * weight).view(grouped)
         n = n.view(grouped)
-        dh = dn.addcmul_(n, mean, value=-1).mul_(r).view(B, T, H * P)  # d(gated input)
-        dz = torch.ops.aten.silu_backward(dh * s.view(B, T, H * P), z) if ctx.needs_input_grad[3] else None
-        ds = dh.mul_(gate).view(B, T, H, P)  # dy
-        du = ds * D[:, None] if ctx.needs_input_grad[1] else None
-        d_D = torch.linalg.vecdot(ds, u, dim=-1).sum((0, 1)) if ctx.needs_input_grad[2] else None
-        return ds, du, d_D, dz, d_weight, None, None
+        dh = dn.addcmul_(n, mean, value=-1).mul_(r).view(B, T, D)  # d(gated input)
+        dz = torch.ops.aten.silu_backward(dh * y, z) if ctx.needs_input_grad[1] else None
+        dy = dh.mul_(gate)
+        return dy, dz, d_weight, None, None
 
 
 class Mamba2Mixer(nn.Module):
@@ -167,13 +166,10 @@ class Mamba2Mixer(nn.Module):
         backend = resolve_backend("retention", self.config.backend, device)
         return default_chunk_size(backend, self.state_size, self.head_dim)
 
-    def gated_group_norm(self, y: torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """weight * RMS norm of ``(y + D u) * silu(z)`` within each of the G groups of channels: y, u (B, T, H, P),
-        z (B, T, H P), all in the computing dtype (at least float32); the result in it, (B, T, H P)."""
-        acc = y.dtype
-        return _SkipGatedGroupNorm.apply(
-            y, u, self.D.to(acc), z, self.norm.weight.to(acc), self.norm.eps, self.n_groups
-        )
+    def gated_group_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """weight * RMS norm of ``y * silu(z)`` within each of the G groups of channels: y (B, T, H P) with the D
+        skip in it, z (B, T, H P), both in the computing dtype (at least float32); the result in it."""
+        return _GatedGroupNorm.apply(y, z, self.norm.weight.to(y.dtype), self.norm.eps, self.n_groups)
 
     def forward(
         self, x, pad_mask=None, docs: PackedDocuments | None = None, cache: RecurrentCache | None = None
@@ -227,10 +223,11 @@ class Mamba2Mixer(nn.Module):
                 C_t[:, 0].to(acc), B_t[:, 0].to(acc), u[:, 0] * dt[:, 0, :, None], log_decay[:, 0], ssm_state,
                 scale=1.0,
             )  # fmt: skip
-            y = y[:, None]
+            y = torch.addcmul(y, u[:, 0], self.D.to(acc)[:, None])[:, None]  # the D skip
         else:
             y, ssm_state = retention(
                 C_t.to(acc), B_t.to(acc), u, log_decay, scale=1.0, initial_state=ssm_state, v_scale=dt,
+                skip=self.D.to(acc),
                 output_final_state=want_state, cu_seqlens=cu_seqlens, chunk_size=self.scan_chunk_size(x.device),
                 backend=self.config.backend,
             )  # fmt: skip
@@ -238,8 +235,9 @@ class Mamba2Mixer(nn.Module):
             if docs is not None:  # each row goes on from its last document
                 conv_state, ssm_state = docs.row_states(conv_state), docs.row_states(ssm_state)
             cache.set(self.layer_idx, conv=conv_state, ssm=ssm_state)
-        # 5. D skip, gated group norm, output projection
-        return self.out_proj(self.gated_group_norm(y.contiguous(), z.to(acc), u).to(x.dtype))
+        # 5. gated group norm (the D skip is in y), output projection
+        y = y.reshape(Bsz, T, Dc).contiguous()
+        return self.out_proj(self.gated_group_norm(y, z.to(acc)).to(x.dtype))
 
 
 class Mamba2Block(GradientCheckpointingLayer):

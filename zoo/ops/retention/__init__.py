@@ -132,6 +132,7 @@ def retention(
     backend: str | None = None,
     output_row_sum: bool = False,
     v_scale: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Retention over whole sequences.
 
@@ -161,6 +162,8 @@ def retention(
             with gradients for both. The ``torch`` backend's grouped form (grouped q, k without packed documents
             or row sums) folds the scale into its per-token decay factors instead of forming the product; every
             other form multiplies first.
+        skip: [H] or None: adds ``skip[h] * v`` (v as given, before ``v_scale``) to head h's output (Mamba's D
+            term), with gradients; inside the grouped form's passes over its chunks, after the op elsewhere.
 
     Returns:
         (out [B, T, H, Dv] in the dtype of v, final_state or None), and the row sums as a third element with
@@ -177,16 +180,36 @@ def retention(
         chunk_size = default_chunk_size(name, Dk, v.shape[-1])
     if chunk_size < 1:
         raise ValueError(f"retention: chunk_size={chunk_size}, expected a positive integer")
+    for what, x, shape, dims in (("v_scale", v_scale, (B, T, H), "[B, T, H]"), ("skip", skip, (H,), "[H]")):
+        if x is None:
+            continue
+        if not x.is_floating_point():
+            raise ValueError(f"retention: {what} has dtype {x.dtype}, expected a floating dtype")
+        if tuple(x.shape) != shape:
+            raise _shape_error(what, x, f"{dims}={list(shape)}")
+    if name == "torch" and chunk.groups_fold_v_scale(q, v, cu_seqlens, output_row_sum):
+        return chunk.chunk_retention(
+            q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size,
+            v_scale=v_scale, skip=skip,
+        )  # fmt: skip
+    values = v
     if v_scale is not None:
-        if not v_scale.is_floating_point():
-            raise ValueError(f"retention: v_scale has dtype {v_scale.dtype}, expected a floating dtype")
-        if tuple(v_scale.shape) != (B, T, H):
-            raise _shape_error("v_scale", v_scale, f"[B, T, H]=[{B}, {T}, {H}]")
-        if not (name == "torch" and chunk.groups_fold_v_scale(q, v, cu_seqlens, output_row_sum)):
-            v, v_scale = v * v_scale[..., None].to(v.dtype), None
+        v = v * v_scale[..., None].to(v.dtype)
+    result = _unfused(
+        q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, name, chunk_size, output_row_sum
+    )
+    if skip is not None:
+        result = (result[0] + values * skip[:, None].to(values.dtype), *result[1:])
+    return result
+
+
+def _unfused(
+    q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, name, chunk_size, output_row_sum
+):
+    """``retention`` on the backend ``name``, the values already scaled."""
     args = (q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     if name == "torch":
-        return chunk.chunk_retention(*args, chunk_size=chunk_size, row_sum=output_row_sum, v_scale=v_scale)
+        return chunk.chunk_retention(*args, chunk_size=chunk_size, row_sum=output_row_sum)
     if name == "triton":
         # imported here so that zoo imports without triton, and triton is only imported when asked for
         from zoo.ops.retention import triton as triton_impl

@@ -578,6 +578,7 @@ def chunk_retention(
     chunk_size: int = 64,
     row_sum: bool = False,
     v_scale: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Chunkwise retention. q, k (B, T, H, Dk) or grouped (B, T, G, Dk), G dividing H; v (B, T, H, Dv); g (B, T, H)
     log-gates; state (B, H, Dk, Dv).
@@ -585,11 +586,12 @@ def chunk_retention(
     With ``row_sum``, also returns the row sums (B, T, H) without gradient, from the same score blocks, and
     the state has one more column (the decayed key sum): (out, state, row_sums). Packed sequences
     (``cu_seqlens``, B == 1) run in the same single pass over the chunks, masked per document; the initial and
-    final states then have one row per document. ``v_scale`` (B, T, H) multiplies v per token and head: folded
-    into the grouped form's factors (``groups_fold_v_scale``), multiplied in first elsewhere.
+    final states then have one row per document. ``v_scale`` (B, T, H) multiplies v per token and head, and
+    ``skip`` (H,) adds skip[h] * v (unscaled) to the output, both inside the grouped form (``groups_fold_v_scale``)
+    and only there: ``retention`` applies them around the other forms.
     """
-    if v_scale is not None and not groups_fold_v_scale(q, v, cu_seqlens, row_sum):
-        v, v_scale = v * v_scale[..., None].to(v.dtype), None
+    if (v_scale is not None or skip is not None) and not groups_fold_v_scale(q, v, cu_seqlens, row_sum):
+        raise ValueError("chunk_retention: v_scale and skip are taken by the grouped form only")
     if q.shape[1] == 0:
         B, _, _, Dk = q.shape
         H = v.shape[2]
@@ -607,7 +609,7 @@ def chunk_retention(
         from zoo.ops.retention.grouped import grouped_chunk_retention
 
         return grouped_chunk_retention(
-            q, k, v, g, scale, initial_state, output_final_state, chunk_size, v_scale
+            q, k, v, g, scale, initial_state, output_final_state, chunk_size, v_scale, skip
         )
     args = (q, k, v, g, initial_state, scale, chunk_size, output_final_state, row_sum, cu_seqlens)
     out, state, sums = _apply(*args)

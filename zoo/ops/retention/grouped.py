@@ -189,14 +189,6 @@ def _heads_first(state: torch.Tensor, lay: _Layout) -> torch.Tensor:
     return state.reshape(lay.B, lay.G, Dk, lay.R, Dv).transpose(2, 3).reshape(lay.B, lay.G * lay.R, Dk, Dv)
 
 
-def _gate_products(out: torch.Tensor, dO, O, V, dV, R: int) -> None:
-    """out (n, C, R) = dO_i . o_i - v_i . dv_i per head and token, the gradient of the cumulative log-gate b_i
-    (``q_i . dq_i - k_i . dk_i``, module docstring); the wide tensors (n, C, R Dv)."""
-    n, C, RDv = O.shape
-    torch.linalg.vecdot(dO.view(n, C, R, -1), O.view(n, C, R, -1), out=out)
-    out.sub_(torch.linalg.vecdot(V.view(n, C, R, -1), dV.view(n, C, R, -1)))
-
-
 def _gate_gradient(db, lay: _Layout, d_last, S_last, d_final, dtype) -> torch.Tensor:
     """The log-gates' gradient (B, T, H) from the cumulative gates' db (N B G, C, R): the final state's share
     <dS_T, S_T> added at the last token (``d_last``, ``S_last``: the final state's gradient and value, (B G, Dk,
@@ -211,9 +203,9 @@ def _gate_gradient(db, lay: _Layout, d_last, S_last, d_final, dtype) -> torch.Te
     return db.flip(1).cumsum(1).flip(1)[:, : lay.T].to(dtype)
 
 
-def _gradients(dQ, dK, dV, dg, d_scale, d_initial, lay: _Layout, q, k, v) -> tuple:
+def _gradients(dQ, dK, dV, dg, d_scale, d_skip, d_initial, lay: _Layout, q, k, v) -> tuple:
     """The backward's return: dq, dk, dv back in the inputs' layouts and dtypes, then dg, the values' scale's,
-    d_initial, and None for the three non-tensor arguments."""
+    the skip's, d_initial, and None for the three non-tensor arguments."""
     G, Dv = lay.G, v.shape[-1]
     return (
         lay.unchunk(dQ, G, q.dtype),
@@ -221,6 +213,7 @@ def _gradients(dQ, dK, dV, dg, d_scale, d_initial, lay: _Layout, q, k, v) -> tup
         lay.unchunk(dV, G, v.dtype).reshape(lay.B, lay.T, G * lay.R, Dv),
         dg,
         d_scale,
+        d_skip,
         d_initial,
         None,
         None,
@@ -313,19 +306,25 @@ class _Intra:
         dK.index_add_(0, rows, torch.bmm(dA.transpose(1, 2), Qp))
 
 
+def _skip_factor(skip: torch.Tensor, lay: _Layout, acc: torch.dtype) -> torch.Tensor:
+    """skip (H,) as a (N B G, 1, R, 1) factor of the wide tensors."""
+    G, R = lay.G, lay.R
+    return skip.to(acc).view(1, G, R).expand(lay.N * lay.B, G, R).reshape(-1, 1, R, 1)
+
+
 class GroupedChunkRetention(torch.autograd.Function):
     """Chunkwise retention for grouped q, k (formulas in the module docstring). q, k (B, T, G, Dk), v (B, T, H, Dv)
     with R = H / G > 1, g (B, T, H); initial and final states (B, H, Dk, Dv)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, v_scale, initial_state, scale, chunk_size, output_final_state):
+    def forward(ctx, q, k, v, g, v_scale, skip, initial_state, scale, chunk_size, output_final_state):
         with torch.autocast(q.device.type, enabled=False):
             return GroupedChunkRetention._forward(
-                ctx, q, k, v, g, v_scale, initial_state, scale, chunk_size, output_final_state
+                ctx, q, k, v, g, v_scale, skip, initial_state, scale, chunk_size, output_final_state
             )
 
     @staticmethod
-    def _forward(ctx, q, k, v, g, v_scale, initial_state, scale, chunk_size, output_final_state):
+    def _forward(ctx, q, k, v, g, v_scale, skip, initial_state, scale, chunk_size, output_final_state):
         B, T, G, Dk = q.shape
         H, Dv = v.shape[2:]
         R = H // G
@@ -339,6 +338,7 @@ class GroupedChunkRetention(torch.autograd.Function):
         vs = None if v_scale is None else lay.per_token(v_scale, acc)
         w_k = gates.k if vs is None else gates.k * lay.wide(vs)  # the values' scale in their decay factors
         intra = _Intra(gates.b, lay, scale, vs)
+        skip_w = None if skip is None else _skip_factor(skip, lay, acc)
         S = torch.empty(N + 1, BG, Dk, R * Dv, dtype=acc, device=q.device)  # S[n] enters chunk n; S[N]: final
         _initial_states(S[0], initial_state, lay)
         scan = _Scan(S, gates)
@@ -356,9 +356,11 @@ class GroupedChunkRetention(torch.autograd.Function):
             Os4.addcmul_(Y.view(-1, C, R, Dv), intra.out[rows])
             del Y
             intra.add_forward_(O, Q, K, V, n0, n1)
+            if skip_w is not None:  # the skip term on the values as given
+                Os4.addcmul_(Vs.view(-1, C, R, Dv), skip_w[rows])
         final = _heads_first(S[N], lay).clone() if output_final_state else None
         kept = chunk.keep_chunk_states(Dk, Dv, C)
-        ctx.save_for_backward(q, k, v, gates.b, v_scale, S if kept else None, O, initial_state)
+        ctx.save_for_backward(q, k, v, gates.b, v_scale, skip, S if kept else None, O, initial_state)
         ctx.meta = (lay, scale, Dv, g.dtype)
         out = lay.unchunk(O, G, v.dtype).reshape(B, T, H, Dv)
         return out, final
@@ -370,7 +372,7 @@ class GroupedChunkRetention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, d_out, d_final):
-        q, k, v, b, v_scale, S, O, initial_state = ctx.saved_tensors
+        q, k, v, b, v_scale, skip, S, O, initial_state = ctx.saved_tensors
         lay, scale, Dv, g_dtype = ctx.meta
         B, T, G, R, N, C = lay.B, lay.T, lay.G, lay.R, lay.N, lay.C
         Dk = q.shape[-1]
@@ -403,6 +405,9 @@ class GroupedChunkRetention(torch.autograd.Function):
         dQ, dK, dV = Q.new_empty(Q.shape), K.new_empty(K.shape), V.new_empty(V.shape)
         need_dg = ctx.needs_input_grad[3]
         need_vs = vs is not None and ctx.needs_input_grad[4]
+        skip_w = None if skip is None else _skip_factor(skip, lay, acc)
+        # the skip term: its gradient dO . v per head and token (v as given), summed over tokens at the end
+        d_skip = torch.empty(N * BG, C, R, dtype=acc, device=q.device) if skip is not None else None
         db = torch.empty(N * BG, C, R, dtype=acc, device=q.device) if need_dg else None
         # the values' scale: d(scale) = dv . v_unscaled per head and token, dv the scaled values' gradient
         d_vs = torch.empty(N * BG, C, R, dtype=acc, device=q.device) if vs is not None else None
@@ -431,24 +436,36 @@ class GroupedChunkRetention(torch.autograd.Function):
             dVs.view(-1, C, R, Dv).mul_(gates.k[rows]).addcmul_(dX.view(-1, C, R, Dv), intra.into[rows])
             del dX
             intra.add_backward_(dQ, dK, dV, dO, Q, K, V, n0, n1)
-            if vs is None:
+            dV4, Vs4, dOs4 = dVs.view(-1, C, R, Dv), Vs.view(-1, C, R, Dv), dOs.view(-1, C, R, Dv)
+            if need_dg:  # dO . o with o the retention's own output: O holds it plus the skip term
+                torch.linalg.vecdot(dOs4, O[rows].view(-1, C, R, Dv), out=db[rows])
+            if skip_w is not None:
+                dsk = d_skip[rows]
+                torch.linalg.vecdot(dOs4, Vs4, out=dsk)
                 if need_dg:
-                    _gate_products(db[rows], dOs, O[rows], Vs, dVs, R)
-                continue
-            # dVs is the scaled values' gradient: d(scale) from it, then v's own gradient, dVs times the scale
-            dvs = d_vs[rows]
-            torch.linalg.vecdot(dVs.view(-1, C, R, Dv), Vs.view(-1, C, R, Dv), out=dvs)
-            if need_dg:  # dO . o - (v scale) . dv = dO . o - scale d(scale)
-                torch.linalg.vecdot(dOs.view(-1, C, R, Dv), O[rows].view(-1, C, R, Dv), out=db[rows])
-                db[rows].addcmul_(dvs, vs[rows, :, :, 0], value=-1)
-            dVs.view(-1, C, R, Dv).mul_(vs[rows])
+                    db[rows].addcmul_(dsk, skip_w[rows, ..., 0], value=-1)
+            if vs is None:
+                if need_dg:  # - v . dv
+                    db[rows].sub_(torch.linalg.vecdot(Vs4, dV4))
+            else:
+                # dVs is the scaled values' gradient: d(scale) from it, then v's own, dVs times the scale
+                dvs = d_vs[rows]
+                torch.linalg.vecdot(dV4, Vs4, out=dvs)
+                if need_dg:  # - (v scale) . dv = - scale d(scale)
+                    db[rows].addcmul_(dvs, vs[rows, :, :, 0], value=-1)
+                dV4.mul_(vs[rows])
+            if skip_w is not None:
+                dV4.addcmul_(dOs4, skip_w[rows])
 
         dg = _gate_gradient(db, lay, back.chunks[N], S[N], d_final, g_dtype) if need_dg else None
         d_scale = lay.unwide(d_vs).to(v_scale.dtype) if need_vs else None
+        d_skip_h = None
+        if skip is not None and ctx.needs_input_grad[5]:
+            d_skip_h = d_skip.view(N * B, G, C, R).sum((0, 2)).reshape(G * R).to(skip.dtype)
         d_initial = None
         if initial_state is not None:
             d_initial = _heads_first(back.chunks[0], lay).to(initial_state.dtype)
-        return _gradients(dQ, dK, dV, dg, d_scale, d_initial, lay, q, k, v)
+        return _gradients(dQ, dK, dV, dg, d_scale, d_skip_h, d_initial, lay, q, k, v)
 
 
 @torch.compiler.disable
@@ -462,10 +479,12 @@ def grouped_chunk_retention(
     output_final_state: bool,
     chunk_size: int,
     v_scale: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Grouped chunkwise retention: q, k (B, T, G, Dk), v (B, T, H, Dv) with G < H dividing H, g (B, T, H) log-gates,
     T > 0; states (B, H, Dk, Dv); the values v * v_scale[..., None] when ``v_scale`` (B, T, H) is given, the scale
-    taken into the decay factors. Runs eagerly inside a ``torch.compile``d model, as ``chunk.py``'s op."""
+    taken into the decay factors; plus skip[h] * v (H,) when ``skip`` is given. Runs eagerly inside a
+    ``torch.compile``d model, as ``chunk.py``'s op."""
     return GroupedChunkRetention.apply(
-        q, k, v, g, v_scale, initial_state, scale, chunk_size, output_final_state
+        q, k, v, g, v_scale, skip, initial_state, scale, chunk_size, output_final_state
     )

@@ -37,8 +37,8 @@ def default_chunk_size(backend: str, Dk: int, Dv: int) -> int:
     ``torch``: per token and head, the chunked form costs about C (Dk + Dv) multiply-adds in its (C, C) blocks
     plus elementwise work on them, while the state products cost about Dk Dv whatever C is; short chunks only add
     per-chunk overhead. The power of 2 at or below sqrt(Dk Dv), between 16 and 128, was the fastest or within 10%
-    of it when measured on a CPU (forward + backward, T = 2048, per-token gates): 16 for Dk = Dv = 16 (3x faster
-    than 64), 32-64 for 16x64, 64x64 and 128x64, 128 for 256x256. ``triton``: 64 (the kernels' tile).
+    of it when measured on a CPU (forward + backward, T = 2048, per-token gates): 16 for Dk = Dv = 16 (grouped, 32
+    heads: 16, 17 and 19 ms in chunks of 16, 32 and 64), 32-64 for 16x64, 64x64 and 128x64, 128 for 256x256. ``triton``: 64 (the kernels' tile).
     ``naive`` ignores it.
     """
     if backend != "torch":

@@ -33,6 +33,11 @@ needs, per head, q_i . dq_i - k_i . dk_i (see ``chunk.py``); the outputs and fin
 bilinear in (k_j, v_j) jointly, so q_i . dq_i = dO_i . o_i and k_j . dk_j = v_j . dv_j for each head: two dot
 products over Dv of tensors the backward has anyway, with no per-head dQ or dK.
 
+Mamba-2's time steps and skip come in whole (``v_scale`` s, ``skip`` D): the values are s * x, but x is what the op
+reads, s multiplying the per-token factors w_k and exp(r - b) instead (no (B, T, H, Dv) product is formed), and
+D x is added to the output in the same pass over the chunk. Their gradients come from the backward's own tensors:
+ds = dv . x, dD = sum dO . x, dx = s dv + D dO, and the gates' o_i . dO_i uses the output without the skip.
+
 Forward and backward run through the chunks a segment at a time (``_segments``: about 2^18 numbers per per-head
 block, 512 tokens for 32 heads of 16 x 16), so that a segment's intermediates are still in cache when the next
 product reads them (the backward from the last segment, carrying the states' gradient); on a CPU this measured

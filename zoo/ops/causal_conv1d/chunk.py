@@ -8,8 +8,8 @@ comes (any strides, such as a slice of a fused projection): K multiply-adds of s
 pre-activation, the SiLU, and a hand-written backward (the SiLU's, then K shifted multiply-adds for dx and K
 reductions over time for dweight), the backward a block of rows at a time so that its passes read from cache
 (``zoo.ops.blocking``; on a CPU about 2.5x faster than whole-sequence passes at T = 2048, C = 544, with the data out
-of cache to begin with).
-With K of 4 or less this is a few passes over contiguous rows, where a grouped ``F.conv1d`` on CPU needs x transposed to channels-first and padded (two copies), a depthwise kernel that is slow
+of cache to begin with). With K of 4 or less this is a few passes over contiguous rows, where a grouped
+``F.conv1d`` on CPU needs x transposed to channels-first and padded (two copies), a depthwise kernel that is slow
 in its backward, and the activation's gradient over the transposed layout. The initial state (the K - 1 inputs
 before the first token) adds its taps to the first K - 1 outputs only.
 

@@ -38,7 +38,8 @@ def default_chunk_size(backend: str, Dk: int, Dv: int) -> int:
     plus elementwise work on them, while the state products cost about Dk Dv whatever C is; short chunks only add
     per-chunk overhead. The power of 2 at or below sqrt(Dk Dv), between 16 and 128, was the fastest or within 10%
     of it when measured on a CPU (forward + backward, T = 2048, per-token gates): 16 for Dk = Dv = 16 (grouped, 32
-    heads: 16, 17 and 19 ms in chunks of 16, 32 and 64), 32-64 for 16x64, 64x64 and 128x64, 128 for 256x256. ``triton``: 64 (the kernels' tile).
+    heads: 16, 17 and 19 ms in chunks of 16, 32 and 64), 32-64 for 16x64, 64x64 and 128x64, 128 for 256x256.
+    ``triton``: 64 (the kernels' tile).
     ``naive`` ignores it.
     """
     if backend != "torch":
@@ -187,11 +188,16 @@ def retention(
             raise ValueError(f"retention: {what} has dtype {x.dtype}, expected a floating dtype")
         if tuple(x.shape) != shape:
             raise _shape_error(what, x, f"{dims}={list(shape)}")
-    if name == "torch" and chunk.groups_fold_v_scale(q, v, cu_seqlens, output_row_sum):
-        return chunk.chunk_retention(
-            q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size,
-            v_scale=v_scale, skip=skip,
-        )  # fmt: skip
+    if (
+        (v_scale is not None or skip is not None)
+        and name == "torch"
+        and chunk.runs_grouped(q, v, cu_seqlens, output_row_sum)
+    ):
+        from zoo.ops.retention.grouped import grouped_chunk_retention
+
+        return grouped_chunk_retention(
+            q, k, v, g, scale, initial_state, output_final_state, chunk_size, v_scale, skip
+        )
     values = v
     if v_scale is not None:
         v = v * v_scale[..., None].to(v.dtype)

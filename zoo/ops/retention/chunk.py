@@ -560,9 +560,9 @@ def _apply(*args):
     return ChunkRetention.apply(*args)
 
 
-def groups_fold_v_scale(q: torch.Tensor, v: torch.Tensor, cu_seqlens, row_sum: bool) -> bool:
-    """Whether a call runs the grouped form (``grouped.py``: grouped q, k, one sequence per row, no row sums, T >
-    0), which takes ``v_scale`` into its decay factors."""
+def runs_grouped(q: torch.Tensor, v: torch.Tensor, cu_seqlens, row_sum: bool) -> bool:
+    """Whether a call runs the grouped form (``grouped.py``: grouped q, k, one sequence per row, no row sums,
+    T > 0), which also takes ``retention``'s ``v_scale`` and ``skip`` into its passes."""
     return q.shape[1] > 0 and q.shape[2] < v.shape[2] and cu_seqlens is None and not row_sum
 
 
@@ -577,8 +577,6 @@ def chunk_retention(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
     row_sum: bool = False,
-    v_scale: torch.Tensor | None = None,
-    skip: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Chunkwise retention. q, k (B, T, H, Dk) or grouped (B, T, G, Dk), G dividing H; v (B, T, H, Dv); g (B, T, H)
     log-gates; state (B, H, Dk, Dv).
@@ -586,12 +584,8 @@ def chunk_retention(
     With ``row_sum``, also returns the row sums (B, T, H) without gradient, from the same score blocks, and
     the state has one more column (the decayed key sum): (out, state, row_sums). Packed sequences
     (``cu_seqlens``, B == 1) run in the same single pass over the chunks, masked per document; the initial and
-    final states then have one row per document. ``v_scale`` (B, T, H) multiplies v per token and head, and
-    ``skip`` (H,) adds skip[h] * v (unscaled) to the output, both inside the grouped form (``groups_fold_v_scale``)
-    and only there: ``retention`` applies them around the other forms.
+    final states then have one row per document.
     """
-    if (v_scale is not None or skip is not None) and not groups_fold_v_scale(q, v, cu_seqlens, row_sum):
-        raise ValueError("chunk_retention: v_scale and skip are taken by the grouped form only")
     if q.shape[1] == 0:
         B, _, _, Dk = q.shape
         H = v.shape[2]
@@ -604,13 +598,11 @@ def chunk_retention(
             if initial_state is not None:
                 state = initial_state.to(acc)
         return (out, state, q.new_zeros(B, 0, H, dtype=v.dtype)) if row_sum else (out, state)
-    if groups_fold_v_scale(q, v, cu_seqlens, row_sum):
+    if runs_grouped(q, v, cu_seqlens, row_sum):
         # grouped q, k (Mamba-2's SSD): the state products run group-wide (``grouped.py``)
         from zoo.ops.retention.grouped import grouped_chunk_retention
 
-        return grouped_chunk_retention(
-            q, k, v, g, scale, initial_state, output_final_state, chunk_size, v_scale, skip
-        )
+        return grouped_chunk_retention(q, k, v, g, scale, initial_state, output_final_state, chunk_size)
     args = (q, k, v, g, initial_state, scale, chunk_size, output_final_state, row_sum, cu_seqlens)
     out, state, sums = _apply(*args)
     return (out, state, sums) if row_sum else (out, state)

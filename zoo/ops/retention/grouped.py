@@ -246,7 +246,7 @@ class _Intra:
 
     def __init__(self, b: torch.Tensor, lay: _Layout, scale: float, vs: torch.Tensor | None = None):
         N, B, G, R = lay.N, lay.B, lay.G, lay.R
-        self.lay, self.scale, self.b = lay, scale, b
+        self.lay, self.scale = lay, scale
         limit = FACTORED_RANGE_SHARE * math.log(torch.finfo(b.dtype).max)
         b_last = b[:, :, -1:]  # (N, B, 1, H)
         outside = b_last < -2 * limit
@@ -340,9 +340,9 @@ class GroupedChunkRetention(torch.autograd.Function):
         V = lay.chunks(v.reshape(B, T, G, R * Dv), G, acc)  # (N B G, C, R Dv)
         gates = _Gates(g, lay, acc)
         w_q = gates.q(scale, lay)
-        vs = None if v_scale is None else lay.per_token(v_scale, acc)
-        w_k = gates.k if vs is None else gates.k * lay.wide(vs)  # the values' scale in their decay factors
-        intra = _Intra(gates.b, lay, scale, vs)
+        vs_tok = None if v_scale is None else lay.per_token(v_scale, acc)  # (N, B, C, H)
+        w_k = gates.k if vs_tok is None else gates.k * lay.wide(vs_tok)  # the values' scale in their factors
+        intra = _Intra(gates.b, lay, scale, vs_tok)
         skip_w = None if skip is None else _skip_factor(skip, lay, acc)
         S = torch.empty(N + 1, BG, Dk, R * Dv, dtype=acc, device=q.device)  # S[n] enters chunk n; S[N]: final
         _initial_states(S[0], initial_state, lay)
@@ -387,9 +387,10 @@ class GroupedChunkRetention(torch.autograd.Function):
         V = lay.chunks(v.reshape(B, T, G, R * Dv), G, acc)
         gates = _Gates.from_cumulative(b, lay)
         w_q = gates.q(scale, lay)
-        vs = None if v_scale is None else lay.wide(lay.per_token(v_scale, acc))
+        vs_tok = None if v_scale is None else lay.per_token(v_scale, acc)  # (N, B, C, H)
+        vs = None if vs_tok is None else lay.wide(vs_tok)  # (N B G, C, R, 1)
         w_k = gates.k if vs is None else gates.k * vs
-        intra = _Intra(b, lay, scale, None if v_scale is None else lay.per_token(v_scale, acc))
+        intra = _Intra(b, lay, scale, vs_tok)
         segments = _segments(lay, H, Dv)
         if S is None:  # not kept: recomputed
             S = torch.empty(N + 1, BG, Dk, R * Dv, dtype=acc, device=q.device)

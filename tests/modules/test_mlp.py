@@ -75,3 +75,67 @@ def test_activation_names_as_transformers():
         assert torch.equal(activation(name)(x), ACT2FN[name](x))
     with pytest.raises(KeyError):
         activation("no_such_activation")
+
+
+def _written_out_mlp(mlp, x):
+    """down(act(up x)) with the layers' weights, by F.linear."""
+    hidden = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
+    return F.linear(mlp.act_fn(hidden), mlp.down_proj.weight, mlp.down_proj.bias)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("needs", ["all", "x", "weights"])
+def test_mlp_in_row_blocks_equals_the_written_out_mlp(monkeypatch, act, bias, needs):
+    """From ``MLP_BLOCKED_FROM`` on (lowered here), the plain MLP runs a block of 4 rows at a time (23 rows over two
+    sequences: a last block of 3): output and the gradients of x and of every weight and bias equal the written-out
+    MLP's, in float64."""
+    from zoo.modules import mlp as mlp_module
+
+    monkeypatch.setattr(mlp_module, "MLP_BLOCKED_FROM", 1)
+    monkeypatch.setattr(mlp_module, "MLP_BLOCK_ELEMENTS", 4 * 12)
+    torch.manual_seed(0)
+    mlp = mlp_module.MLP(6, 12, act=act, bias=bias).double()
+    x = torch.randn(1, 23, 6, dtype=torch.float64)
+    x.requires_grad_(needs in ("all", "x"))
+    for p in mlp.parameters():
+        p.requires_grad_(needs in ("all", "weights"))
+    assert mlp.runs_blocked(x)
+    assert len(mlp_module.row_blocks(23, 12, block_elements=mlp_module.MLP_BLOCK_ELEMENTS)) == 6
+    d = torch.randn(1, 23, 6, dtype=torch.float64)
+    inputs = [t for t in (x, *mlp.parameters()) if t.requires_grad]
+    got = mlp(x)
+    assert got.grad_fn.name().endswith("_RowBlockedMLPBackward")
+    want = _written_out_mlp(mlp, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(torch.autograd.grad(got, inputs, d), torch.autograd.grad(want, inputs, d)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_mlp_runs_blocked_only_where_it_can(monkeypatch):
+    """Row blocks need a CPU, gradients, plain nn.Linear layers (a peft wrapper or a hook must see its call) and a
+    large enough input; otherwise the MLP runs as three modules."""
+    from zoo.modules import mlp as mlp_module
+
+    mlp = mlp_module.MLP(8, 32)
+    x = torch.randn(1, 512, 8, requires_grad=True)
+    monkeypatch.setattr(mlp_module, "MLP_BLOCKED_FROM", 512 * 32)
+    assert mlp.runs_blocked(x)
+    assert not mlp.runs_blocked(x[:, :511])  # below the threshold
+    with torch.no_grad():
+        assert not mlp.runs_blocked(x)
+    frozen = x.detach()
+    for p in mlp.parameters():
+        p.requires_grad_(False)
+    assert not mlp.runs_blocked(frozen)  # nothing needs a gradient
+    for p in mlp.parameters():
+        p.requires_grad_(True)
+    handle = mlp.up_proj.register_forward_hook(lambda *args: None)
+    assert not mlp.runs_blocked(x)
+    handle.remove()
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    mlp.down_proj = Wrapped(32, 8)
+    assert not mlp.runs_blocked(x)

@@ -69,6 +69,35 @@ def test_forward_backward_float32_without_history_or_skip(backend, method):
     check_forward_backward(op(backend, method), op("naive"), inputs, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("width", [1, 2, C])
+def test_fft_in_channel_blocks(monkeypatch, width):
+    """The FFT form a block of channels at a time (1, 2 or all 5 channels a block; 2 leaves a last block of one),
+    with the skip folded into the filter's spectrum: output, final state and every gradient against the oracle."""
+    T, S, batch = 33, 3, 2
+    monkeypatch.setattr(chunk, "FFT_BLOCK_ELEMENTS", width * batch * 2 * (T + S))
+    assert len(chunk.channel_blocks(C, batch * 2 * (T + S))) == -(-C // width)
+    check_forward_backward(op("torch", "fft"), op("naive"), make_inputs(T, L=20, S=S, batch=batch))
+
+
+@pytest.mark.parametrize("needs", [("u",), ("D",), ("h",), ("u", "D")])
+def test_fft_gradients_of_some_inputs(monkeypatch, needs):
+    """Only some inputs require gradients (the skip alone, the filter alone, ...): those gradients still equal the
+    oracle's, in channel blocks of 2."""
+    monkeypatch.setattr(chunk, "FFT_BLOCK_ELEMENTS", 2 * 2 * 2 * 40)
+    inputs = make_inputs(40, L=40, S=None)
+    grads = {}
+    for name, fn in (("fft", op("torch", "fft")), ("naive", op("naive"))):
+        leaves = {
+            k: (v.clone().requires_grad_(k in needs) if v is not None else None) for k, v in inputs.items()
+        }
+        y, _ = fn(**leaves)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+        grads[name] = {k: leaves[k].grad for k in needs}
+        assert all(leaves[k].grad is None for k in leaves if k not in needs and leaves[k] is not None)
+    for k in needs:
+        torch.testing.assert_close(grads["fft"][k], grads["naive"][k], rtol=TOLERANCE[torch.float64], atol=0)
+
+
 @pytest.mark.parametrize(("T", "L", "S"), [(1, 1, None), (19, 19, 3), (40, 23, 5), (21, 30, None)])
 def test_triton_forward_backward(T, L, S):
     """The Triton kernels (interpreted here) in float32 against the float64 oracle: blocks of 16 steps and 32
@@ -143,7 +172,7 @@ def test_step_from_the_whole_history():
 def test_length_chooses_the_form(monkeypatch):
     """Toeplitz up to TOEPLITZ_MAX_LEN tokens, FFT above."""
     used = []
-    monkeypatch.setattr(chunk, "fft_conv", lambda x, h: used.append("fft") or x)
+    monkeypatch.setattr(chunk, "fft_conv", lambda x, h, D=None: used.append("fft") or x)
     monkeypatch.setattr(chunk, "toeplitz_conv", lambda x, h: used.append("toeplitz") or x)
     for T in (chunk.TOEPLITZ_MAX_LEN, chunk.TOEPLITZ_MAX_LEN + 1):
         long_conv(**make_inputs(T, S=None), backend="torch")

@@ -12,9 +12,12 @@ from __future__ import annotations
 BLOCK_ELEMENTS = 1 << 18
 
 
-def row_blocks(length: int, row_numel: int, minimum: int = 1, reverse: bool = False) -> list[tuple[int, int]]:
-    """Ranges [t0, t1) covering 0..``length``, each of about ``BLOCK_ELEMENTS // row_numel`` rows (at least
-    ``minimum``), the last one shorter where they do not divide ``length``; from the end when ``reverse``."""
-    rows = max(minimum, 1, BLOCK_ELEMENTS // max(row_numel, 1))
+def row_blocks(
+    length: int, row_numel: int, minimum: int = 1, reverse: bool = False, block_elements: int | None = None
+) -> list[tuple[int, int]]:
+    """Ranges [t0, t1) covering 0..``length``, each of about ``block_elements // row_numel`` rows (at least
+    ``minimum``; ``BLOCK_ELEMENTS`` by default), the last one shorter where they do not divide ``length``; from
+    the end when ``reverse``."""
+    rows = max(minimum, 1, (block_elements or BLOCK_ELEMENTS) // max(row_numel, 1))
     blocks = [(t0, min(length, t0 + rows)) for t0 in range(0, length, rows)]
     return blocks[::-1] if reverse else blocks

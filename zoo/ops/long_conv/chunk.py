@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from zoo.ops.blocking import row_blocks
 from zoo.ops.long_conv.naive import compute_dtype, last_inputs
 
 # Longest sequence the blocked Toeplitz form runs (measured crossover, see above); the block size of that form.
@@ -40,41 +41,79 @@ TOEPLITZ_BLOCK = 32
 METHODS = (None, "fft", "toeplitz")
 
 
+# float32 numbers per FFT buffer in one block of channels (2^20: 4 MiB); see ``_FFTConv``
+FFT_BLOCK_ELEMENTS = 1 << 20
+
+
+def channel_blocks(channels: int, numel: int) -> list[tuple[int, int]]:
+    """Ranges of channels, each holding about ``FFT_BLOCK_ELEMENTS`` numbers where a channel holds ``numel``."""
+    return row_blocks(channels, numel, block_elements=FFT_BLOCK_ELEMENTS)
+
+
 class _FFTConv(torch.autograd.Function):
-    """The FFT convolution with its backward in real transforms too. Autograd's own backward of ``rfft`` runs a
-    complex-to-complex transform over the whole padded length (and fills the spectrum's mirrored half); here both
-    gradients are correlations, computed as products with the conjugate spectra saved by the forward:
-    dx = irfft(G conj(H))[:T], dh = irfft(sum_N G conj(X))[:L], G = rfft(dy) padded to 2T. The padding makes the
-    circular correlations exact: x and h are zero from T and L on, so no wrapped-around term survives."""
+    """The FFT convolution with the skip D folded into the filter's spectrum, a block of channels at a time.
+
+    - Skip: D x_t is tap 0 of the filter, and the transform of a unit impulse is 1 at every frequency, so
+      rfft(h + D delta) = rfft(h) + D; its gradient is tap 0's: dD = dh[:, 0].
+    - Backward in real transforms too. Autograd's own backward of ``rfft`` runs a complex-to-complex transform over
+      the whole padded length (and fills the spectrum's mirrored half); here both gradients are correlations,
+      computed as products with the conjugate spectra saved by the forward: dx = irfft(G conj(H))[:T],
+      dh = irfft(sum_N G conj(X))[:L], G = rfft(dy) padded to 2T. The padding makes the circular correlations
+      exact: x and h are zero from T and L on, so no wrapped-around term survives.
+    - Blocks of channels: every padded buffer, spectrum and product of a block holds about ``FFT_BLOCK_ELEMENTS``
+      numbers, so the transforms work in cache and the buffers are reused from one block to the next. Whole-length
+      buffers (a (N, C, 2T) product is 256 MiB at T = 64K, C = 256) would be mapped afresh by the C library and
+      faulted in page by page on every call; only the outputs and the saved spectra are whole here."""
 
     @staticmethod
-    def forward(ctx, x, h):
-        T, L = x.shape[1], h.shape[1]
+    def forward(ctx, x, h, D):
+        N, T, C = x.shape
+        L = h.shape[1]
         n = 2 * T
-        x_f = torch.fft.rfft(x.transpose(1, 2), n=n)  # (N, C, n // 2 + 1)
-        h_f = torch.fft.rfft(h, n=n)  # (C, n // 2 + 1)
+        x_f = x.new_empty(N, C, n // 2 + 1, dtype=_complex(x.dtype))
+        h_f = x.new_empty(C, n // 2 + 1, dtype=x_f.dtype)
+        y = x.new_empty(N, T, C)
+        for c0, c1 in channel_blocks(C, N * n):
+            xb = torch.fft.rfft(x[:, :, c0:c1].transpose(1, 2), n=n)  # (N, c, n // 2 + 1)
+            hb = torch.fft.rfft(h[c0:c1], n=n)
+            if D is not None:
+                hb += D[c0:c1, None]
+            x_f[:, c0:c1] = xb
+            h_f[c0:c1] = hb
+            y[:, :, c0:c1] = torch.fft.irfft(xb.mul_(hb), n=n)[..., :T].transpose(1, 2)
         ctx.save_for_backward(x_f, h_f)
-        ctx.T, ctx.L = T, L
-        return torch.fft.irfft(x_f * h_f, n=n)[..., :T].transpose(1, 2)
+        ctx.T, ctx.L, ctx.has_skip = T, L, D is not None
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x_f, h_f = ctx.saved_tensors
         T, L = ctx.T, ctx.L
+        N, C = x_f.shape[:2]
         n = 2 * T
-        g_f = torch.fft.rfft(dy.transpose(1, 2), n=n)
-        dx = dh = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.fft.irfft(g_f * h_f.conj(), n=n)[..., :T].transpose(1, 2)
-        if ctx.needs_input_grad[1]:
-            dh = torch.fft.irfft((g_f * x_f.conj()).sum(0), n=n)[..., :L]
-        return dx, dh
+        need_x = ctx.needs_input_grad[0]
+        need_h = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        dx = dy.new_empty(N, T, C) if need_x else None
+        dh = dy.new_empty(C, L) if need_h else None
+        for c0, c1 in channel_blocks(C, N * n):
+            g_f = torch.fft.rfft(dy[:, :, c0:c1].transpose(1, 2), n=n)
+            if need_x:
+                dx[:, :, c0:c1] = torch.fft.irfft(g_f * h_f[c0:c1].conj(), n=n)[..., :T].transpose(1, 2)
+            if need_h:
+                dh[c0:c1] = torch.fft.irfft((g_f.mul_(x_f[:, c0:c1].conj())).sum(0), n=n)[..., :L]
+        dD = dh[:, 0].clone() if ctx.has_skip and ctx.needs_input_grad[2] else None
+        return dx, dh if ctx.needs_input_grad[1] else None, dD
 
 
-def fft_conv(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """sum_{j < L} h[:, j] x_{t - j}: x (N, T, C), h (C, L) with L <= T, in the dtype of x; returns (N, T, C)."""
-    return _FFTConv.apply(x, h)
+def _complex(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+def fft_conv(x: torch.Tensor, h: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_{j < L} h[:, j] x_{t - j} (+ D x_t): x (N, T, C), h (C, L) with L <= T, D (C,), all in the dtype of x;
+    returns (N, T, C)."""
+    return _FFTConv.apply(x, h, D)
 
 
 def toeplitz_blocks(h: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
@@ -106,9 +145,12 @@ def toeplitz_conv(x: torch.Tensor, h: torch.Tensor, block: int = TOEPLITZ_BLOCK)
 
 def conv(x: torch.Tensor, h: torch.Tensor, method: str | None = None) -> torch.Tensor:
     """The convolution by ``method`` (``fft``, ``toeplitz``; None chooses by length)."""
-    if method is None:
-        method = "toeplitz" if x.shape[1] <= TOEPLITZ_MAX_LEN else "fft"
-    return fft_conv(x, h) if method == "fft" else toeplitz_conv(x, h)
+    return fft_conv(x, h) if _method(method, x.shape[1]) == "fft" else toeplitz_conv(x, h)
+
+
+def _method(method: str | None, length: int) -> str:
+    """``method``, or the form for ``length`` steps when None."""
+    return method or ("toeplitz" if length <= TOEPLITZ_MAX_LEN else "fft")
 
 
 def _packed_layout(cu_seqlens: torch.Tensor, S: int, device: torch.device):
@@ -155,14 +197,19 @@ def long_conv(
             rows = rows.index_copy(0, history, initial_state.to(acc).transpose(1, 2).reshape(-1, C))
         rows = rows.reshape(n_seq, width, C)
     length = rows.shape[1]
+    # the FFT form adds the skip inside (tap 0 of the filter); the others add it after
+    skip_in_conv = conv_fn is None and length > 0 and _method(method, length) == "fft"
     with torch.autocast(u.device.type, enabled=False):
         f = h.to(acc)[:, :length] if length else h.to(acc)[:, :1]
-        y = run(rows, f) if length else rows
+        if skip_in_conv:
+            y = fft_conv(rows, f, None if D is None else D.to(acc))
+        else:
+            y = run(rows, f) if length else rows
     if cu_seqlens is None:
         y = y[:, S:]
     else:
         y = y.reshape(-1, C).index_select(0, tokens)[None]
-    if D is not None:
+    if D is not None and not skip_in_conv:
         y = y + D.to(acc) * u.to(acc)
     final = None
     if output_final_state:

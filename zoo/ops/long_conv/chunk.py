@@ -74,13 +74,12 @@ class _FFTConv(torch.autograd.Function):
         h_f = x.new_empty(C, n // 2 + 1, dtype=x_f.dtype)
         y = x.new_empty(N, T, C)
         for c0, c1 in channel_blocks(C, N * n):
-            xb = torch.fft.rfft(x[:, :, c0:c1].transpose(1, 2), n=n)  # (N, c, n // 2 + 1)
-            hb = torch.fft.rfft(h[c0:c1], n=n)
+            # the spectra straight into the saved tensors (contiguous blocks of them for a batch of one)
+            xb = torch.fft.rfft(x[:, :, c0:c1].transpose(1, 2), n=n, out=x_f[:, c0:c1])  # (N, c, n // 2 + 1)
+            hb = torch.fft.rfft(h[c0:c1], n=n, out=h_f[c0:c1])
             if D is not None:
                 hb += D[c0:c1, None]
-            x_f[:, c0:c1] = xb
-            h_f[c0:c1] = hb
-            y[:, :, c0:c1] = torch.fft.irfft(xb.mul_(hb), n=n)[..., :T].transpose(1, 2)
+            y[:, :, c0:c1] = torch.fft.irfft(xb * hb, n=n)[..., :T].transpose(1, 2)
         ctx.save_for_backward(x_f, h_f)
         ctx.T, ctx.L, ctx.has_skip = T, L, D is not None
         return y

@@ -5,7 +5,8 @@ channel. Two forms of the convolution:
 
 - ``fft_conv``: O(T log T). Input and filter zero-padded to 2T (at least T + L - 1, so the circular convolution
   of the FFT never wraps around) and multiplied in frequency (``torch.fft.rfft`` / ``irfft``), as Hyena's
-  reference ``fftconv`` does; its backward (``_FFTConv``) is written out in real transforms.
+  reference ``fftconv`` does; its backward (``_FFTConv``) is written out in real transforms, the skip D rides in
+  the filter's spectrum, and both run a block of channels at a time (``FFT_BLOCK_ELEMENTS``).
 - ``toeplitz_conv``: O(T^2 / blocks), matmuls only. The (T, T) lower-triangular Toeplitz matrix of the filter is
   cut into (B, B) blocks; a block depends only on its distance d below the diagonal, so one (C, B, B) block per
   distance is built from the filter and applied to all block pairs at that distance at once. Distances the filter

@@ -78,24 +78,29 @@ def test_activation_names_as_transformers():
 
 
 def _written_out_mlp(mlp, x):
-    """down(act(up x)) with the layers' weights, by F.linear."""
-    hidden = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
-    return F.linear(mlp.act_fn(hidden), mlp.down_proj.weight, mlp.down_proj.bias)
+    """down(act(up x)), or down(act(gate x) * up x) for the gated MLP, with the layers' weights, by F.linear."""
+    up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
+    hidden = mlp.act_fn(up)
+    if hasattr(mlp, "gate_proj"):
+        hidden = mlp.act_fn(F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)) * up
+    return F.linear(hidden, mlp.down_proj.weight, mlp.down_proj.bias)
 
 
-@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu"])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu", "silu"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("needs", ["all", "x", "weights"])
-def test_mlp_in_row_blocks_equals_the_written_out_mlp(monkeypatch, act, bias, needs):
-    """From ``MLP_BLOCKED_FROM`` on (lowered here), the plain MLP runs a block of 4 rows at a time (23 rows over two
-    sequences: a last block of 3): output and the gradients of x and of every weight and bias equal the written-out
+def test_mlp_in_row_blocks_equals_the_written_out_mlp(monkeypatch, gated, act, bias, needs):
+    """From ``MLP_BLOCKED_FROM`` on (lowered here), the plain and the gated MLP run a block of 4 rows at a time (23
+    rows: a last block of 3): output and the gradients of x and of every weight and bias equal the written-out
     MLP's, in float64."""
     from zoo.modules import mlp as mlp_module
 
     monkeypatch.setattr(mlp_module, "MLP_BLOCKED_FROM", 1)
     monkeypatch.setattr(mlp_module, "MLP_BLOCK_ELEMENTS", 4 * 12)
     torch.manual_seed(0)
-    mlp = mlp_module.MLP(6, 12, act=act, bias=bias).double()
+    kind = mlp_module.GatedMLP if gated else mlp_module.MLP
+    mlp = kind(6, 12, act=act, bias=bias).double()
     x = torch.randn(1, 23, 6, dtype=torch.float64)
     x.requires_grad_(needs in ("all", "x"))
     for p in mlp.parameters():
@@ -112,12 +117,13 @@ def test_mlp_in_row_blocks_equals_the_written_out_mlp(monkeypatch, act, bias, ne
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
-def test_mlp_runs_blocked_only_where_it_can(monkeypatch):
+@pytest.mark.parametrize("gated", [False, True])
+def test_mlp_runs_blocked_only_where_it_can(monkeypatch, gated):
     """Row blocks need a CPU, gradients, plain nn.Linear layers (a peft wrapper or a hook must see its call) and a
-    large enough input; otherwise the MLP runs as three modules."""
+    large enough input; otherwise the MLP runs as its modules."""
     from zoo.modules import mlp as mlp_module
 
-    mlp = mlp_module.MLP(8, 32)
+    mlp = (mlp_module.GatedMLP if gated else mlp_module.MLP)(8, 32)
     x = torch.randn(1, 512, 8, requires_grad=True)
     monkeypatch.setattr(mlp_module, "MLP_BLOCKED_FROM", 512 * 32)
     assert mlp.runs_blocked(x)
@@ -139,3 +145,29 @@ def test_mlp_runs_blocked_only_where_it_can(monkeypatch):
 
     mlp.down_proj = Wrapped(32, 8)
     assert not mlp.runs_blocked(x)
+
+
+def test_mlp_with_lora_adapters_is_not_blocked(monkeypatch):
+    """peft's LoRA wraps the projections: the MLP then runs them as modules, so the adapters take part (their
+    gradients are not zero), even where the input is past ``MLP_BLOCKED_FROM``."""
+    from peft import LoraConfig, get_peft_model
+
+    from zoo.modules import mlp as mlp_module
+
+    monkeypatch.setattr(mlp_module, "MLP_BLOCKED_FROM", 1)
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = mlp_module.GatedMLP(8, 16)
+
+        def forward(self, x):
+            return self.mlp(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Holder(), LoraConfig(r=2, target_modules=["up_proj", "down_proj"], init_lora_weights=False))
+    x = torch.randn(1, 5, 8)
+    assert not model.base_model.model.mlp.runs_blocked(x)
+    model(x).sum().backward()
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)

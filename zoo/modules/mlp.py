@@ -3,11 +3,13 @@
 Projection names follow transformers (``gate_proj``, ``up_proj``, ``down_proj``) so that peft finds them.
 
 On a CPU, long inputs run both MLPs' activation (and gate) and down projection a block of rows at a time
-(``_RowBlockedMLP``): only the input projections' outputs are kept whole. This is the chunked feed-forward of Reformer (Kitaev et
-al., 2020, arXiv:2001.04451, section 3), here for speed rather than memory: at T = 65536 and width 1024 the
-activation, its gradient and the down projection's input gradient are 256 MiB each, and the C library maps every
-buffer that large afresh and faults it in page by page on each step; blocks of ``MLP_BLOCK_ELEMENTS`` stay in cache
-and are reused.
+(``_RowBlockedMLP``): only the input projections' outputs are kept whole. This is the chunked feed-forward of
+Reformer (Kitaev et al., 2020, arXiv:2001.04451, section 3), here for speed rather than memory: at T = 65536 and
+width 1024 the activation, its gradient and the down projection's input gradient are 256 MiB each, and the C
+library maps every buffer that large afresh and faults it in page by page on each step; blocks of
+``MLP_BLOCK_ELEMENTS`` stay in cache and are reused. Measured (2 threads, float32, forward + backward of one MLP):
+the plain GELU MLP of width 1024 2.19 -> 1.52 s at T = 65536; SwiGLU of width 680 369 -> 321 ms at 16384 and
+1.65 -> 1.36 s at 65536. Below ``MLP_BLOCKED_FROM`` the blocks lost (the GELU MLP at 4096: 83 -> 90 ms).
 """
 
 from __future__ import annotations

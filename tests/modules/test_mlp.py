@@ -130,6 +130,9 @@ def test_mlp_runs_blocked_only_where_it_can(monkeypatch, gated):
     assert not mlp.runs_blocked(x[:, :511])  # below the threshold
     with torch.no_grad():
         assert not mlp.runs_blocked(x)
+    assert not mlp.to(torch.bfloat16).runs_blocked(x.detach().bfloat16().requires_grad_())  # 16-bit: whole
+    mlp.float()
+    assert mlp.runs_blocked(x)
     frozen = x.detach()
     for p in mlp.parameters():
         p.requires_grad_(False)

@@ -138,10 +138,12 @@ def _plain_linear(module: nn.Module) -> bool:
 
 
 def _runs_blocked(mlp: nn.Module, x: torch.Tensor, layers: tuple[nn.Linear, ...]) -> bool:
-    """Whether ``mlp`` runs ``x`` in row blocks: a CPU, gradients, plain linear ``layers`` of x's dtype (the input
-    projections first), no autocast, and rows x intermediate at least ``MLP_BLOCKED_FROM``."""
+    """Whether ``mlp`` runs ``x`` in row blocks: a CPU, gradients, float32 or float64 (the weight gradients add up
+    block by block, which in a 16-bit dtype would round at every block), plain linear ``layers`` of x's dtype (the
+    input projections first), no autocast, and rows x intermediate at least ``MLP_BLOCKED_FROM``."""
     return (
         x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
         and torch.is_grad_enabled()
         and x.numel() // max(x.shape[-1], 1) * layers[0].out_features >= MLP_BLOCKED_FROM
         and all(_plain_linear(layer) and layer.weight.dtype == x.dtype for layer in layers)

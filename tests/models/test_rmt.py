@@ -4,11 +4,13 @@ here over a transformers GPT-2."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import zoo  # noqa: F401
@@ -88,8 +90,62 @@ def test_segment_loop_equals_the_papers_description():
     assert got_grad.abs().sum() > 0
 
 
-def test_streaming_segments_equals_one_call():
-    model = rmt()
+def residual_loop(model, ids, norm_owner):
+    """``memory_source="residual"`` written out with the backbone as a black box: the tokens' logits come from the
+    backbone as it is, the next memory from a copy of it whose final norm (``norm_owner(copy)``'s ``final``
+    attribute) is an identity, so that the copy's last hidden states are the residual stream at the write
+    positions."""
+    backbone, M, S = model.model.backbone, model.config.num_mem_tokens, model.config.segment_length
+    bare = copy.deepcopy(backbone)
+    owner, name = norm_owner(bare)
+    setattr(owner, name, nn.Identity())
+    mem = model.model.memory.unsqueeze(0).repeat(ids.shape[0], 1, 1)
+    all_logits = []
+    for start in range(0, ids.shape[1], S):
+        h = backbone.get_input_embeddings()(ids[:, start : start + S])
+        x = torch.cat([mem, h, mem], 1)
+        all_logits.append(backbone(inputs_embeds=x, use_cache=False).logits[:, M : M + h.shape[1]])
+        mem = bare(inputs_embeds=x, output_hidden_states=True, use_cache=False).hidden_states[-1][:, M + h.shape[1] :]
+    return torch.cat(all_logits, 1), mem
+
+
+def test_residual_memory_is_the_stream_entering_the_final_norm():
+    model = rmt(num_mem_tokens=3, segment_length=5, memory_source="residual").train()
+    ids = tokens(2, 23)
+    out = model(ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    assert model.model.memory.grad.abs().sum() > 0
+    with torch.no_grad():
+        logits, mem = residual_loop(model, ids, lambda m: (m.model, "norm"))
+        # the same weights with the authors' memory: another memory, so other logits after the first segment
+        other = rmt(num_mem_tokens=3, segment_length=5)(ids, use_cache=False)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.memory_state, mem, rtol=1e-5, atol=1e-5)
+    assert (out.memory_state - other.memory_state).abs().max() > 1e-2
+    torch.testing.assert_close(out.logits[:, :5], other.logits[:, :5], rtol=1e-5, atol=1e-5)
+    assert (out.logits[:, 5:] - other.logits[:, 5:]).abs().max() > 1e-3
+
+
+def test_residual_memory_over_gpt2_and_a_backbone_without_a_known_norm():
+    gpt2 = tiny_gpt2()
+    model = RMTForCausalLM.from_backbone(
+        gpt2, num_mem_tokens=2, segment_length=6, memory_source="residual"
+    ).eval()
+    ids = torch.randint(0, 97, (2, 15))
+    with torch.no_grad():
+        out = model(ids, use_cache=False)
+        logits, mem = residual_loop(model, ids, lambda m: (m.transformer, "ln_f"))
+    torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.memory_state, mem, rtol=1e-5, atol=1e-5)
+    gpt2 = tiny_gpt2()
+    gpt2.transformer.ln_f = None
+    with pytest.raises(ValueError, match="memory_source='residual' needs the backbone's final norm"):
+        RMTForCausalLM.from_backbone(gpt2, num_mem_tokens=2, segment_length=6, memory_source="residual")
+
+
+@pytest.mark.parametrize("memory_source", ["output", "residual"])
+def test_streaming_segments_equals_one_call(memory_source):
+    model = rmt(memory_source=memory_source)
     ids = tokens(2, 14)
     with torch.no_grad():
         full = model(ids, use_cache=False)
@@ -114,8 +170,9 @@ def test_truncated_bptt_cuts_the_gradient_beyond_its_depth(depth):
     assert (embeds.grad.abs().sum(-1).view(n, S).sum(-1) > 0).all()
 
 
-def test_generate_crosses_segment_boundaries_with_memory():
-    model = rmt(segment_length=3)
+@pytest.mark.parametrize("memory_source", ["output", "residual"])
+def test_generate_crosses_segment_boundaries_with_memory(memory_source):
+    model = rmt(segment_length=3, memory_source=memory_source)
     ids = tokens(2, 5)
     out = model.generate(ids, max_new_tokens=9, do_sample=False, pad_token_id=0, eos_token_id=None)
     seq = ids
@@ -125,8 +182,9 @@ def test_generate_crosses_segment_boundaries_with_memory():
     torch.testing.assert_close(out, seq, rtol=0, atol=0)
 
 
-def test_cache_memory_after_a_full_segment_equals_the_streamed_memory():
-    model = rmt()
+@pytest.mark.parametrize("memory_source", ["output", "residual"])
+def test_cache_memory_after_a_full_segment_equals_the_streamed_memory(memory_source):
+    model = rmt(memory_source=memory_source)
     ids = tokens(2, 8)
     with torch.no_grad():
         cached = model(ids, use_cache=True)
@@ -231,6 +289,8 @@ def test_bad_input_is_a_clear_error():
         RMTConfig(segment_length=0)
     with pytest.raises(ValueError, match="bptt_depth"):
         RMTConfig(bptt_depth=0)
+    with pytest.raises(ValueError, match="memory_source"):
+        RMTConfig(memory_source="input")
     model = rmt()
     with pytest.raises(ValueError, match="memory_state has shape"):
         model(tokens(1, 4), memory_state=torch.zeros(1, 5, 32), use_cache=False)

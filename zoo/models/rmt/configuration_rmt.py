@@ -32,6 +32,11 @@ class RMTConfig(ZooConfig):
             from each row's own first or last real token, so that padding never moves a segment boundary.
         bptt_depth: segments through which gradients flow back along the memory: the memory written by a
             segment more than ``bptt_depth`` segments before the last one is detached. ``None``: through all.
+        memory_source: what the write tokens hand on as the next memory. ``"output"`` (the authors'): their last
+            hidden states, after the backbone's final norm. ``"residual"``: the residual stream entering the final
+            norm, i.e. the memory read plus what every layer added to it, so the memory is carried on by an
+            identity path and a segment that adds nothing keeps it whole (for pre-norm backbones whose final norm
+            is ``norm``, ``ln_f``, ``final_layer_norm`` or ``norm_f`` on the base model).
         vocab_size: if set, overrides the backbone's own (the trainer sets it from the tokenizer); read back
             from the backbone otherwise.
         tie_word_embeddings: if set, overrides the backbone's own setting.
@@ -48,6 +53,7 @@ class RMTConfig(ZooConfig):
     segment_length: int = 512
     segment_alignment: Literal["left", "right", "center"] = "left"
     bptt_depth: int | None = None
+    memory_source: Literal["output", "residual"] = "output"
     vocab_size: int | None = None
     tie_word_embeddings: bool | None = None
     use_cache: bool = True

@@ -28,6 +28,11 @@ backbone's ``hidden_states``. Where zoo differs:
 - Center alignment cuts a padded row by its own real length (each such row processed alone), so that padding
   never changes a row's segments there either.
 - Packed documents (``position_ids`` restarting at 0) are processed one by one, each from the initial memory.
+- ``memory_source="residual"`` (not the authors' default, which stays ``"output"``) hands on the residual stream
+  entering the backbone's final norm instead of the normed last hidden states: the memory read plus what the
+  layers added at the write positions. The memory then travels along the backbone's identity path from segment
+  to segment, and a segment that adds nothing keeps it whole; on the passkey recipe this is what lets the memory
+  carry the key across many segments (``configs/rmt/passkey.yaml``).
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ from zoo.models.utils import (
     with_cache,
 )
 from zoo.modules.documents import document_starts, has_several_documents
+
+# where the final norm of a pre-norm backbone lives on its base model (zoo and Llama-style; GPT-2; OPT; Mamba)
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "norm_f")
 
 
 @dataclass
@@ -215,6 +223,8 @@ class RMTModel(RMTPreTrainedModel):
         width = self.backbone.get_input_embeddings().weight.shape[1]
         M = config.num_mem_tokens
         self.memory = nn.Parameter(torch.zeros(M, width)) if M > 0 else None
+        if config.memory_source == "residual":
+            self._final_norm()  # a clear error now rather than at the first forward
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -229,15 +239,39 @@ class RMTModel(RMTPreTrainedModel):
             return None
         return self.memory[None].expand(batch_size, -1, -1)
 
-    def _backbone(self, embeds, mask, cache=None, use_cache=False):
-        kwargs = {CACHE_NAME: cache} if cache is not None else {}
-        return self.backbone(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            use_cache=use_cache,
-            output_hidden_states=True,
-            **kwargs,
+    def _final_norm(self) -> nn.Module:
+        """The backbone's final norm, whose input is the residual stream that ``memory_source="residual"``
+        writes to memory."""
+        base = self.backbone.base_model
+        for name in _FINAL_NORM_NAMES:
+            module = getattr(base, name, None)
+            if isinstance(module, nn.Module):
+                return module
+        raise ValueError(
+            f"memory_source='residual' needs the backbone's final norm, looked up as one of {_FINAL_NORM_NAMES} "
+            f"on {type(base).__name__}, which has none; use memory_source='output'"
         )
+
+    def _backbone(self, embeds, mask, cache=None, use_cache=False):
+        """The backbone's output and the states its last positions write to memory (the last hidden states,
+        or with ``memory_source="residual"`` the residual stream entering the final norm)."""
+        kwargs = {CACHE_NAME: cache} if cache is not None else {}
+        captured = []
+        hook = None
+        if self.config.memory_source == "residual":
+            hook = self._final_norm().register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            out = self.backbone(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                use_cache=use_cache,
+                output_hidden_states=True,
+                **kwargs,
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+        return out, (captured[-1] if captured else out.hidden_states[-1])
 
     def _segment(self, embeds, mask, memory, with_hidden: bool):
         """One segment as ``[memory, tokens, memory]``: (logits, last hidden, hidden states of every layer or
@@ -248,10 +282,10 @@ class RMTModel(RMTPreTrainedModel):
             if mask is not None:
                 ones = mask.new_ones(mask.shape[0], M)
                 mask = torch.cat([ones, mask, ones], dim=1)
-        out = self._backbone(embeds, mask)
+        out, written = self._backbone(embeds, mask)
         hidden = out.hidden_states[-1]
         layers = tuple(h[:, M : M + t] for h in out.hidden_states) if with_hidden else None
-        new_memory = hidden[:, M + t :] if memory is not None else None
+        new_memory = written[:, M + t :] if memory is not None else None
         return out.logits[:, M : M + t], hidden[:, M : M + t], layers, new_memory
 
     @model_forward
@@ -440,7 +474,7 @@ class RMTModel(RMTPreTrainedModel):
                 if cache.memory is not None:
                     piece = torch.cat([cache.memory.to(piece.dtype), piece], dim=1)
             cache.mask = torch.cat([cache.mask, piece_mask], dim=1)
-            out = self._backbone(
+            out, _ = self._backbone(
                 piece, self._mask_or_none(cache.mask, mask), cache.backbone_cache, use_cache=True
             )
             cache.backbone_cache = output_cache(out)
@@ -510,11 +544,11 @@ class RMTModel(RMTPreTrainedModel):
         if memory is not None:
             M = memory.shape[1]
             full_mask = torch.cat([cache.mask, cache.mask.new_ones(cache.mask.shape[0], M)], dim=1)
-            out = self._backbone(
+            _, written = self._backbone(
                 memory, self._mask_or_none(full_mask, given_mask), cache.backbone_cache, use_cache=True
             )
             real = cache.mask[:, M:].bool().any(-1)
-            cache.memory = torch.where(real[:, None, None], out.hidden_states[-1][:, -M:], memory)
+            cache.memory = torch.where(real[:, None, None], written[:, -M:], memory)
         cache.backbone_cache, cache.mask, cache.open_len = None, None, 0
 
 

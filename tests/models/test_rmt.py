@@ -143,9 +143,40 @@ def test_residual_memory_over_gpt2_and_a_backbone_without_a_known_norm():
         RMTForCausalLM.from_backbone(gpt2, num_mem_tokens=2, segment_length=6, memory_source="residual")
 
 
-@pytest.mark.parametrize("memory_source", ["output", "residual"])
-def test_streaming_segments_equals_one_call(memory_source):
-    model = rmt(memory_source=memory_source)
+def test_gated_memory_update_is_the_convex_mix_written_out(tmp_path):
+    model = rmt(num_mem_tokens=3, segment_length=5, memory_update="gated").train()
+    with torch.no_grad():  # gates away from 1/2, so that a wrong mix shows
+        model.model.memory_gate.bias.copy_(torch.linspace(-3, 3, 32))
+    ids = tokens(2, 23)
+    out = model(ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    assert model.model.memory_gate.weight.grad.abs().sum() > 0
+    backbone, M, S = model.model.backbone, 3, 5
+    W, b = model.model.memory_gate.weight, model.model.memory_gate.bias
+    mem = model.model.memory.unsqueeze(0).repeat(2, 1, 1)
+    all_logits = []
+    with torch.no_grad():
+        for start in range(0, 23, S):
+            h = backbone.get_input_embeddings()(ids[:, start : start + S])
+            o = backbone(inputs_embeds=torch.cat([mem, h, mem], 1), output_hidden_states=True, use_cache=False)
+            all_logits.append(o.logits[:, M : M + h.shape[1]])
+            written = o.hidden_states[-1][:, M + h.shape[1] :]
+            g = 1 / (1 + torch.exp(-(written @ W.T + b)))
+            mem = (1 - g) * mem + g * written
+    torch.testing.assert_close(out.logits, torch.cat(all_logits, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.memory_state, mem, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, use_cache=False).logits, out.logits, rtol=0, atol=0)
+
+
+SOURCES_AND_UPDATES = [("output", "replace"), ("residual", "replace"), ("output", "gated"), ("residual", "gated")]
+
+
+@pytest.mark.parametrize("memory_source, memory_update", SOURCES_AND_UPDATES)
+def test_streaming_segments_equals_one_call(memory_source, memory_update):
+    model = rmt(memory_source=memory_source, memory_update=memory_update)
     ids = tokens(2, 14)
     with torch.no_grad():
         full = model(ids, use_cache=False)
@@ -170,9 +201,9 @@ def test_truncated_bptt_cuts_the_gradient_beyond_its_depth(depth):
     assert (embeds.grad.abs().sum(-1).view(n, S).sum(-1) > 0).all()
 
 
-@pytest.mark.parametrize("memory_source", ["output", "residual"])
-def test_generate_crosses_segment_boundaries_with_memory(memory_source):
-    model = rmt(segment_length=3, memory_source=memory_source)
+@pytest.mark.parametrize("memory_source, memory_update", SOURCES_AND_UPDATES)
+def test_generate_crosses_segment_boundaries_with_memory(memory_source, memory_update):
+    model = rmt(segment_length=3, memory_source=memory_source, memory_update=memory_update)
     ids = tokens(2, 5)
     out = model.generate(ids, max_new_tokens=9, do_sample=False, pad_token_id=0, eos_token_id=None)
     seq = ids
@@ -182,9 +213,9 @@ def test_generate_crosses_segment_boundaries_with_memory(memory_source):
     torch.testing.assert_close(out, seq, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("memory_source", ["output", "residual"])
-def test_cache_memory_after_a_full_segment_equals_the_streamed_memory(memory_source):
-    model = rmt(memory_source=memory_source)
+@pytest.mark.parametrize("memory_source, memory_update", SOURCES_AND_UPDATES)
+def test_cache_memory_after_a_full_segment_equals_the_streamed_memory(memory_source, memory_update):
+    model = rmt(memory_source=memory_source, memory_update=memory_update)
     ids = tokens(2, 8)
     with torch.no_grad():
         cached = model(ids, use_cache=True)
@@ -291,6 +322,8 @@ def test_bad_input_is_a_clear_error():
         RMTConfig(bptt_depth=0)
     with pytest.raises(ValueError, match="memory_source"):
         RMTConfig(memory_source="input")
+    with pytest.raises(ValueError, match="memory_update"):
+        RMTConfig(memory_update="add")
     model = rmt()
     with pytest.raises(ValueError, match="memory_state has shape"):
         model(tokens(1, 4), memory_state=torch.zeros(1, 5, 32), use_cache=False)

@@ -37,6 +37,12 @@ class RMTConfig(ZooConfig):
             norm, i.e. the memory read plus what every layer added to it, so the memory is carried on by an
             identity path and a segment that adds nothing keeps it whole (for pre-norm backbones whose final norm
             is ``norm``, ``ln_f``, ``final_layer_norm`` or ``norm_f`` on the base model).
+        memory_update: how the next memory is made from the one read and what the write tokens hand on
+            (``memory_source``). ``"replace"`` (the authors'): what they hand on is the next memory. ``"gated"``: a
+            learned gate per memory token and channel, ``g = sigmoid(W h + b)`` from what they hand on (h), mixes
+            the two, ``m + g * (h - m)``; a segment with nothing to write can close its gates and keep the memory
+            as it is, and with ``memory_source="output"`` the memory stays within the final norm's scale however
+            many segments pass.
         vocab_size: if set, overrides the backbone's own (the trainer sets it from the tokenizer); read back
             from the backbone otherwise.
         tie_word_embeddings: if set, overrides the backbone's own setting.
@@ -54,6 +60,7 @@ class RMTConfig(ZooConfig):
     segment_alignment: Literal["left", "right", "center"] = "left"
     bptt_depth: int | None = None
     memory_source: Literal["output", "residual"] = "output"
+    memory_update: Literal["replace", "gated"] = "replace"
     vocab_size: int | None = None
     tie_word_embeddings: bool | None = None
     use_cache: bool = True

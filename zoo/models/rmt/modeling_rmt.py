@@ -209,6 +209,9 @@ class RMTPreTrainedModel(PreTrainedModel):
         if isinstance(module, RMTModel) and module.memory is not None:
             std = getattr(self.config.backbone, "initializer_range", 0.02)
             module.memory.normal_(0.0, std)
+            if module.memory_gate is not None:  # gates start at sigmoid(0) = 1/2 whatever the memory holds
+                module.memory_gate.weight.normal_(0.0, std)
+                module.memory_gate.bias.zero_()
 
 
 class RMTModel(RMTPreTrainedModel):
@@ -225,6 +228,8 @@ class RMTModel(RMTPreTrainedModel):
         self.memory = nn.Parameter(torch.zeros(M, width)) if M > 0 else None
         if config.memory_source == "residual":
             self._final_norm()  # a clear error now rather than at the first forward
+        # memory_update="gated": a gate per memory token and channel, from what the write token holds
+        self.memory_gate = nn.Linear(width, width) if config.memory_update == "gated" and M > 0 else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -238,6 +243,15 @@ class RMTModel(RMTPreTrainedModel):
         if self.memory is None:
             return None
         return self.memory[None].expand(batch_size, -1, -1)
+
+    def _update(self, memory: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+        """The next memory from the one read and what the write tokens hold: ``written`` itself (``"replace"``),
+        or with ``memory_update="gated"`` the convex mix ``memory + g * (written - memory)``, ``g = sigmoid(W
+        written + b)``, so that a gate near 0 keeps the memory as it is."""
+        if self.memory_gate is None:
+            return written
+        memory = memory.to(written.dtype)
+        return memory + torch.sigmoid(self.memory_gate(written)) * (written - memory)
 
     def _final_norm(self) -> nn.Module:
         """The backbone's final norm, whose input is the residual stream that ``memory_source="residual"``
@@ -285,7 +299,7 @@ class RMTModel(RMTPreTrainedModel):
         out, written = self._backbone(embeds, mask)
         hidden = out.hidden_states[-1]
         layers = tuple(h[:, M : M + t] for h in out.hidden_states) if with_hidden else None
-        new_memory = written[:, M + t :] if memory is not None else None
+        new_memory = self._update(memory, written[:, M + t :]) if memory is not None else None
         return out.logits[:, M : M + t], hidden[:, M : M + t], layers, new_memory
 
     @model_forward
@@ -548,7 +562,7 @@ class RMTModel(RMTPreTrainedModel):
                 memory, self._mask_or_none(full_mask, given_mask), cache.backbone_cache, use_cache=True
             )
             real = cache.mask[:, M:].bool().any(-1)
-            cache.memory = torch.where(real[:, None, None], written[:, -M:], memory)
+            cache.memory = torch.where(real[:, None, None], self._update(memory, written[:, -M:]), memory)
         cache.backbone_cache, cache.mask, cache.open_len = None, None, 0
 
 

@@ -171,6 +171,19 @@ def test_gated_memory_update_is_the_convex_mix_written_out(tmp_path):
         torch.testing.assert_close(loaded(ids, use_cache=False).logits, out.logits, rtol=0, atol=0)
 
 
+def test_gates_start_at_their_configured_bias():
+    model = rmt(memory_update="gated", memory_gate_bias=-3.0)
+    assert (model.model.memory_gate.bias == -3.0).all()
+    wrapped = RMTForCausalLM.from_backbone(
+        tiny_gpt2(), num_mem_tokens=2, segment_length=6, memory_update="gated", memory_gate_bias=-3.0
+    )
+    assert (wrapped.model.memory_gate.bias == -3.0).all()
+    with torch.no_grad():  # a segment writes about sigmoid(-3) = 4.7% of the memory, whatever it holds
+        g = torch.sigmoid(wrapped.model.memory_gate(torch.randn(64, 32)))
+    assert 0.03 < g.mean() < 0.07 and g.max() < 0.2
+    assert rmt().model.memory_gate is None  # the authors' update has no gate
+
+
 SOURCES_AND_UPDATES = [("output", "replace"), ("residual", "replace"), ("output", "gated"), ("residual", "gated")]
 
 

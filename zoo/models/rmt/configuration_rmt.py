@@ -43,6 +43,10 @@ class RMTConfig(ZooConfig):
             the two, ``m + g * (h - m)``; a segment with nothing to write can close its gates and keep the memory
             as it is, and with ``memory_source="output"`` the memory stays within the final norm's scale however
             many segments pass.
+        memory_gate_bias: the gates' initial bias (``memory_update="gated"``): ``sigmoid(memory_gate_bias)`` is the
+            share of the memory each segment rewrites at the start of training. A negative bias (-3: 5%) keeps the
+            memory by default, like an LSTM's forget-gate bias, and training opens the gates where there is
+            something to write.
         vocab_size: if set, overrides the backbone's own (the trainer sets it from the tokenizer); read back
             from the backbone otherwise.
         tie_word_embeddings: if set, overrides the backbone's own setting.
@@ -61,6 +65,7 @@ class RMTConfig(ZooConfig):
     bptt_depth: int | None = None
     memory_source: Literal["output", "residual"] = "output"
     memory_update: Literal["replace", "gated"] = "replace"
+    memory_gate_bias: float = 0.0
     vocab_size: int | None = None
     tie_word_embeddings: bool | None = None
     use_cache: bool = True

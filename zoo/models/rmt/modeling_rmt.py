@@ -209,9 +209,9 @@ class RMTPreTrainedModel(PreTrainedModel):
         if isinstance(module, RMTModel) and module.memory is not None:
             std = getattr(self.config.backbone, "initializer_range", 0.02)
             module.memory.normal_(0.0, std)
-            if module.memory_gate is not None:  # gates start at sigmoid(0) = 1/2 whatever the memory holds
+            if module.memory_gate is not None:  # gates start near sigmoid(memory_gate_bias) whatever is written
                 module.memory_gate.weight.normal_(0.0, std)
-                module.memory_gate.bias.zero_()
+                module.memory_gate.bias.fill_(self.config.memory_gate_bias)
 
 
 class RMTModel(RMTPreTrainedModel):

@@ -403,7 +403,9 @@ ANSWER_MARKERS: dict[str, tuple[str, int]] = {
     "arithmetic": ("=", 0),
     "passkey": ("The pass key is ", 1),
     "babi_single_fact": ("? ", 0),
-    "passkey_suite": ("The pass key is", 1),  # the space before the key too: the answer follows "is"
+    # the space before the key too (the answer follows "is"), and the full stop after it: the suite scores the key
+    # as a whole word of the generated line, so a model must learn to stop after the fifth digit
+    "passkey_suite": ("The pass key is", 0),
     "babi_suite": ("\nAnswer:", 0),  # the space before the place too, as the suite scores its choices
 }
 

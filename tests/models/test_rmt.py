@@ -141,6 +141,10 @@ def test_residual_memory_over_gpt2_and_a_backbone_without_a_known_norm():
     gpt2.transformer.ln_f = None
     with pytest.raises(ValueError, match="memory_source='residual' needs the backbone's final norm"):
         RMTForCausalLM.from_backbone(gpt2, num_mem_tokens=2, segment_length=6, memory_source="residual")
+    # a final norm that the backbone applies other than by calling the module: an error, not the normed states
+    model.model._final_norm = lambda: nn.LayerNorm(32)  # a norm the forward never calls
+    with pytest.raises(RuntimeError, match="was not called as a module"):
+        model(ids, use_cache=False)
 
 
 def test_gated_memory_update_is_the_convex_mix_written_out(tmp_path):

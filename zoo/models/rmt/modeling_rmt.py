@@ -28,11 +28,15 @@ backbone's ``hidden_states``. Where zoo differs:
 - Center alignment cuts a padded row by its own real length (each such row processed alone), so that padding
   never changes a row's segments there either.
 - Packed documents (``position_ids`` restarting at 0) are processed one by one, each from the initial memory.
-- ``memory_source="residual"`` (not the authors' default, which stays ``"output"``) hands on the residual stream
-  entering the backbone's final norm instead of the normed last hidden states: the memory read plus what the
-  layers added at the write positions. The memory then travels along the backbone's identity path from segment
-  to segment, and a segment that adds nothing keeps it whole; on the passkey recipe this is what lets the memory
-  carry the key across many segments (``configs/rmt/passkey.yaml``).
+- Two settings (off by default, so the authors' memory is the default) change what the memory is:
+  ``memory_source="residual"`` hands on the residual stream entering the backbone's final norm instead of the
+  normed last hidden states (the memory read plus what the layers added at the write positions, so the memory
+  travels along the backbone's identity path and a segment that adds nothing keeps it whole), and
+  ``memory_update="gated"`` mixes the memory read and the one written through learned per-channel gates
+  (``memory_gate_bias`` sets how open they start). The passkey recipe (``configs/rmt/passkey.yaml``) uses both:
+  there the memory learns to carry the key over 4 segments in a fraction of the steps the authors' memory needs,
+  and the gates learn to stay shut on filler, which carries what was learnt at 16 segments on to 32
+  (``model_cards/rmt.md`` has the numbers).
 """
 
 from __future__ import annotations
@@ -285,7 +289,15 @@ class RMTModel(RMTPreTrainedModel):
         finally:
             if hook is not None:
                 hook.remove()
-        return out, (captured[-1] if captured else out.hidden_states[-1])
+        if hook is None:
+            return out, out.hidden_states[-1]
+        if not captured:
+            raise RuntimeError(
+                f"memory_source='residual': the backbone's final norm ({type(self._final_norm()).__name__}) was not "
+                f"called as a module in {type(self.backbone).__name__}'s forward, so its input is unknown; use "
+                "memory_source='output'"
+            )
+        return out, captured[-1]
 
     def _segment(self, embeds, mask, memory, with_hidden: bool):
         """One segment as ``[memory, tokens, memory]``: (logits, last hidden, hidden states of every layer or

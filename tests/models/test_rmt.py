@@ -188,6 +188,19 @@ def test_gates_start_at_their_configured_bias():
     assert rmt().model.memory_gate is None  # the authors' update has no gate
 
 
+@pytest.mark.parametrize("memory_source", ["output", "residual"])
+def test_a_backbone_whose_states_are_wider_than_its_embeddings_is_a_clear_error(memory_source):
+    """zoo's Reformer hands on its two reversible streams side by side (twice the embeddings' width): nothing it
+    writes can be read back as memory tokens, which is said before any output; without memory it wraps fine."""
+    torch.manual_seed(0)
+    reformer = AutoModelForCausalLM.from_config(tiny_config("zoo_reformer")).eval()
+    model = RMTForCausalLM.from_backbone(reformer, num_mem_tokens=2, segment_length=8, memory_source=memory_source)
+    with pytest.raises(ValueError, match="64 wide, not the memory's 32"):
+        model(tokens(1, 20), use_cache=False)
+    plain = RMTForCausalLM.from_backbone(reformer, num_mem_tokens=0, segment_length=8)
+    assert plain(tokens(1, 20), use_cache=False).logits.shape == (1, 20, 259)
+
+
 SOURCES_AND_UPDATES = [("output", "replace"), ("residual", "replace"), ("output", "gated"), ("residual", "gated")]
 
 

@@ -252,6 +252,15 @@ class RMTModel(RMTPreTrainedModel):
         """The next memory from the one read and what the write tokens hold: ``written`` itself (``"replace"``),
         or with ``memory_update="gated"`` the convex mix ``memory + g * (written - memory)``, ``g = sigmoid(W
         written + b)``, so that a gate near 0 keeps the memory as it is."""
+        if written.shape[-1] != memory.shape[-1]:
+            # Reformer's last hidden states, for one, hold its two reversible streams side by side
+            residual = self.config.memory_source == "residual"
+            where = "the input of its final norm is" if residual else "its last hidden states are"
+            raise ValueError(
+                f"RMT over {type(self.backbone).__name__}: {where} {written.shape[-1]} wide, not the "
+                f"memory's {memory.shape[-1]}, so they cannot be written back as memory tokens; this backbone "
+                f"cannot carry RMT memory with memory_source={self.config.memory_source!r} (num_mem_tokens=0 works)"
+            )
         if self.memory_gate is None:
             return written
         memory = memory.to(written.dtype)
@@ -289,15 +298,13 @@ class RMTModel(RMTPreTrainedModel):
         finally:
             if hook is not None:
                 hook.remove()
-        if hook is None:
-            return out, out.hidden_states[-1]
-        if not captured:
+        if hook is not None and not captured:
             raise RuntimeError(
                 f"memory_source='residual': the backbone's final norm ({type(self._final_norm()).__name__}) was not "
                 f"called as a module in {type(self.backbone).__name__}'s forward, so its input is unknown; use "
                 "memory_source='output'"
             )
-        return out, captured[-1]
+        return out, (captured[-1] if hook is not None else out.hidden_states[-1])
 
     def _segment(self, embeds, mask, memory, with_hidden: bool):
         """One segment as ``[memory, tokens, memory]``: (logits, last hidden, hidden states of every layer or

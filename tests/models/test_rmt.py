@@ -92,9 +92,9 @@ def test_segment_loop_equals_the_papers_description():
 
 def residual_loop(model, ids, norm_owner):
     """``memory_source="residual"`` written out with the backbone as a black box: the tokens' logits come from the
-    backbone as it is, the next memory from a copy of it whose final norm (``norm_owner(copy)``'s ``final``
-    attribute) is an identity, so that the copy's last hidden states are the residual stream at the write
-    positions."""
+    backbone as it is, the next memory from a copy of it whose final norm is an identity (``norm_owner(copy)``
+    gives the module holding the norm and its attribute name), so that the copy's last hidden states are the
+    residual stream at the write positions."""
     backbone, M, S = model.model.backbone, model.config.num_mem_tokens, model.config.segment_length
     bare = copy.deepcopy(backbone)
     owner, name = norm_owner(bare)

@@ -138,6 +138,29 @@ def test_passkey_suite_is_the_eval_prompt_and_its_answer():
         synthetic_documents("passkey_suite", 1, length=64)
 
 
+def test_passkey_suite_end_share_puts_needles_at_the_ends():
+    """``end_share`` of the needles go to an end of the haystack (right after the header, or right before the
+    question), both ends occurring; the rest stay at uniform depths; 0 keeps the default documents unchanged."""
+    from eval.tasks.passkey import FOOTER, HEADER
+
+    def place(doc):
+        key = doc[doc.rindex(" ") + 1 : -1]
+        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+        if doc.startswith(HEADER + needle):
+            return "start"
+        return "end" if doc.endswith(needle + FOOTER + f" {key}.") else "middle"
+
+    ends = [place(d) for d in synthetic_documents("passkey_suite", 24, seed=3, length=300, end_share=1.0)]
+    assert set(ends) == {"start", "end"}
+    mixed = [place(d) for d in synthetic_documents("passkey_suite", 60, seed=3, length=300, end_share=0.5)]
+    assert {"start", "end", "middle"} <= set(mixed) and 10 <= mixed.count("middle") <= 50
+    default = synthetic_documents("passkey_suite", 8, seed=5, length=300)
+    assert synthetic_documents("passkey_suite", 8, seed=5, length=300, end_share=0.0) == default
+    assert "middle" in {place(d) for d in default}
+    with pytest.raises(ValueError, match="end_share"):
+        synthetic_documents("passkey_suite", 1, length=300, end_share=1.5)
+
+
 def test_babi_suite_is_the_eval_prompt_and_its_answer():
     """The eval suite's bAbI prompt (its header, its question and answer cue), the answer after it: the place of
     the asked person's last move among the story's sentences, read back from the document; a prompt of ``length``

@@ -276,21 +276,31 @@ def passkey(
     return docs
 
 
-def passkey_suite(n: int, seed: int = 0, *, length: int = 512) -> list[str]:
+def passkey_suite(n: int, seed: int = 0, *, length: int = 512, end_share: float = 0.0) -> list[str]:
     """Passkey prompts made by the eval suite's own generator (``eval.tasks.passkey``, the repository's suite: its
     header, repeated filler, the needle at a uniformly drawn depth, its question), each followed by its answer,
     `` <key>.``: ``length`` tokens of zoo's byte tokenizer with the end-of-text token, so that a document fills a
-    training block of ``length`` exactly."""
+    training block of ``length`` exactly.
+
+    ``end_share`` of the documents (drawn per document) put the needle at an end of the haystack instead, depth 0 or
+    1 with equal odds, as the suite's own grid does at its ends. Uniform depths seldom put it there: the last of 32
+    segments holds the needle in 1 document in 32, yet at depth 1 a segment-recurrent model writes the key after the
+    longest run of filler, in the segment of the question. 0 (the default) draws the same documents as before."""
     from eval.tasks.base import CellSkipped
     from eval.tasks.passkey import Passkey
     from zoo.data.tokenizer import default_tokenizer
 
+    if not 0.0 <= end_share <= 1.0:
+        raise ValueError(f"end_share must be in [0, 1] (a share of the documents), got {end_share}")
     answer = len(" 12345.") + 1  # the answer's tokens and the end-of-text token
     tokenizer, task, rng = default_tokenizer(), Passkey(), random.Random(seed)
     docs = []
     for _ in range(n):
+        depth = rng.random()
+        if end_share and rng.random() < end_share:  # no extra draw at 0: the default documents stay as they were
+            depth = float(depth >= 0.5)
         try:
-            sample = task.make_sample(tokenizer, length - answer, f"{rng.random():.3f}", rng)
+            sample = task.make_sample(tokenizer, length - answer, f"{depth:.3f}", rng)
         except CellSkipped as err:
             raise ValueError(f"passkey_suite: length={length} is too short ({err})") from None
         docs.append(f"{sample.prompt} {sample.answers[0]}.")

@@ -97,16 +97,43 @@ def cell_rng(seed: int, *key: Any) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
+def _byte_offset(tokenizer) -> int | None:
+    """3 for zoo's byte tokenizer (``zoo.data.tokenizer.default_tokenizer``: transformers' ``ByT5Tokenizer`` with
+    no extra ids, no added tokens beyond pad / eos / unk, special-token text split into bytes), else None. Its
+    encoding is then UTF-8 with byte ``b`` at id ``b + 3``, which ``encode`` / ``decode`` do directly instead of
+    through the tokenizer's per-byte Python loop (prompts of many thousand tokens are tokenised several times each
+    while ``fit_to_length`` searches their size)."""
+    from transformers import ByT5Tokenizer
+
+    if type(tokenizer) is not ByT5Tokenizer or not getattr(tokenizer, "split_special_tokens", False):
+        return None
+    if getattr(tokenizer, "offset", None) != 3 or len(tokenizer) != 259:
+        return None
+    if set(tokenizer.added_tokens_decoder) != {0, 1, 2}:
+        return None
+    return 3
+
+
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` without special tokens: what a length in this suite counts."""
+    offset = _byte_offset(tokenizer)
+    if offset is not None:
+        return [b + offset for b in text.encode("utf-8")]
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def count_tokens(tokenizer, text: str) -> int:
+    if _byte_offset(tokenizer) is not None:
+        return len(text.encode("utf-8"))
     return len(encode(tokenizer, text))
 
 
 def decode(tokenizer, ids: list[int]) -> str:
+    """The text of ``ids``, special tokens skipped (a byte sequence cut inside a character loses that character,
+    as the byte tokenizer's own decode does)."""
+    offset = _byte_offset(tokenizer)
+    if offset is not None:
+        return bytes(i - offset for i in ids if i >= offset).decode("utf-8", errors="ignore")
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 

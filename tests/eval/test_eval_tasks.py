@@ -268,6 +268,29 @@ def test_fit_to_length_finds_largest_fitting_size(tokenizer):
         fit_to_length(tokenizer, 3, lambda n: "abcd" + "x" * n)
 
 
+def test_byte_tokenizer_shortcut_equals_the_tokenizer(tokenizer):
+    """The suite's encode / count / decode read zoo's byte tokenizer as plain UTF-8: the same ids and text as the
+    tokenizer's own calls, for non-ASCII text, special-token text, special ids and cuts inside a character; other
+    tokenizers (ByT5 with extra ids, or without split special tokens) go through the tokenizer."""
+    from transformers import ByT5Tokenizer
+
+    from eval.tasks.base import _byte_offset, decode, encode
+
+    assert _byte_offset(tokenizer) == 3
+    assert _byte_offset(ByT5Tokenizer()) is None and _byte_offset(ByT5Tokenizer(extra_ids=0)) is None
+    rng = random.Random(0)
+    alphabet = "ab Z.,\n\t\x00\x7fé中😀</s><pad><unk>"
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert encode(tokenizer, text) == ids and count_tokens(tokenizer, text) == len(ids)
+        ids += [rng.choice([0, 1, 2]) for _ in range(rng.randint(0, 3))]
+        rng.shuffle(ids)
+        i, j = sorted(rng.randint(0, len(ids)) for _ in range(2))
+        expected = tokenizer.decode(ids[i:j], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert decode(tokenizer, ids[i:j]) == expected
+
+
 def test_zipf_counts_top_three_strictly_ahead():
     for total in (10, 54, 100, 1000, 20000):
         counts = zipf_counts(total)

@@ -35,8 +35,8 @@ backbone's ``hidden_states``. Where zoo differs:
   ``memory_update="gated"`` mixes the memory read and the one written through learned per-channel gates
   (``memory_gate_bias`` sets how open they start). The passkey recipe (``configs/rmt/passkey.yaml``) uses both:
   there the memory learns to carry the key over 4 segments in a fraction of the steps the authors' memory needs,
-  and the gates learn to stay shut on filler, which carries what was learnt at 16 segments on to 32
-  (``model_cards/rmt.md`` has the numbers).
+  and the gates learn to stay nearly shut on filler, so that a key written in the first segment is still read
+  after 31 segments of filler (``model_cards/rmt.md`` has the numbers).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@ each only when installed (otherwise the result says it was skipped):
 
 * ``flash_attn``: ``flash_attn_func(causal=True)`` against PyTorch SDPA, which zoo's attention dispatches to;
 * ``fla``: ``chunk_simple_gla`` (scalar-gated linear attention, the retention recurrence) against
-  ``zoo.ops.retention.retention`` (Triton backend);
+  ``zoo.ops.retention.retention``; ``chunk_rwkv6`` against ``zoo.ops.gla.gla`` with RWKV-6's bonus; ``chunk_rwkv7``
+  against ``zoo.ops.delta_rule.dplr_delta_rule`` (each on its Triton backend, with the largest difference of the two
+  forward outputs, relative to the largest output, so that the timings compare the same computation);
 * ``mamba_ssm``: ``selective_scan_fn`` against ``zoo.ops.selective_scan.selective_scan`` (Triton backend).
 
 Each is timed as the median of ``repeats`` synchronised runs after two untimed ones; the ratio is the library's time
@@ -62,7 +64,27 @@ def _flash_attn(repeats: int) -> dict:
     return {"zoo_path": "torch SDPA", "zoo_s": ours, "library_s": theirs, "library_over_zoo": theirs / ours}
 
 
+def _compare(theirs_fn, ours_fn, inputs, zoo_path: str, repeats: int) -> dict:
+    """Times both on the same inputs (forward + backward) and measures how far their forward outputs differ."""
+    with torch.no_grad():
+        a = theirs_fn(*inputs)
+        b = ours_fn(*inputs)
+        a = (a[0] if isinstance(a, tuple) else a).float()
+        b = (b[0] if isinstance(b, tuple) else b).float()
+        rel_diff = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    theirs = _time(_fwd_bwd(theirs_fn, *inputs), repeats)
+    ours = _time(_fwd_bwd(ours_fn, *inputs), repeats)
+    return {
+        "zoo_path": zoo_path,
+        "zoo_s": ours,
+        "library_s": theirs,
+        "library_over_zoo": theirs / ours,
+        "forward_max_rel_diff": rel_diff,
+    }
+
+
 def _fla(repeats: int) -> dict:
+    """RetNet's retention (a fixed decay per head) against fla's scalar-gated linear attention."""
     from fla.ops.simple_gla import chunk_simple_gla
 
     from zoo.ops.retention import retention
@@ -71,14 +93,62 @@ def _fla(repeats: int) -> dict:
     q, k, v = (_leaf(B, T, H, D, scale=0.1) for _ in range(3))
     log_gamma = torch.log(1 - 2.0 ** (-5 - torch.arange(H, device="cuda", dtype=torch.float32)))
     gates = log_gamma.expand(B, T, H).contiguous()
-    theirs = _time(_fwd_bwd(lambda q, k, v: chunk_simple_gla(q, k, v, g=gates), q, k, v), repeats)
-    ours = _time(_fwd_bwd(lambda q, k, v: retention(q, k, v, log_gamma, backend="triton"), q, k, v), repeats)
-    return {
-        "zoo_path": "zoo.ops.retention (triton)",
-        "zoo_s": ours,
-        "library_s": theirs,
-        "library_over_zoo": theirs / ours,
-    }
+    return _compare(
+        lambda q, k, v: chunk_simple_gla(q, k, v, g=gates, scale=D**-0.5),
+        lambda q, k, v: retention(q, k, v, log_gamma, backend="triton"),
+        (q, k, v),
+        "zoo.ops.retention (triton)",
+        repeats,
+    )
+
+
+def _rwkv6_inputs():
+    B, T, H, D = SHAPE["batch"], SHAPE["seq_len"], SHAPE["heads"], SHAPE["head_dim"]
+    r, k, v = (_leaf(B, T, H, D, scale=0.3) for _ in range(3))
+    # RWKV-6's decays: w = exp(-exp(x)), log w = -exp(x), here in about [-1.6, -0.0025]
+    g = (-torch.exp(torch.empty(B, T, H, D, device="cuda").uniform_(-6.0, 0.5))).to(torch.bfloat16)
+    u = _leaf(H, D, scale=0.5)
+    return r, k, v, g.requires_grad_(), u
+
+
+def _fla_rwkv6(repeats: int) -> dict:
+    from fla.ops.rwkv6 import chunk_rwkv6
+
+    from zoo.ops.gla import gla
+
+    return _compare(
+        lambda r, k, v, g, u: chunk_rwkv6(r, k, v, g, u, scale=1.0),
+        lambda r, k, v, g, u: gla(r, k, v, g, u=u, scale=1.0, backend="triton"),
+        _rwkv6_inputs(),
+        "zoo.ops.gla with the bonus u (triton)",
+        repeats,
+    )
+
+
+def _rwkv7_inputs():
+    B, T, H, D = SHAPE["batch"], SHAPE["seq_len"], SHAPE["heads"], SHAPE["head_dim"]
+    r, k, v = (_leaf(B, T, H, D, scale=0.3) for _ in range(3))
+    # RWKV-7: log w = -0.6065 sigmoid(.) (w in (0.545, 1)); a = -kk, b = kk * iclr with kk a unit key
+    g = (-0.6065 * torch.sigmoid(torch.randn(B, T, H, D, device="cuda"))).to(torch.bfloat16)
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, D, device="cuda"), dim=-1)
+    iclr = torch.sigmoid(torch.randn(B, T, H, D, device="cuda"))
+    a = (-kk).to(torch.bfloat16).requires_grad_()
+    b = (kk * iclr).to(torch.bfloat16).requires_grad_()
+    return r, k, v, a, b, g.requires_grad_()
+
+
+def _fla_rwkv7(repeats: int) -> dict:
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    from zoo.ops.delta_rule import dplr_delta_rule
+
+    return _compare(
+        lambda r, k, v, a, b, g: chunk_rwkv7(r, g, k, v, a, b, scale=1.0),
+        lambda r, k, v, a, b, g: dplr_delta_rule(r, k, v, a, b, g, scale=1.0, backend="triton"),
+        _rwkv7_inputs(),
+        "zoo.ops.delta_rule.dplr_delta_rule (triton)",
+        repeats,
+    )
 
 
 def _mamba_ssm(repeats: int) -> dict:
@@ -104,17 +174,19 @@ def _mamba_ssm(repeats: int) -> dict:
     ours_fn = lambda x, dt, z, Bm, Cm: selective_scan(
         x, dt, A, Bm, Cm, D, z, dt_softplus=True, backend="triton"
     )
-    theirs = _time(_fwd_bwd(theirs_fn, x, dt, z, Bm, Cm), repeats)
-    ours = _time(_fwd_bwd(ours_fn, x, dt, z, Bm, Cm), repeats)
-    return {
-        "zoo_path": "zoo.ops.selective_scan (triton)",
-        "zoo_s": ours,
-        "library_s": theirs,
-        "library_over_zoo": theirs / ours,
-    }
+    return _compare(
+        lambda *t: theirs_fn(*t).transpose(1, 2), ours_fn, (x, dt, z, Bm, Cm), "zoo.ops.selective_scan (triton)", repeats
+    )
 
 
-COMPARISONS = {"flash_attn": _flash_attn, "fla": _fla, "mamba_ssm": _mamba_ssm}
+# comparison -> (the library it needs, the function)
+COMPARISONS = {
+    "flash_attn": ("flash_attn", _flash_attn),
+    "fla": ("fla", _fla),
+    "fla_rwkv6": ("fla", _fla_rwkv6),
+    "fla_rwkv7": ("fla", _fla_rwkv7),
+    "mamba_ssm": ("mamba_ssm", _mamba_ssm),
+}
 
 
 def compare_kernels(status: dict[str, str], repeats: int = 10) -> dict:
@@ -125,9 +197,9 @@ def compare_kernels(status: dict[str, str], repeats: int = 10) -> dict:
         "dtype": "bfloat16",
         "what": "forward + backward, median of synchronised runs",
     }
-    for name, fn in COMPARISONS.items():
-        if status.get(name) != "installed":
-            out[name] = {"skipped": status.get(name, f"{name}: not checked")}
+    for name, (library, fn) in COMPARISONS.items():
+        if status.get(library) != "installed":
+            out[name] = {"skipped": status.get(library, f"{library}: not checked")}
             continue
         try:
             out[name] = fn(repeats)

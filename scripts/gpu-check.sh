@@ -9,7 +9,8 @@
 #   4. bench.gpu.compare_kernels: zoo's Triton ops against fla / mamba_ssm / flash_attn, each where importable. Put
 #      their folder in KERNEL_LIBS (fla-core is pure Python: unpack its wheel there); it joins PYTHONPATH for this
 #      step only, since transformers' own Mamba / linear-attention classes switch to those libraries' kernels when
-#      they are importable, and the parity checks compare with transformers' torch forms;
+#      they are importable, and the parity checks compare with transformers' torch forms (fla autotunes its kernels
+#      on first use: its RWKV-6 comparison alone took 189 s on an H200);
 #   5. python -m bench --device cuda: the suite in bf16 (lengths 2K and 8K; BENCH_ARGS replaces the lengths and
 #      decoding contexts, BENCH_ENTRIES the entries);
 #   6. python -m bench.sparse_attention on CUDA (FlexAttention against the chunked form, which is the CUDA default).
@@ -48,7 +49,7 @@ timeout "${PROFILE_TIMEOUT:-60}" "$PY" scripts/decode_profile.py --entries trans
 echo "decode profile exit: $?"; grep "^==" "$OUT_DIR/decode_profile_cuda.txt"
 
 echo "== kernel comparisons (fla / mamba_ssm / flash_attn where importable; KERNEL_LIBS is put on PYTHONPATH here only)"
-PYTHONPATH="${KERNEL_LIBS:+$KERNEL_LIBS:}$PYTHONPATH" timeout "${KERNELS_TIMEOUT:-120}" "$PY" -c "
+PYTHONPATH="${KERNEL_LIBS:+$KERNEL_LIBS:}$PYTHONPATH" timeout "${KERNELS_TIMEOUT:-420}" "$PY" -c "
 import json, sys
 from bench.gpu import compare_kernels
 from bench.suite import third_party_status

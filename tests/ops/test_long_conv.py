@@ -179,6 +179,37 @@ def test_length_chooses_the_form(monkeypatch):
     assert used == ["toeplitz", "fft"]
 
 
+def test_triton_backend_runs_long_filters_as_fft(monkeypatch):
+    """On ``triton`` the direct kernel runs up to TRITON_DIRECT_MAX_TAPS taps of reach (min(L, S + T)), the FFT
+    form beyond (the direct kernel is O(T L)); ``method`` forces a torch form. Each result against the oracle."""
+    import zoo.ops.long_conv as long_conv_module
+    from zoo.ops.long_conv import triton as triton_module
+
+    used = []
+    direct = triton_module.triton_long_conv
+    monkeypatch.setattr(triton_module, "triton_long_conv", lambda *a: used.append("direct") or direct(*a))
+    fft = chunk.fft_conv
+    monkeypatch.setattr(chunk, "fft_conv", lambda *a: used.append("fft") or fft(*a))
+    monkeypatch.setattr(long_conv_module, "TRITON_DIRECT_MAX_TAPS", 12)
+    cases = [  # (T, L, S, method): the form expected
+        ((9, 9, 3, None), "direct"),  # reach 9
+        ((10, 40, 2, None), "direct"),  # reach S + T = 12
+        ((10, 40, 3, None), "fft"),  # reach 13
+        ((20, 13, None, None), "fft"),  # reach L = 13
+        ((9, 9, 3, "fft"), "fft"),
+    ]
+    for (T, L, S, method), form in cases:
+        used.clear()
+        inputs = make_inputs(T, L=L, S=S)
+        dtype = torch.float32 if form == "direct" else torch.float64
+        got = long_conv(**{k: v.to(dtype) for k, v in inputs.items() if v is not None}, backend="triton",
+                        method=method, output_final_state=True)  # fmt: skip
+        want = long_conv(**inputs, backend="naive", output_final_state=True)
+        assert used == [form], (T, L, S, method, used)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g.double(), w, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

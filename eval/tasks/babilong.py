@@ -90,11 +90,14 @@ def tell_story(rng: random.Random, num_facts: int, objects: bool) -> tuple[list[
     return facts, world
 
 
-def make_question(rng: random.Random, supporting: int) -> tuple[list[str], str, str]:
-    """Story facts, a question needing ``supporting`` facts, and its answer (a place); retried until one exists."""
+def make_question(
+    rng: random.Random, supporting: int, num_facts: tuple[int, int] | None = None
+) -> tuple[list[str], str, str]:
+    """Story facts, a question needing ``supporting`` facts, and its answer (a place); retried until one exists.
+    ``num_facts`` (lowest, highest) replaces the one-fact stories' 4-8 sentences (for training curricula)."""
     while True:
         if supporting == 1:
-            facts, world = tell_story(rng, rng.randint(4, 8), objects=False)
+            facts, world = tell_story(rng, rng.randint(*(num_facts or (4, 8))), objects=False)
             person = rng.choice(sorted(world.person_place))
             return facts, f"Where is {person}?", world.person_place[person]
         facts, world = tell_story(rng, rng.randint(6, 10), objects=True)

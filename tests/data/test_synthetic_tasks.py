@@ -191,3 +191,26 @@ def test_babi_suite_is_the_eval_prompt_and_its_answer():
         synthetic_documents("babi_suite", 1, length=64)
     with pytest.raises(ValueError, match="supporting"):
         synthetic_documents("babi_suite", 1, supporting=4)
+
+
+def test_babi_suite_num_facts():
+    """``num_facts`` sets how many story sentences a document tells (a curriculum's short stories); without it the
+    documents are the suite's (4-8 sentences), the same as before the option."""
+    import re
+
+    from zoo.data.synthetic import answer_span
+
+    moves = r"\b(?:Mary|John|Sandra|Daniel|Alice|Robert) (?:went|moved|travelled|journeyed) to the \w+\."
+    for lo, hi in ((1, 1), (2, 3)):
+        counts = set()
+        for doc in synthetic_documents("babi_suite", 12, seed=1, length=256, num_facts=[lo, hi]):
+            counts.add(len(re.findall(moves, doc[: answer_span("babi_suite", doc)[0]])))
+        assert counts == set(range(lo, hi + 1)), (lo, hi, counts)
+    default = synthetic_documents("babi_suite", 6, seed=2, length=384)
+    assert default == synthetic_documents("babi_suite", 6, seed=2, length=384, num_facts=None)
+    assert {len(re.findall(moves, d)) for d in default} <= set(range(4, 9))
+    for bad in ([0, 2], [3, 2], [1]):
+        with pytest.raises(ValueError, match="num_facts"):
+            synthetic_documents("babi_suite", 1, length=256, num_facts=bad)
+    with pytest.raises(ValueError, match="supporting=1"):
+        synthetic_documents("babi_suite", 1, length=512, supporting=2, num_facts=[1, 2])

@@ -330,14 +330,17 @@ def _train_split_text(rng: random.Random, min_chars: int) -> str:
     return " ".join(parts)
 
 
-def babi_suite(n: int, seed: int = 0, *, length: int = 512, supporting: int = 1) -> list[str]:
+def babi_suite(
+    n: int, seed: int = 0, *, length: int = 512, supporting: int = 1, num_facts: list[int] | None = None
+) -> list[str]:
     """bAbI prompts in the eval suite's own format (``eval.tasks.babilong``: its header, its story generator with
     the facts at uniformly drawn depths in real text, ``Question: Where is Mary?`` / ``Answer:``), each followed by
     its answer, `` kitchen``. The prompt has ``length`` tokens of zoo's byte tokenizer, as the suite builds it for
     a cell of that length, and the answer comes after (up to 9 tokens and the end-of-text token: a block of
     ``length + 10`` holds a document): with ``length`` a multiple of a segment-recurrent model's segment, the
     answer starts a new segment, where the suite scores it. The real text comes from zoo's corpus train split,
-    never from the test split the suite scores on."""
+    never from the test split the suite scores on. ``num_facts`` ``[lowest, highest]``: the story's sentences for
+    ``supporting=1`` (default the suite's 4-8), fewer for a curriculum's first stages."""
     from eval.tasks.babilong import HEADER, make_question
     from eval.tasks.base import CellSkipped
     from eval.tasks.text import filler_chars, haystack_prompt
@@ -345,10 +348,16 @@ def babi_suite(n: int, seed: int = 0, *, length: int = 512, supporting: int = 1)
 
     if supporting not in (1, 2, 3):
         raise ValueError(f"supporting={supporting} must be 1, 2 or 3 (the bAbI tasks qa1, qa2, qa3)")
+    if num_facts is not None:
+        if supporting != 1:
+            raise ValueError(f"num_facts applies to supporting=1 stories, got supporting={supporting}")
+        if len(num_facts) != 2 or not 1 <= num_facts[0] <= num_facts[1]:
+            raise ValueError(f"num_facts={num_facts!r}: expected [lowest, highest] with 1 <= lowest <= highest")
+        num_facts = (int(num_facts[0]), int(num_facts[1]))
     tokenizer, rng = default_tokenizer(), random.Random(seed)
     docs = []
     for _ in range(n):
-        facts, question, place = make_question(rng, supporting)
+        facts, question, place = make_question(rng, supporting, num_facts)
         depths = sorted(rng.random() for _ in facts)
         footer = f"\n\nQuestion: {question}\nAnswer:"
         hay = _train_split_text(rng, filler_chars(tokenizer, length))

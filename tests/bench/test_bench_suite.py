@@ -267,4 +267,25 @@ def test_gpu_branch_only_with_cuda(monkeypatch):
     status = third_party_status()
     assert status["fla"].startswith("not installed") and status["mamba_ssm"].startswith("not installed")
     skipped = compare_kernels(status)
-    assert all("skipped" in skipped[name] for name in ("fla", "mamba_ssm"))
+    assert all("skipped" in skipped[name] for name in ("fla", "fla_rwkv6", "fla_rwkv7", "mamba_ssm"))
+
+
+def test_kernel_comparison_measures_both_and_their_difference(monkeypatch):
+    """``bench.gpu._compare`` (run here on the CPU, the GPU's synchronisation a no-op): both functions timed on the
+    same inputs, forward and backward, and the largest difference of their forward outputs relative to zoo's; a
+    library computing something else shows as a large difference, not as a speed."""
+    from bench import gpu
+    from zoo.ops.retention import retention
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 40, 2, 8, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
+    log_gamma = torch.tensor([-0.1, -0.3], dtype=torch.float64)
+    ours = lambda q, k, v: retention(q, k, v, log_gamma, backend="torch")  # noqa: E731
+    same = gpu._compare(lambda q, k, v: retention(q, k, v, log_gamma, backend="naive"), ours, (q, k, v), "x", 2)
+    assert set(same) == {"zoo_path", "zoo_s", "library_s", "library_over_zoo", "forward_max_rel_diff"}
+    assert same["forward_max_rel_diff"] < 1e-12 and same["zoo_s"] > 0 and same["library_s"] > 0
+    assert same["library_over_zoo"] == pytest.approx(same["library_s"] / same["zoo_s"])
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+    other = gpu._compare(lambda q, k, v: retention(q, k, v, log_gamma * 2, backend="naive"), ours, (q, k, v), "x", 2)
+    assert other["forward_max_rel_diff"] > 1e-2

@@ -56,12 +56,10 @@ def _flash_attn(repeats: int) -> dict:
 
     B, T, H, D = SHAPE["batch"], SHAPE["seq_len"], SHAPE["heads"], SHAPE["head_dim"]
     q, k, v = (_leaf(B, T, H, D) for _ in range(3))
-    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-    )
-    theirs = _time(_fwd_bwd(lambda q, k, v: flash_attn_func(q, k, v, causal=True), q, k, v), repeats)
-    ours = _time(_fwd_bwd(sdpa, q, k, v), repeats)
-    return {"zoo_path": "torch SDPA", "zoo_s": ours, "library_s": theirs, "library_over_zoo": theirs / ours}
+    ).transpose(1, 2)
+    return _compare(lambda q, k, v: flash_attn_func(q, k, v, causal=True), sdpa, (q, k, v), "torch SDPA", repeats)
 
 
 def _compare(theirs_fn, ours_fn, inputs, zoo_path: str, repeats: int) -> dict:

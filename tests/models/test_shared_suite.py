@@ -102,6 +102,20 @@ def test_save_load_round_trip(model_type, tied, tmp_path):
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
+def test_round_trip_keeps_every_buffer(model_type, tmp_path):
+    """Buffers, the non-persistent ones that transformers' loading leaves empty included, equal the saved
+    model's after ``from_pretrained``."""
+    model = causal_lm(model_type)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    expected = dict(model.named_buffers())
+    got = dict(loaded.named_buffers())
+    assert got.keys() == expected.keys()
+    for name, buffer in expected.items():
+        torch.testing.assert_close(got[name], buffer, rtol=0, atol=0, msg=f"buffer {name} changed")
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
 def test_auto_classes(model_type, tmp_path):
     config = tiny_config(model_type)
     assert type(AutoConfig.for_model(model_type_of(model_type))) is type(config)

@@ -198,10 +198,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(
             num_heads * self.head_dim, hidden_size, bias=bias if out_bias is None else out_bias
         )
-        if alibi:
-            self.register_buffer("alibi_slopes", alibi_slopes(num_heads), persistent=False)
-        else:
-            self.alibi_slopes = None
+        # ALiBi's slopes are computed at each call, not kept as a buffer: transformers' loading leaves a
+        # non-persistent buffer it does not know empty (zeros), which silently removed the bias after
+        # ``from_pretrained``
+        self.alibi = alibi
 
     def forward(
         self,
@@ -243,7 +243,7 @@ class Attention(nn.Module):
             mask = mask[..., -kv_len:]
         impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
         additive = DENSE_MASK_KERNELS.get(impl)
-        if self.alibi_slopes is not None or (additive and mask is None and self.causal and T > 1):
+        if self.alibi or (additive and mask is None and self.causal and T > 1):
             # ALiBi is an additive bias, and the eager kernel applies no causal mask of its own: both
             # need the mask written out
             q_pos = torch.arange(past_len, past_len + T, device=q.device)[:, None]
@@ -264,9 +264,9 @@ class Attention(nn.Module):
                 f"attn_implementation={impl!r} takes no dense attention mask, and this input needs one (padding, "
                 "packed documents, ALiBi or a sliding window); use 'sdpa' or 'eager'"
             )
-        if self.alibi_slopes is not None:
+        if self.alibi:
             dist = (q_pos - k_pos).abs() if not self.causal else (q_pos - k_pos)
-            bias = -self.alibi_slopes.to(q.device)[:, None, None] * dist.to(torch.float32)  # (H, T, kv)
+            bias = -alibi_slopes(self.num_heads).to(q.device)[:, None, None] * dist.to(torch.float32)  # (H, T, kv)
             mask = bias[None].to(q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
         elif additive and mask is not None:
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(

@@ -101,3 +101,60 @@ def test_no_mask_where_the_kernel_pattern_is_exact():
     assert build_attention_mask(past_len=0, sliding_window=8, **kw) is None
     assert build_attention_mask(past_len=5, q_len=1, batch_size=2, device="cpu") is None
     assert build_attention_mask(past_len=5, **kw) is not None
+
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+@pytest.mark.parametrize("limit", [512, 8])
+def test_half_attention_on_cpu_runs_in_float32_over_few_keys(monkeypatch, alibi, limit):
+    """Under CPU bf16 autocast, SDPA over fewer keys than ``CPU_HALF_ATTENTION_MIN_KEYS`` gets float32 inputs
+    with autocast off (the half CPU kernel's backward is slow at short lengths); over more, autocast's bf16. Either
+    way the output and the input's gradient are the dense float32 softmax's, to bf16's precision."""
+    import transformers.modeling_utils as mu
+
+    import zoo.modules.attention as attention_module
+
+    seen = []
+    sdpa = mu.ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def spy(module, q, k, v, mask, **kwargs):
+        seen.append(({q.dtype, k.dtype, v.dtype}, torch.is_autocast_enabled("cpu")))
+        return sdpa(module, q, k, v, mask, **kwargs)
+
+    monkeypatch.setitem(mu.ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
+    monkeypatch.setattr(attention_module, "CPU_HALF_ATTENTION_MIN_KEYS", limit)
+    torch.manual_seed(0)
+    keys = 12
+    attn = Attention(32, 4, 2, alibi=alibi)
+    x = torch.randn(2, keys, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attn(x)
+    got.float().square().sum().backward()
+    if keys < limit:
+        assert seen == [({torch.float32}, False)]
+    else:
+        assert seen == [({torch.bfloat16}, True)]
+    assert got.dtype == torch.bfloat16  # o_proj under autocast, as without the route
+    grad, x.grad = x.grad.clone(), None
+    i, j = torch.arange(keys)[:, None], torch.arange(keys)[None]
+    if alibi:
+        slopes = attention_module.alibi_slopes(4)
+        bias = -slopes[:, None, None] * (i - j).clamp(min=0)
+        reference = dense_reference_biased(attn, x, j <= i, bias)
+    else:
+        reference = dense_reference(attn, x, j <= i)
+    torch.testing.assert_close(got.float(), reference, rtol=0.02, atol=0.01)
+    reference.square().sum().backward()
+    torch.testing.assert_close(grad, x.grad, rtol=0.05, atol=0.02)
+
+
+def dense_reference_biased(attn: Attention, x: torch.Tensor, allowed: torch.Tensor, bias: torch.Tensor):
+    """``dense_reference`` with an additive (H, T, T) bias on the scores (ALiBi's)."""
+    B, T, _ = x.shape
+    H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    v = attn.v_proj(x).view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / D**0.5 + bias
+    out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    return attn.o_proj(out.transpose(1, 2).reshape(B, T, H * D))

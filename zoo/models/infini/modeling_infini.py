@@ -51,7 +51,7 @@ from zoo.models.utils import (
     with_cache,
 )
 from zoo.modules import Attention, RecurrentCache, RotaryEmbedding, apply_rotary, build_mlp, build_norm
-from zoo.modules.attention import DENSE_MASK_KERNELS, attention_function
+from zoo.modules.attention import DENSE_MASK_KERNELS, attention_function, cpu_float_inputs
 from zoo.ops.compressive_memory import compressive_memory, compressive_memory_read
 from zoo.ops.compressive_memory.naive import state_dtype
 
@@ -194,17 +194,20 @@ class InfiniAttention(Attention):
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
                 ~mask, torch.finfo(q.dtype).min
             )
-        out, _ = attention_function(impl)(
-            self,
-            q,
-            k,
-            v,
-            mask,
-            dropout=self.dropout if self.training else 0.0,
-            scaling=self.head_dim**-0.5,
-            is_causal=is_causal,
-        )
-        return out  # (N, L, H, D)
+        dtype = q.dtype
+        q, k, v, kernel_dtype = cpu_float_inputs(impl, q, k, v, k.shape[2])
+        with kernel_dtype:
+            out, _ = attention_function(impl)(
+                self,
+                q,
+                k,
+                v,
+                mask,
+                dropout=self.dropout if self.training else 0.0,
+                scaling=self.head_dim**-0.5,
+                is_causal=is_causal,
+            )
+        return out.to(dtype)  # (N, L, H, D)
 
     def _local_fast(self, q, k, v):
         """Causal attention inside consecutive segments of (B, T, H, D) inputs: a reshape, then the kernel."""

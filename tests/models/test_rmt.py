@@ -231,6 +231,48 @@ def test_truncated_bptt_cuts_the_gradient_beyond_its_depth(depth):
     assert (embeds.grad.abs().sum(-1).view(n, S).sum(-1) > 0).all()
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_truncated_segments_without_targets_keep_no_graph(depth, padded):
+    """With labels only in the last segment (an answer-only loss), the segments before the truncation run without
+    autograd: the loss and every parameter's gradient are those of the full graph with the same loss written out,
+    and the graph saves less for the backward."""
+    model = rmt(bptt_depth=depth).train()
+    S, n = model.config.segment_length, 4
+    ids = tokens(2, S * n)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, -3:] = 0  # right padding: left alignment moves nothing, the labels' positions stay
+    labels = torch.full_like(ids, -100)
+    labels[:, -S + 1 : -3] = ids[:, -S + 1 : -3]
+
+    def saved_numel(fn):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        return out, total[0]
+
+    out, routed = saved_numel(lambda: model(ids, attention_mask=mask, labels=labels, use_cache=False))
+    out.loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    ref, full = saved_numel(lambda: model(ids, attention_mask=mask, use_cache=False))
+    loss = F.cross_entropy(ref.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss, rtol=0, atol=0)
+    for k, p in model.named_parameters():
+        if k in grads:
+            torch.testing.assert_close(grads[k], p.grad, rtol=1e-6, atol=1e-7, msg=k)
+        else:
+            assert p.grad is None or not p.grad.any(), k
+    assert routed < 0.75 * full, (routed, full)
+
+
 @pytest.mark.parametrize("memory_source, memory_update", SOURCES_AND_UPDATES)
 def test_generate_crosses_segment_boundaries_with_memory(memory_source, memory_update):
     model = rmt(segment_length=3, memory_source=memory_source, memory_update=memory_update)

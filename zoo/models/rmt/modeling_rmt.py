@@ -46,6 +46,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
@@ -332,11 +333,15 @@ class RMTModel(RMTPreTrainedModel):
         memory_state: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        loss_positions: torch.Tensor | None = None,
     ) -> RMTModelOutput:
         """``memory_state`` (B, M, C): the memory to start from (default: the learned initial memory); the output
         carries the memory after the last segment, written even when that segment is short, so that calls over
         consecutive segments equal one call. ``cache``: decoding state (see :class:`RMTCache`). ``position_ids``
-        only mark packed documents (where they restart at 0); inside a segment the backbone numbers positions."""
+        only mark packed documents (where they restart at 0); inside a segment the backbone numbers positions.
+        ``loss_positions`` (B, T) bool: the positions whose logits a loss reads (``RMTForCausalLM`` passes them
+        with its labels); with ``bptt_depth``, a segment before the truncation whose positions no loss reads
+        contributes no gradient at all and runs without autograd (its logits and hidden states carry no graph)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -359,7 +364,7 @@ class RMTModel(RMTPreTrainedModel):
         left = self.config.segment_alignment == "left"
         # by default, right and center alignments (which cut the whole input anew) run without a cache
         if cache is None and not (resolve_use_cache(self, use_cache) and (left or use_cache)):
-            return self._segments(inputs_embeds, attention_mask, memory_state, with_hidden)
+            return self._segments(inputs_embeds, attention_mask, memory_state, with_hidden, loss_positions)
         if not left:
             raise ValueError(
                 f"decoding with a cache extends the last segment, which needs segment_alignment='left', got "
@@ -367,8 +372,9 @@ class RMTModel(RMTPreTrainedModel):
             )
         return self._cached(inputs_embeds, attention_mask, cache, memory_state, with_hidden)
 
-    def _segments(self, embeds, mask, memory, with_hidden) -> RMTModelOutput:
-        """The whole input, segment by segment, without a cache (training, streaming by ``memory_state``)."""
+    def _segments(self, embeds, mask, memory, with_hidden, loss_positions=None) -> RMTModelOutput:
+        """The whole input, segment by segment, without a cache (training, streaming by ``memory_state``);
+        ``loss_positions`` as in :meth:`forward`."""
         B, T, _ = embeds.shape
         align = self.config.segment_alignment
         if align == "center" and mask is not None and not bool(mask.all()):
@@ -382,24 +388,34 @@ class RMTModel(RMTPreTrainedModel):
             else:  # trailing padding moves to the front
                 shift = -(real.flip(-1).long().cumsum(-1) == 0).sum(-1)
             embeds, mask = _roll_rows(embeds, shift), _roll_rows(mask, shift)
+            if loss_positions is not None:
+                loss_positions = _roll_rows(loss_positions, shift)
         memory = memory if memory is not None else self.initial_memory(B)
         bounds = segment_bounds(T, self.config.segment_length, align)
         depth = self.config.bptt_depth
         logits, hidden, layers = [], [], []
         for i, (s, e) in enumerate(bounds):
             seg_mask = mask[:, s:e] if mask is not None else None
-            if self.gradient_checkpointing and self.training:
+            truncated = depth is not None and i < len(bounds) - depth  # the memory it writes is detached
+            if truncated and loss_positions is not None and not bool(loss_positions[:, s:e].any()):
+                # nothing of this segment reaches the loss: no graph (its backward would be zeros)
+                with torch.no_grad():
+                    seg_logits, seg_hidden, seg_layers, new_memory = self._segment(
+                        embeds[:, s:e], seg_mask, memory, with_hidden
+                    )
+            elif self.gradient_checkpointing and self.training:
                 # Per-segment checkpointing: only the segment's inputs and memory are kept for the backward.
                 out = checkpoint(
                     self._segment, embeds[:, s:e], seg_mask, memory, with_hidden, use_reentrant=False
                 )
+                seg_logits, seg_hidden, seg_layers, new_memory = out
             else:
                 out = self._segment(embeds[:, s:e], seg_mask, memory, with_hidden)
-            seg_logits, seg_hidden, seg_layers, new_memory = out
+                seg_logits, seg_hidden, seg_layers, new_memory = out
             if new_memory is not None:
                 if seg_mask is not None:  # a row without a real token in this segment keeps its memory
                     new_memory = torch.where(seg_mask.bool().any(-1)[:, None, None], new_memory, memory)
-                if depth is not None and i < len(bounds) - depth:
+                if truncated:
                     new_memory = new_memory.detach()
                 memory = new_memory
             logits.append(seg_logits)
@@ -622,7 +638,15 @@ class RMTForCausalLM(RMTPreTrainedModel, GenerationMixin):
         shift_labels: torch.LongTensor | None = None,
     ) -> RMTCausalLMOutput:
         """``labels``: the input ids (shifted inside, across segment boundaries too), -100 where there is no
-        target. See :meth:`RMTModel.forward` for ``memory_state`` and ``cache``."""
+        target. See :meth:`RMTModel.forward` for ``memory_state`` and ``cache``. With ``bptt_depth`` and
+        gradients on, the segments before the truncation that hold no target run without autograd (a loss on the
+        answer alone then trains at the cost of the last ``bptt_depth`` segments' backward)."""
+        loss_positions = None
+        if self.config.bptt_depth is not None and torch.is_grad_enabled():
+            if shift_labels is not None:
+                loss_positions = shift_labels != -100
+            elif labels is not None:
+                loss_positions = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -632,6 +656,7 @@ class RMTForCausalLM(RMTPreTrainedModel, GenerationMixin):
             memory_state=memory_state,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            loss_positions=loss_positions,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = outputs.logits[:, keep]

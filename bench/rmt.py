@@ -1,8 +1,10 @@
 """``python -m bench.rmt``: the Recurrent Memory Transformer (Bulatov et al., 2022, arXiv:2207.06881) over the
 baseline transformer, against the number of segments: training tokens/s and the bytes autograd keeps for the
 backward (counted by a saved-tensor hook, so the same on every device), with full BPTT, truncated BPTT
-(``--bptt-depth``) and per-segment gradient checkpointing; and decoding ms per token after prompts of 1 and of
-all segments (flat if the inference cost does not grow with the input).
+(``--bptt-depth``), per-segment gradient checkpointing, and truncated BPTT with the loss on the last
+``--answer-tokens`` tokens only (an answer at the end, as in passkey and bAbI training: the segments before the
+truncation then keep no graph at all); and decoding ms per token after prompts of 1 and of all segments (flat if
+the inference cost does not grow with the input).
 
     python -m bench.rmt --quick                       # tiny, seconds
     python -m bench.rmt --segments 1 2 4 8 16 --out bench/results/rmt_cpu.json
@@ -22,7 +24,13 @@ from zoo.models.rmt import RMTForCausalLM
 from zoo.models.utils import CACHE_NAME, output_cache
 
 
-def saved_bytes_and_time(model, ids) -> tuple[int, float]:
+def saved_bytes_and_time(model, ids, answer_tokens: int | None = None) -> tuple[int, float]:
+    """Bytes saved for the backward and seconds of one training step; the loss on every token, or on the last
+    ``answer_tokens`` only."""
+    labels = ids
+    if answer_tokens is not None:
+        labels = torch.full_like(ids, -100)
+        labels[:, -answer_tokens:] = ids[:, -answer_tokens:]
     total = 0
 
     def pack(t):
@@ -32,7 +40,7 @@ def saved_bytes_and_time(model, ids) -> tuple[int, float]:
 
     start = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(ids, labels=ids, use_cache=False).loss
+        loss = model(ids, labels=labels, use_cache=False).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
     return total, time.perf_counter() - start
@@ -58,6 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-mem-tokens", type=int, default=16)
     p.add_argument("--segments", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--bptt-depth", type=int, default=2)
+    p.add_argument("--answer-tokens", type=int, default=8, help="the answer-loss setting's labelled tokens")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
@@ -70,6 +79,7 @@ def main(argv=None) -> int:
         "full": {},
         f"bptt_depth={args.bptt_depth}": {"bptt_depth": args.bptt_depth},
         "checkpointed": {},
+        f"bptt_depth={args.bptt_depth}, answer loss": {"bptt_depth": args.bptt_depth},
     }
     rows = []
     for name, extra in settings.items():
@@ -81,7 +91,8 @@ def main(argv=None) -> int:
             model.gradient_checkpointing_enable()
         for n in args.segments:
             ids = random_ids(config.vocab_size, n * args.segment_length, seed=n)
-            runs = [saved_bytes_and_time(model, ids) for _ in range(args.repeats)]
+            answer = args.answer_tokens if name.endswith("answer loss") else None
+            runs = [saved_bytes_and_time(model, ids, answer) for _ in range(args.repeats)]
             seconds = median([t for _, t in runs])
             rows.append(
                 {
@@ -92,7 +103,7 @@ def main(argv=None) -> int:
                 }
             )
             print(
-                f"{name:>14}  segments {n:>3}  {rows[-1]['tokens_per_s']:9.0f} tok/s  {rows[-1]['saved_mb']:8.1f} MB saved"
+                f"{name:>26}  segments {n:>3}  {rows[-1]['tokens_per_s']:9.0f} tok/s  {rows[-1]['saved_mb']:8.1f} MB saved"
             )
     model.eval()
     decode = {}
@@ -102,9 +113,7 @@ def main(argv=None) -> int:
         )
         print(f"decode after {n} segments: {decode[n]:.2f} ms/token")
     if args.out:
-        write_json(
-            args.out, {"machine": machine_info(), "args": vars(args), "training": rows, "decode_ms": decode}
-        )
+        write_json({"machine": machine_info(), "args": vars(args), "training": rows, "decode_ms": decode}, args.out)
     return 0
 
 

@@ -26,17 +26,6 @@ TINY = {
         num_key_value_heads=2,
         max_position_embeddings=128,
     ),
-    # ALiBi instead of RoPE: a bias computed at each call, which a save / load round trip must keep
-    "zoo_transformer@alibi": dict(
-        vocab_size=259,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        position_embedding_type="alibi",
-    ),
     "zoo_retnet": dict(
         vocab_size=259,
         hidden_size=32,
@@ -181,6 +170,10 @@ TINY = {
         max_position_embeddings=16,
     ),
 }
+
+
+# ALiBi instead of RoPE: a bias computed at each call, which a save / load round trip must keep
+TINY["zoo_transformer@alibi"] = {**TINY["zoo_transformer"], "position_embedding_type": "alibi"}
 
 
 def model_type_of(name: str) -> str:

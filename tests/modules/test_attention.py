@@ -6,13 +6,16 @@ import torch
 from zoo.modules import Attention, build_attention_mask
 
 
-def dense_reference(attn: Attention, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def dense_reference(attn: Attention, x: torch.Tensor, allowed: torch.Tensor, bias=None) -> torch.Tensor:
+    """The attention written out; ``bias`` (H, T, T), ALiBi's, added to the scores."""
     B, T, _ = x.shape
     H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
     k = attn.k_proj(x).view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
     v = attn.v_proj(x).view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
     scores = (q @ k.transpose(-1, -2)) / D**0.5
+    if bias is not None:
+        scores = scores + bias
     scores = scores.masked_fill(~allowed, float("-inf"))
     out = scores.softmax(-1) @ v
     return attn.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
@@ -140,21 +143,10 @@ def test_half_attention_on_cpu_runs_in_float32_over_few_keys(monkeypatch, alibi,
     if alibi:
         slopes = attention_module.alibi_slopes(4)
         bias = -slopes[:, None, None] * (i - j).clamp(min=0)
-        reference = dense_reference_biased(attn, x, j <= i, bias)
+        reference = dense_reference(attn, x, j <= i, bias)
     else:
         reference = dense_reference(attn, x, j <= i)
     torch.testing.assert_close(got.float(), reference, rtol=0.02, atol=0.01)
     reference.square().sum().backward()
     torch.testing.assert_close(grad, x.grad, rtol=0.05, atol=0.02)
 
-
-def dense_reference_biased(attn: Attention, x: torch.Tensor, allowed: torch.Tensor, bias: torch.Tensor):
-    """``dense_reference`` with an additive (H, T, T) bias on the scores (ALiBi's)."""
-    B, T, _ = x.shape
-    H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
-    k = attn.k_proj(x).view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
-    v = attn.v_proj(x).view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
-    scores = (q @ k.transpose(-1, -2)) / D**0.5 + bias
-    out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
-    return attn.o_proj(out.transpose(1, 2).reshape(B, T, H * D))

@@ -51,20 +51,14 @@ CPU_HALF_ATTENTION_MIN_KEYS = 512
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def cpu_half_upcast(q: torch.Tensor, kv_len: int) -> bool:
-    """Whether attention over ``kv_len`` keys with queries ``q`` runs in float32 rather than in a half dtype: on a
-    CPU, when q is half or CPU autocast is on with a half dtype, over fewer than ``CPU_HALF_ATTENTION_MIN_KEYS``."""
-    if q.device.type != "cpu" or kv_len >= CPU_HALF_ATTENTION_MIN_KEYS:
-        return False
-    return q.dtype in HALF_DTYPES or (
+def cpu_float_inputs(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+    """(q, k, v, context) for the ``impl`` kernel: on a CPU, for sdpa in a half dtype (q's, or that of CPU autocast,
+    which would cast SDPA's inputs back) over fewer than ``CPU_HALF_ATTENTION_MIN_KEYS`` keys, float32 inputs and
+    autocast off for the call; else the inputs as they are and no context."""
+    half = q.dtype in HALF_DTYPES or (
         torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in HALF_DTYPES
     )
-
-
-def cpu_float_inputs(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
-    """(q, k, v, context) for the ``impl`` kernel: float32 inputs and CPU autocast off for the call (autocast would
-    cast SDPA's inputs back) where :func:`cpu_half_upcast` says so and the kernel is sdpa; else as they are."""
-    if impl != "sdpa" or not cpu_half_upcast(q, kv_len):
+    if impl != "sdpa" or q.device.type != "cpu" or kv_len >= CPU_HALF_ATTENTION_MIN_KEYS or not half:
         return q, k, v, contextlib.nullcontext()
     return q.float(), k.float(), v.float(), torch.autocast("cpu", enabled=False)
 

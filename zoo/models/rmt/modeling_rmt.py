@@ -400,18 +400,15 @@ class RMTModel(RMTPreTrainedModel):
             if truncated and loss_positions is not None and not bool(loss_positions[:, s:e].any()):
                 # nothing of this segment reaches the loss: no graph (its backward would be zeros)
                 with torch.no_grad():
-                    seg_logits, seg_hidden, seg_layers, new_memory = self._segment(
-                        embeds[:, s:e], seg_mask, memory, with_hidden
-                    )
+                    out = self._segment(embeds[:, s:e], seg_mask, memory, with_hidden)
             elif self.gradient_checkpointing and self.training:
                 # Per-segment checkpointing: only the segment's inputs and memory are kept for the backward.
                 out = checkpoint(
                     self._segment, embeds[:, s:e], seg_mask, memory, with_hidden, use_reentrant=False
                 )
-                seg_logits, seg_hidden, seg_layers, new_memory = out
             else:
                 out = self._segment(embeds[:, s:e], seg_mask, memory, with_hidden)
-                seg_logits, seg_hidden, seg_layers, new_memory = out
+            seg_logits, seg_hidden, seg_layers, new_memory = out
             if new_memory is not None:
                 if seg_mask is not None:  # a row without a real token in this segment keeps its memory
                     new_memory = torch.where(seg_mask.bool().any(-1)[:, None, None], new_memory, memory)

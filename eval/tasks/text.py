@@ -66,8 +66,17 @@ def noise_sentences(rng: random.Random, min_chars: int) -> str:
     return " ".join(parts)
 
 
-def passkey_filler(min_chars: int) -> str:
-    return PASSKEY_FILLER * (min_chars // len(PASSKEY_FILLER) + 1)
+PASSKEY_WORDS = tuple(PASSKEY_FILLER.split())
+
+
+def passkey_filler(min_chars: int, start: int = 0) -> str:
+    """At least ``min_chars`` characters of the passkey filler, its cycle read from its word ``start`` (of
+    ``PASSKEY_WORDS``): the same text, with its sentence boundaries moved, so that a sample can place its needle
+    elsewhere relative to the tokens before it."""
+    if not 0 <= start < len(PASSKEY_WORDS):
+        raise ValueError(f"start must be a word of the filler, 0..{len(PASSKEY_WORDS) - 1}, got {start}")
+    cycle = " ".join(PASSKEY_WORDS[start:] + PASSKEY_WORDS[:start]) + " "
+    return cycle * (min_chars // len(cycle) + 1)
 
 
 ZOO_CORPUS = "zoo.data.corpus:test"

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         config.num_mem_tokens, config.segment_length = args.num_mem_tokens, args.segment_length
         model = RMTForCausalLM(config).train()
         if name == "checkpointed":
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         for n in args.segments:
             ids = random_ids(config.vocab_size, n * args.segment_length, seed=n)
             answer = args.answer_tokens if name.endswith("answer loss") else None

@@ -300,8 +300,8 @@ def test_gradient_checkpointing_gives_same_gradients(model_type):
     for checkpointing in (False, True):
         model = causal_lm(model_type).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
-            assert model.is_gradient_checkpointing
+            model.activation_checkpointing_enable()
+            assert model.is_activation_checkpointing
         model(ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()

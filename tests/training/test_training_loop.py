@@ -166,10 +166,10 @@ def test_gradient_checkpointing_and_compile_switches(tmp_path, monkeypatch):
     compiled, checkpointed = [], []
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or real_compile(m, backend="eager"))
-    real_enable = PreTrainedModel.gradient_checkpointing_enable
+    real_enable = PreTrainedModel.activation_checkpointing_enable
     monkeypatch.setattr(
         PreTrainedModel,
-        "gradient_checkpointing_enable",
+        "activation_checkpointing_enable",
         lambda self, **kw: checkpointed.append(kw) or real_enable(self, **kw),
     )
     path = write_recipe(tmp_path, training={"max_steps": 2, "compile": True, "gradient_checkpointing": True})

@@ -202,7 +202,7 @@ def build_model(recipe: Recipe, tokenizer):
     if recipe.training.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise RecipeError(f"training.gradient_checkpointing: {type(model).__name__} does not support it")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if recipe.finetune.method == "lora":
         from zoo.training.lora import apply_lora

@@ -13,7 +13,8 @@ already present (scored, or skipped with a reason) is not recomputed. Prediction
      "corpus": {"name": "zoo.data.corpus:test", "documents": 120, "sha256": ...}}  # when a task reads real text
 
 The real text that haystacks and perplexity read is identified in ``corpus``; a resumed run reading other text
-stops with a ``ValueError`` instead of mixing scores of two corpora.
+stops with a ``ValueError`` instead of mixing scores of two corpora. Likewise each task's ``revision`` (its
+generator's, ``Task.revision``; 1 where a record has none): a task scored at another revision is not resumed.
 
 Before any cell is scored, a predictor that has ``check_decoding`` (``HFPredictor``) checks that its cached
 decoding equals its full forward on a short prompt; when it does not, the run stops with
@@ -175,6 +176,14 @@ def run_suite(
                 f"{corpus}; pass --overwrite or choose another --out"
             )
         results["corpus"] = corpus
+    for task in {task for task, _, _ in todo}:
+        scored = results["tasks"].get(task.name)
+        if scored is not None and scored.get("revision", 1) != task.revision:
+            raise ValueError(
+                f"{out / RESULTS_FILE} scored {task.name} with revision {scored.get('revision', 1)} of its "
+                f"generator, this run has revision {task.revision} (other prompts); pass --overwrite or choose "
+                "another --out"
+            )
     seed = settings.get("seed", 0)
     torch.manual_seed(seed)
     bar = tqdm(todo, desc="eval", unit="cell", disable=not progress)
@@ -187,6 +196,7 @@ def run_suite(
                 "variant_kind": task.variant_kind,
                 "paper": task.paper,
                 "uses_real_text": task.uses_real_text,
+                "revision": task.revision,
             }
         )
         key = str(length)

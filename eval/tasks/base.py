@@ -59,6 +59,8 @@ class Task:
         paper: the reference shown in the report.
         uses_real_text: whether samples are built from the real-text corpus (``eval.tasks.text``), whose
             identity the runner then records in results.json.
+        revision: the generator's revision, raised whenever a change makes a cell's samples other prompts than
+            before; results.json records it, and the runner refuses to resume a task scored at another revision.
     """
 
     name: str = ""
@@ -66,6 +68,7 @@ class Task:
     variant_kind: str = "variant"
     paper: str = ""
     uses_real_text: bool = False
+    revision: int = 1
 
     def variants(self, length: int, depths: list[float]) -> list[str]:
         """The cells of this task at ``length``; depth tasks use ``depths``, the others their own list."""

@@ -29,6 +29,7 @@ class Passkey(Task):
     metric = "string_match"
     variant_kind = "depth"
     paper = "Mohtashami & Jaggi, 2023"
+    revision = 2  # 1: one fixed filler, every sample of a cell at the same place
 
     def make_sample(self, tokenizer, length: int, variant: str, rng: random.Random) -> Sample:
         key = str(rng.randint(10000, 99999))

@@ -182,6 +182,32 @@ def test_results_record_the_real_text_and_refuse_to_mix_corpora(tmp_path, monkey
         run_suite(None, tokenizer, suite(("babi_qa1",), 1024), tmp_path / "real", settings, progress=False)
 
 
+def test_results_record_each_task_revision_and_refuse_to_mix_revisions(tmp_path, monkeypatch):
+    """A task whose generator changed (its revision) is not resumed into a directory scored with the old prompts;
+    a record written before revisions were recorded counts as revision 1."""
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    original = eval.runner.score_cell
+    monkeypatch.setattr(
+        eval.runner,
+        "score_cell",
+        lambda task, samples, _, tok: original(task, samples, MetadataOracle(samples), tok),
+    )
+    settings = {"model": "oracle", "seed": 0}
+
+    def run(length):
+        suite = Suite(tasks=("passkey",), lengths=(length,), depths=(0.5,), num_samples=1)
+        return run_suite(None, tokenizer, suite, tmp_path / "run", settings, progress=False)
+
+    assert run(256)["tasks"]["passkey"]["revision"] == TASKS["passkey"].revision == 2
+    path = tmp_path / "run" / "results.json"
+    old = json.loads(path.read_text())
+    del old["tasks"]["passkey"]["revision"]  # as written before revisions were recorded
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="passkey with revision 1 of its generator, this run has revision 2"):
+        run(512)
+    assert json.loads(path.read_text()) == old  # nothing written
+
+
 def _tiny_zoo_lm(model_type="zoo_transformer"):
     from transformers import AutoModelForCausalLM
 

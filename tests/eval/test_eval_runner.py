@@ -153,14 +153,19 @@ def test_run_suite_with_oracle_scores_every_cell_100(tmp_path, monkeypatch):
     assert set(seen) == set(suite.tasks)
 
 
-def test_results_record_the_real_text_and_refuse_to_mix_corpora(tmp_path, monkeypatch):
-    tokenizer = ByT5Tokenizer(extra_ids=0)
+@pytest.fixture
+def oracle_scores(monkeypatch):
+    """The runner scores every cell with the metadata oracle (a perfect reader), whatever predictor it is given."""
     original = eval.runner.score_cell
     monkeypatch.setattr(
         eval.runner,
         "score_cell",
         lambda task, samples, _, tok: original(task, samples, MetadataOracle(samples), tok),
     )
+
+
+def test_results_record_the_real_text_and_refuse_to_mix_corpora(tmp_path, monkeypatch, oracle_scores):
+    tokenizer = ByT5Tokenizer(extra_ids=0)
 
     def suite(tasks, length):
         return Suite(tasks=tasks, lengths=(length,), depths=(0.5,), num_samples=1)
@@ -182,16 +187,10 @@ def test_results_record_the_real_text_and_refuse_to_mix_corpora(tmp_path, monkey
         run_suite(None, tokenizer, suite(("babi_qa1",), 1024), tmp_path / "real", settings, progress=False)
 
 
-def test_results_record_each_task_revision_and_refuse_to_mix_revisions(tmp_path, monkeypatch):
+def test_results_record_each_task_revision_and_refuse_to_mix_revisions(tmp_path, oracle_scores):
     """A task whose generator changed (its revision) is not resumed into a directory scored with the old prompts;
     a record written before revisions were recorded counts as revision 1."""
     tokenizer = ByT5Tokenizer(extra_ids=0)
-    original = eval.runner.score_cell
-    monkeypatch.setattr(
-        eval.runner,
-        "score_cell",
-        lambda task, samples, _, tok: original(task, samples, MetadataOracle(samples), tok),
-    )
     settings = {"model": "oracle", "seed": 0}
 
     def run(length):

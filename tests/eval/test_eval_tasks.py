@@ -233,8 +233,8 @@ def test_needle_at_requested_depth(name, tokenizer):
 
 def test_passkey_cells_average_over_needle_positions(tokenizer):
     """Each sample of an interior cell puts the needle somewhere else (the filler's phase and the depth within
-    DEPTH_JITTER are drawn per sample), spread over all the places a 64-token segment boundary can fall; the ends
-    stay right after the header and right before the question."""
+    DEPTH_JITTER are drawn per sample), at many distinct offsets from a 64-token segment's start; the ends stay
+    right after the header and right before the question."""
     task = TASKS["passkey"]
     starts = []
     for sample in task.samples(tokenizer, 2048, "0.50", 24, seed=0):

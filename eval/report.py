@@ -249,6 +249,18 @@ def all_zero_tasks(runs: list[dict], tasks: list[str]) -> list[tuple[str, str, s
     return out
 
 
+def revision_mismatches(runs: list[dict], tasks: list[str]) -> list[str]:
+    """One line per task that the runs scored with different revisions of its generator (a record without one:
+    revision 1), whose scores therefore come from other prompts."""
+    lines = []
+    for task in tasks:
+        revisions = {str(r.get("label")): r["tasks"][task].get("revision", 1) for r in runs if task in r["tasks"]}
+        if len(set(revisions.values())) > 1:
+            listed = ", ".join(f"{label} revision {rev}" for label, rev in revisions.items())
+            lines.append(f"- {task}: {listed}")
+    return lines
+
+
 def write_report(directories: list[str | Path], out: str | Path) -> Path:
     """Write report.md, model_index.yaml and the plots of the runs in ``directories`` into ``out``."""
     out = Path(out)
@@ -288,6 +300,17 @@ def write_report(directories: list[str | Path], out: str | Path) -> Path:
         "Accuracy in %, mean over needle depths or variants; perplexity of the last tokens of each window.",
         "",
     ]
+    mismatched = revision_mismatches(runs, tasks)
+    if mismatched:
+        lines += [
+            "## Tasks scored on other prompts",
+            "",
+            "These runs scored these tasks with different revisions of their generators: their scores are not",
+            "comparable (rescore the older run).",
+            "",
+            *mismatched,
+            "",
+        ]
 
     for run in runs:
         lengths = sorted({n for t in acc_tasks for n in lengths_of(run, t)})

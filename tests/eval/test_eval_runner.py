@@ -260,28 +260,47 @@ def test_decoding_self_check_refuses_a_broken_cache_before_scoring(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+def _passkey_run(directory, check=None, revision=None, score=0.0):
+    """A results.json of one passkey run, written into ``directory``."""
+    info = {"metric": "accuracy", "variant_kind": "depth"}
+    if revision is not None:
+        info["revision"] = revision
+    record = {
+        "model": directory.name,
+        "label": directory.name,
+        "settings": {"suite": "quick", "seed": 0, "num_samples": 1},
+        "tasks": {"passkey": info},
+        "results": {"passkey": {"256": {"0.50": score}, "512": {"0.50": score}}},
+        "samples": {},
+        "skipped": {},
+    }
+    if check is not None:
+        record["decoding_check"] = check
+    directory.mkdir()
+    (directory / "results.json").write_text(json.dumps(record))
+    return directory
+
+
 def test_report_flags_tasks_scored_zero_everywhere(tmp_path):
     from eval.report import write_report
 
-    def run(name, check):
-        record = {
-            "model": name,
-            "label": name,
-            "settings": {"suite": "quick", "seed": 0, "num_samples": 1},
-            "tasks": {"passkey": {"metric": "accuracy", "variant_kind": "depth"}},
-            "results": {"passkey": {"256": {"0.50": 0.0}, "512": {"0.50": 0.0}}},
-            "samples": {},
-            "skipped": {},
-        }
-        if check is not None:
-            record["decoding_check"] = check
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps(record))
-        return tmp_path / name
-
-    verified = run("verified", {"checked": True, "tokens_equal": True, "logits_relative_error": 1e-8})
-    unverified = run("unverified", None)
+    check = {"checked": True, "tokens_equal": True, "logits_relative_error": 1e-8}
+    verified = _passkey_run(tmp_path / "verified", check)
+    unverified = _passkey_run(tmp_path / "unverified")
     text = write_report([verified, unverified], tmp_path / "report").read_text()
     section = text.split("## Tasks scored 0 on every cell")[1].split("##")[0]
     assert "verified: passkey — cached decoding was verified" in section
     assert "unverified: passkey — **decoding path not verified**" in section
+    assert "## Tasks scored on other prompts" not in text  # both revision 1 (recorded before revisions were)
+
+
+def test_report_flags_runs_scored_with_other_generator_revisions(tmp_path):
+    from eval.report import write_report
+
+    old = _passkey_run(tmp_path / "old", score=1.0)  # no revision recorded: 1
+    new = _passkey_run(tmp_path / "new", revision=2, score=0.5)
+    text = write_report([old, new], tmp_path / "report").read_text()
+    section = text.split("## Tasks scored on other prompts")[1].split("##")[0]
+    assert "- passkey: old revision 1, new revision 2" in section
+    same = _passkey_run(tmp_path / "same", revision=2, score=0.5)
+    assert "other prompts" not in write_report([new, same], tmp_path / "report2").read_text()

@@ -22,7 +22,8 @@ from zoo.data import (
     synthetic_dataset,
     synthetic_documents,
 )
-from zoo.data.synthetic import answer_span
+from zoo.data.packing import answer_tokens
+from zoo.data.synthetic import answer_span, answer_spans_of
 from zoo.training.data import check_curriculum_targets, load_text_splits, packed_dataset
 from zoo.training.recipe import DataConfig, RecipeError, TrainingConfig, recipe_from_dict
 
@@ -190,3 +191,59 @@ def test_trainer_data_path_and_recipe_checks(tmp_path):
         packed_dataset(
             datasets.Dataset.from_dict({"text": ["a b c"]}), tokenizer, 8, DataConfig(loss="answer_only"), "t"
         )
+
+
+def test_babi_drill_marks_every_answer_and_each_is_right():
+    """Every question of a drill is answered by the place of the asked person's last move before it (replayed
+    here from the sentences), and every answer is a target: the packed labels decode to the answers in order."""
+    docs = synthetic_documents("babi_drill", 40, 5, num_facts=[3, 5], other_share=0.5)
+    others = 0
+    for doc in docs:
+        where, last_mover, expected = {}, None, []
+        for line in doc.split("\n"):
+            if line.startswith("Question: Where is "):
+                asked = line.removeprefix("Question: Where is ").removesuffix("?")
+                others += asked != last_mover
+            elif line.startswith("Answer: "):
+                assert line == f"Answer: {where[asked]}"
+                expected.append(f" {where[asked]}")
+            elif line:
+                person, place = line.removesuffix(". ").split(" ")
+                assert place != where.get(person)
+                where[person], last_mover = place, person
+        assert 3 <= len(expected) <= 5
+        spans = answer_spans_of("babi_drill", doc)
+        assert [doc[s:e] for s, e in spans] == expected
+    assert 0.2 < others / sum(doc.count("Question") for doc in docs) < 0.7
+    tokenizer = default_tokenizer()
+    ds = synthetic_dataset("babi_drill", 6, 1, answer_spans=True)
+    packed = make_packed_dataset(ds, tokenizer, 256, one_per_block=True, answer_only=True)
+    for text, ids, labels in zip(ds["text"], packed["input_ids"], packed["labels"]):
+        answers = [text[s:e] for s, e in answer_spans_of("babi_drill", text)]
+        targets = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+        assert tokenizer.decode(targets) == "".join(answers)
+        plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids[: len(plain)] == plain
+    full = synthetic_documents("babi_drill", 3, 2, compact=False)
+    assert all(" to the " in doc for doc in full)
+    with pytest.raises(ValueError, match="answer_spans_of"):
+        answer_span("babi_drill", docs[0])
+    with pytest.raises(ValueError, match="num_people"):
+        synthetic_documents("babi_drill", 1, 0, num_people=9)
+
+
+def test_several_spans_through_both_tokenizer_kinds():
+    """Two answers in one text: the byte tokenizer (pieces) and a fast tokenizer (offsets) mark the same
+    characters; overlapping or out-of-order spans are refused."""
+    text = "a bb ccc dd e"
+    ids, masks = answer_tokens(default_tokenizer(), [text], [[2, 9]], [[4, 11]])
+    assert masks[0] == [0, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1, 0, 0]
+    inner = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "bb": 2, "ccc": 3, "dd": 4, "e": 5}, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="[UNK]")
+    ids, masks = answer_tokens(fast, [text], [[2, 9]], [[4, 11]])
+    assert ids[0] == [1, 2, 3, 4, 5] and masks[0] == [0, 1, 0, 1, 0]
+    with pytest.raises(ValueError, match="answer span 3:5 of document 0 is not .* after the previous span"):
+        answer_tokens(default_tokenizer(), [text], [[2, 3]], [[4, 5]])
+    with pytest.raises(ValueError, match="equally long lists"):
+        answer_tokens(default_tokenizer(), [text], [[2, 9]], [[4]])

@@ -251,36 +251,48 @@ def make_packed_dataset(
 
 
 def answer_tokens(
-    tokenizer, texts: Sequence[str], starts: Sequence[int], ends: Sequence[int]
+    tokenizer, texts: Sequence[str], starts: Sequence, ends: Sequence
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of each text, and a 0/1 mask per token: 1 on the tokens of the characters ``start:end``.
 
-    A fast tokenizer tokenises each text whole and marks the tokens whose characters overlap the span (its
+    A text's ``start`` and ``end`` are integers (one answer) or equally long lists of them (several answers, in
+    order, not overlapping: ``babi_drill``); every span is marked.
+
+    A fast tokenizer tokenises each text whole and marks the tokens whose characters overlap a span (its
     offsets), so the ids are those of plain tokenisation. A slow one (zoo's byte tokenizer) has no offsets:
-    the text before, inside and after the span is tokenised piece by piece and joined, which for a byte or
+    the text between and inside the spans is tokenised piece by piece and joined, which for a byte or
     character tokenizer is again plain tokenisation.
     """
+    spans = []
     for i, (text, start, end) in enumerate(zip(texts, starts, ends)):
-        if not 0 <= start < end <= len(text):
-            raise ValueError(
-                f"answer span {start}:{end} of document {i} is not a non-empty span of its {len(text)} characters"
-            )
+        several = isinstance(start, (list, tuple))
+        pairs = list(zip(start, end)) if several else [(start, end)]
+        if several and (not isinstance(end, (list, tuple)) or len(start) != len(end) or not pairs):
+            raise ValueError(f"document {i}: answer starts {start!r} and ends {end!r} are not two equally long lists")
+        previous = 0
+        for s, e in pairs:
+            if not previous <= s < e <= len(text):
+                raise ValueError(
+                    f"answer span {s}:{e} of document {i} is not a non-empty span of its {len(text)} characters"
+                    + (" after the previous span" if previous else "")
+                )
+            previous = e
+        spans.append(pairs)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
         masks = [
-            [int(a < end and b > start) for a, b in offsets]
-            for offsets, start, end in zip(enc["offset_mapping"], starts, ends)
+            [int(any(a < e and b > s for s, e in pairs)) for a, b in offsets]
+            for offsets, pairs in zip(enc["offset_mapping"], spans)
         ]
         return enc["input_ids"], masks
 
-    def encode(pieces):
-        return tokenizer(pieces, add_special_tokens=False)["input_ids"]
-
-    before = encode([t[:s] for t, s in zip(texts, starts)])
-    inside = encode([t[s:e] for t, s, e in zip(texts, starts, ends)])
-    after = encode([t[e:] for t, e in zip(texts, ends)])
-    ids = [a + b + c for a, b, c in zip(before, inside, after)]
-    masks = [[0] * len(a) + [1] * len(b) + [0] * len(c) for a, b, c in zip(before, inside, after)]
+    ids, masks = [], []
+    for text, pairs in zip(texts, spans):
+        cuts = [0, *(c for pair in pairs for c in pair), len(text)]
+        pieces = [text[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+        encoded = tokenizer(pieces, add_special_tokens=False)["input_ids"]
+        ids.append([t for piece in encoded for t in piece])
+        masks.append([j % 2 for j, piece in enumerate(encoded) for _ in piece])
     return ids, masks
 
 

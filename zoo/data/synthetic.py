@@ -24,6 +24,9 @@ task                    example                               what it takes
 ``babi_suite``          the eval suite's bAbI prompt (real     ``babi_qa1`` as the suite scores it
                         text of the train split) and its
                         answer, ``length`` tokens
+``babi_drill``          ``Mary kitchen.`` ``Question: Where   the lookup ``babi_qa1`` needs, with
+                        is John?`` ``Answer: office`` after   an answer after every sentence
+                        every sentence of a short story
 ======================  ====================================  ==================================
 
 The two long-context tasks hide what must be recalled in filler sentences, up to a length drawn between
@@ -34,6 +37,7 @@ long text as BABILong does (Kuratov et al., 2024, arXiv:2406.10149). Templates a
 
 Every task but ``markov`` has an answer: :func:`answer_span` gives its characters, and
 ``synthetic_dataset(..., answer_spans=True)`` carries them as columns, for a loss on the answer alone.
+``babi_drill`` has several answers a document (:func:`answer_spans_of` gives them all; its columns hold lists).
 
 The Markov chain is fixed by ``chain_seed``, not ``seed``, so training and evaluation sets drawn with
 different seeds come from the same chain; :func:`markov_chain` gives it with its entropy rate, the best
@@ -396,6 +400,54 @@ def babi_single_fact(
     return docs
 
 
+def babi_drill(
+    n: int,
+    seed: int = 0,
+    *,
+    num_facts: list[int] | None = None,
+    num_people: int = 4,
+    other_share: float = 0.5,
+    compact: bool = True,
+) -> list[str]:
+    """Drills for the lookup of bAbI's first task: a short story of ``num_facts`` ``[lowest, highest]`` (default
+    2-4) moves among ``num_people`` of the eval suite's people and places, with a question in the suite's words
+    after every sentence and its answer: ``Mary kitchen. \nQuestion: Where is Mary?\nAnswer: kitchen\n...``
+    (``compact``; else the suite's sentences, ``Mary went to the kitchen.``). With probability ``other_share`` a
+    question asks about someone other than the person who just moved, so that recency alone cannot answer it.
+
+    Every answer is a target (:func:`answer_spans_of`), so a story of four sentences teaches four lookups where a
+    :func:`babi_suite` prompt teaches one. A small RWKV-7 learns the lookup from these (its training loss leaves
+    the recency plateau after ~450 steps of 32 stories) where it does not from the suite's prompts; see
+    ``configs/rmt/babi_drill.yaml``."""
+    from eval.tasks.babilong import MOVE_VERBS
+    from eval.tasks.babilong import PEOPLE as SUITE_PEOPLE
+    from eval.tasks.babilong import PLACES as SUITE_PLACES
+
+    lo, hi = (2, 4) if num_facts is None else num_facts
+    if not 1 <= lo <= hi:
+        raise ValueError(f"num_facts={num_facts!r}: expected [lowest, highest] with 1 <= lowest <= highest")
+    if not 1 <= num_people <= len(SUITE_PEOPLE):
+        raise ValueError(f"num_people={num_people} must be between 1 and {len(SUITE_PEOPLE)} (the suite's people)")
+    if not 0.0 <= other_share <= 1.0:
+        raise ValueError(f"other_share={other_share} must be a probability, in [0, 1]")
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        people = rng.sample(SUITE_PEOPLE, num_people)
+        where: dict[str, str] = {}
+        parts = []
+        for _ in range(rng.randint(lo, hi)):
+            person = rng.choice(people)
+            place = rng.choice([p for p in SUITE_PLACES if p != where.get(person)])
+            where[person] = place
+            parts.append(f"{person} {place}. " if compact else f"{person} {rng.choice(MOVE_VERBS)} to the {place}. ")
+            others = sorted(p for p in where if p != person)
+            asked = rng.choice(others) if others and rng.random() < other_share else rng.choice(sorted(where))
+            parts.append(f"\nQuestion: Where is {asked}?\nAnswer: {where[asked]}\n")
+        docs.append("".join(parts))
+    return docs
+
+
 SYNTHETIC_TASKS: dict[str, Callable[..., list[str]]] = {
     "copy": copy,
     "reverse": reverse,
@@ -408,6 +460,7 @@ SYNTHETIC_TASKS: dict[str, Callable[..., list[str]]] = {
     "babi_single_fact": babi_single_fact,
     "passkey_suite": passkey_suite,
     "babi_suite": babi_suite,
+    "babi_drill": babi_drill,
 }
 
 
@@ -427,14 +480,38 @@ ANSWER_MARKERS: dict[str, tuple[str, int]] = {
     "passkey_suite": ("The pass key is", 0),
     "babi_suite": ("\nAnswer:", 0),  # the space before the place too, as the suite scores its choices
 }
+# Tasks with an answer after every occurrence of their marker, each running to the end of its line.
+MULTI_ANSWER_MARKERS: dict[str, str] = {"babi_drill": "\nAnswer:"}
+# every task with something to mark for `data.loss: answer_only`
+ANSWERED_TASKS = frozenset({*ANSWER_MARKERS, *MULTI_ANSWER_MARKERS})
+
+
+def answer_spans_of(name: str, doc: str) -> list[tuple[int, int]]:
+    """Every answer of ``doc``, as :func:`answer_span`'s ``(start, end)`` pairs in order: one for most tasks;
+    for ``babi_drill``, each question's (the space before the place included, the line's end not)."""
+    if name not in MULTI_ANSWER_MARKERS:
+        return [answer_span(name, doc)]
+    marker, spans, at = MULTI_ANSWER_MARKERS[name], [], doc.find(MULTI_ANSWER_MARKERS[name])
+    while at >= 0:
+        start = at + len(marker)
+        end = doc.find("\n", start)
+        end = len(doc) if end < 0 else end
+        if end > start:
+            spans.append((start, end))
+        at = doc.find(marker, end)
+    if not spans:
+        raise ValueError(f"no {marker!r} followed by an answer in this {name} document: {doc[-80:]!r}")
+    return spans
 
 
 def answer_span(name: str, doc: str) -> tuple[int, int]:
     """``(start, end)``: the characters of ``doc`` (a document of the task ``name``) that answer its question,
     ``doc[start:end]`` (``40517`` of a passkey document, ``kitchen`` of a bAbI one, the text after ``->``)."""
-    if name not in ANSWER_MARKERS:
-        known = ", ".join(sorted(ANSWER_MARKERS))
+    if name not in ANSWERED_TASKS:
+        known = ", ".join(sorted(ANSWERED_TASKS))
         raise ValueError(f"synthetic task {name!r} has no answer to mark (tasks with one: {known})")
+    if name in MULTI_ANSWER_MARKERS:
+        raise ValueError(f"synthetic task {name!r} has several answers a document: use answer_spans_of")
     marker, trailing = ANSWER_MARKERS[name]
     at = doc.rfind(marker)
     if at < 0:
@@ -456,12 +533,17 @@ def synthetic_documents(name: str, n: int, seed: int = 0, **options) -> list[str
 def synthetic_dataset(name: str, n: int, seed: int = 0, *, answer_spans: bool = False, **options):
     """The documents of :func:`synthetic_documents` as a ``datasets.Dataset`` with a ``"text"`` column; with
     ``answer_spans``, also ``"answer_start"`` and ``"answer_end"``, the characters of :func:`answer_span`, which
-    ``make_packed_dataset(..., answer_only=True)`` turns into a loss on the answer tokens only."""
+    ``make_packed_dataset(..., answer_only=True)`` turns into a loss on the answer tokens only; for a task with
+    several answers a document (``babi_drill``) these columns hold lists, one entry an answer."""
     from datasets import Dataset
 
     docs = synthetic_documents(name, n, seed, **options)
     columns = {"text": docs}
-    if answer_spans:
+    if answer_spans and name in MULTI_ANSWER_MARKERS:
+        spans = [answer_spans_of(name, doc) for doc in docs]
+        columns["answer_start"] = [[s for s, _ in doc_spans] for doc_spans in spans]
+        columns["answer_end"] = [[e for _, e in doc_spans] for doc_spans in spans]
+    elif answer_spans:
         spans = [answer_span(name, doc) for doc in docs]
         columns["answer_start"] = [s for s, _ in spans]
         columns["answer_end"] = [e for _, e in spans]

@@ -526,13 +526,13 @@ def _validate_synthetic(data: DataConfig) -> None:
 
     tasks = [s.split(":", 1)[1] for s in (data.train, data.validation) if s and s.startswith("synthetic:")]
     if data.loss == "answer_only":
-        from zoo.data.synthetic import ANSWER_MARKERS
+        from zoo.data.synthetic import ANSWERED_TASKS
 
         for name in tasks:
-            if name not in ANSWER_MARKERS:
+            if name not in ANSWERED_TASKS:
                 raise RecipeError(
                     f"data.loss: answer_only, but synthetic:{name} has no answer to mark"
-                    f" (tasks with one: {', '.join(sorted(ANSWER_MARKERS))}); use data.loss: all"
+                    f" (tasks with one: {', '.join(sorted(ANSWERED_TASKS))}); use data.loss: all"
                 )
     options = dict(data.synthetic)
     for key in ("n", "n_validation"):

@@ -228,6 +228,9 @@ def test_babi_drill_marks_every_answer_and_each_is_right():
     assert all(" to the " in doc for doc in full)
     with pytest.raises(ValueError, match="answer_spans_of"):
         answer_span("babi_drill", docs[0])
+    for bad in ([3], [4, 2], [0, 2]):
+        with pytest.raises(ValueError, match=r"num_facts=\["):
+            synthetic_documents("babi_drill", 1, 0, num_facts=bad)
     with pytest.raises(ValueError, match="num_people"):
         synthetic_documents("babi_drill", 1, 0, num_people=9)
 

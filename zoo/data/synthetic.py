@@ -423,7 +423,9 @@ def babi_drill(
     from eval.tasks.babilong import PEOPLE as SUITE_PEOPLE
     from eval.tasks.babilong import PLACES as SUITE_PLACES
 
-    lo, hi = (2, 4) if num_facts is None else num_facts
+    if num_facts is not None and len(num_facts) != 2:
+        raise ValueError(f"num_facts={num_facts!r}: expected [lowest, highest] with 1 <= lowest <= highest")
+    lo, hi = (2, 4) if num_facts is None else (int(num_facts[0]), int(num_facts[1]))
     if not 1 <= lo <= hi:
         raise ValueError(f"num_facts={num_facts!r}: expected [lowest, highest] with 1 <= lowest <= highest")
     if not 1 <= num_people <= len(SUITE_PEOPLE):

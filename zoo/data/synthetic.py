@@ -417,7 +417,7 @@ def babi_drill(
 
     Every answer is a target (:func:`answer_spans_of`), so a story of four sentences teaches four lookups where a
     :func:`babi_suite` prompt teaches one. A small RWKV-7 learns the lookup from these (its training loss leaves
-    the recency plateau after ~450 steps of 32 stories) where it does not from the suite's prompts; see
+    the recency plateau after ~400 steps of 32 stories) where it does not from the suite's prompts; see
     ``configs/rmt/babi_drill.yaml``."""
     from eval.tasks.babilong import MOVE_VERBS
     from eval.tasks.babilong import PEOPLE as SUITE_PEOPLE

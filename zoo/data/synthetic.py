@@ -334,6 +334,13 @@ def _train_split_text(rng: random.Random, min_chars: int) -> str:
     return " ".join(parts)
 
 
+def _fact_range(num_facts) -> tuple[int, int]:
+    """``num_facts`` ``[lowest, highest]`` checked, as a pair of ints."""
+    if len(num_facts) != 2 or not 1 <= num_facts[0] <= num_facts[1]:
+        raise ValueError(f"num_facts={num_facts!r}: expected [lowest, highest] with 1 <= lowest <= highest")
+    return int(num_facts[0]), int(num_facts[1])
+
+
 def babi_suite(
     n: int, seed: int = 0, *, length: int = 512, supporting: int = 1, num_facts: list[int] | None = None
 ) -> list[str]:
@@ -355,9 +362,7 @@ def babi_suite(
     if num_facts is not None:
         if supporting != 1:
             raise ValueError(f"num_facts applies to supporting=1 stories, got supporting={supporting}")
-        if len(num_facts) != 2 or not 1 <= num_facts[0] <= num_facts[1]:
-            raise ValueError(f"num_facts={num_facts!r}: expected [lowest, highest] with 1 <= lowest <= highest")
-        num_facts = (int(num_facts[0]), int(num_facts[1]))
+        num_facts = _fact_range(num_facts)
     tokenizer, rng = default_tokenizer(), random.Random(seed)
     docs = []
     for _ in range(n):
@@ -423,11 +428,7 @@ def babi_drill(
     from eval.tasks.babilong import PEOPLE as SUITE_PEOPLE
     from eval.tasks.babilong import PLACES as SUITE_PLACES
 
-    if num_facts is not None and len(num_facts) != 2:
-        raise ValueError(f"num_facts={num_facts!r}: expected [lowest, highest] with 1 <= lowest <= highest")
-    lo, hi = (2, 4) if num_facts is None else (int(num_facts[0]), int(num_facts[1]))
-    if not 1 <= lo <= hi:
-        raise ValueError(f"num_facts={num_facts!r}: expected [lowest, highest] with 1 <= lowest <= highest")
+    lo, hi = (2, 4) if num_facts is None else _fact_range(num_facts)
     if not 1 <= num_people <= len(SUITE_PEOPLE):
         raise ValueError(f"num_people={num_people} must be between 1 and {len(SUITE_PEOPLE)} (the suite's people)")
     if not 0.0 <= other_share <= 1.0:
@@ -541,12 +542,9 @@ def synthetic_dataset(name: str, n: int, seed: int = 0, *, answer_spans: bool = 
 
     docs = synthetic_documents(name, n, seed, **options)
     columns = {"text": docs}
-    if answer_spans and name in MULTI_ANSWER_MARKERS:
+    if answer_spans:
         spans = [answer_spans_of(name, doc) for doc in docs]
-        columns["answer_start"] = [[s for s, _ in doc_spans] for doc_spans in spans]
-        columns["answer_end"] = [[e for _, e in doc_spans] for doc_spans in spans]
-    elif answer_spans:
-        spans = [answer_span(name, doc) for doc in docs]
-        columns["answer_start"] = [s for s, _ in spans]
-        columns["answer_end"] = [e for _, e in spans]
+        several = name in MULTI_ANSWER_MARKERS
+        columns["answer_start"] = [[a for a, _ in d] if several else d[0][0] for d in spans]
+        columns["answer_end"] = [[b for _, b in d] if several else d[0][1] for d in spans]
     return Dataset.from_dict(columns)
